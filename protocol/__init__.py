@@ -1,0 +1,1 @@
+"""The Starmesh wire: frames, messages, handshake, encryption, tensor codecs. No I/O here."""

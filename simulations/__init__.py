@@ -1,0 +1,1 @@
+"""Many Starmesh nodes on one machine: in-process on virtual time, and real processes."""
