@@ -288,7 +288,7 @@ def register(cls: M) -> M:
     tag = cls.TAG
     if tag in REGISTRY and REGISTRY[tag] is not cls:
         raise TypeError(f"tag {tag!r} already bound to {REGISTRY[tag].__name__}")
-    if "t" in {f.name for f in dataclasses.fields(cls)}:
+    if "t" in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
         raise TypeError(f"{cls.__name__}: field name 't' is reserved for the type tag")
     _fields_of(cls)
     REGISTRY[tag] = cls
