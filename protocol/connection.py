@@ -1,0 +1,316 @@
+"""One Starmesh connection, sans-I/O: bytes in, events out; messages in, bytes out (PROTOCOL.md §1-7).
+
+Theory of operation
+-------------------
+States::
+
+    HANDSHAKING ──(handshake verified)──► OPEN ──(GOODBYE either way / clean EOF)──► CLOSED
+         │                                  │
+         └──(violation, timeout, ERROR)─────┴──(violation, ERROR from peer)──────────► ERROR
+
+``close()`` moves any state to CLOSED. CLOSED and ERROR are final: received bytes are
+ignored, ``send`` raises, and ``next_event`` returns the one ``ConnectionTerminated`` and
+then ``NEED_DATA`` forever.
+
+Receive path: ``receive_data`` only buffers; ``next_event`` parses one frame at a time
+(lazily, so the frame-size cap that applies is always the one of the current state: 4 KiB
+during the handshake, 8 MiB after), decrypts it with the receive ``RecordCipher`` once the
+peer has switched to encryption, decodes it with ``protocol.schema.decode_body`` restricted to
+the tags allowed in the current state, and feeds handshake messages to
+``protocol.handshake.Handshake``. Any ``ProtocolError`` raised on this path is converted to
+a ``RemoteProtocolError`` (h11's rule), an ERROR frame is queued for the peer, and the state
+becomes ERROR.
+
+Encryption switch points (both sides agree without extra messages): the initiator seals
+everything after its FINISH and opens everything after the RESPONSE; the responder opens
+everything after the FINISH and seals everything after it, even an ERROR rejecting FINISH.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import protocol.wire  # noqa: F401  (binds every message tag before anything is decoded)
+from protocol.crypto import TAG_BYTES, RecordCipher
+from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocol.framing import HEADER, Buffer, FrameDecoder, encode_frame
+from protocol.handshake import (
+    MAX_REASON_CHARS,
+    Channel,
+    Goodbye,
+    Handshake,
+    HandshakeFinish,
+    HandshakeInit,
+    HandshakeOptions,
+    HandshakeResponse,
+    PeerInfo,
+    Phase,
+    ProtocolErrorMsg,
+    Role,
+)
+from protocol.limits import MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES
+from protocol.schema import Message, decode_body, encode_body
+from protocol.tags import MsgType
+
+__all__ = [
+    "NEED_DATA",
+    "Channel",
+    "ConnState",
+    "Connection",
+    "ConnectionTerminated",
+    "Event",
+    "HandshakeComplete",
+    "HandshakeOptions",
+    "MessageReceived",
+    "NeedData",
+    "PeerInfo",
+    "Role",
+]
+
+#: Largest plaintext message body that fits one encrypted frame.
+MAX_MESSAGE_BYTES = MAX_FRAME_BYTES - TAG_BYTES
+
+
+class ConnState(enum.Enum):
+    HANDSHAKING = "handshaking"
+    OPEN = "open"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+#: ``next_event()`` has nothing to report until more bytes arrive.
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeComplete:
+    """The handshake verified; ``peer`` is authenticated. ``send`` may be used from now on."""
+
+    peer: PeerInfo
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """The connection is over. ``error`` is None for a normal close (GOODBYE, clean EOF,
+    our own ``close``), else why: a ``RemoteProtocolError`` whose ``code`` says what the peer
+    did wrong, or what the peer said we did wrong when it sent an ERROR frame."""
+
+    error: ProtocolError | None
+
+
+Event = HandshakeComplete | MessageReceived | ConnectionTerminated
+
+_HANDSHAKE_TAGS = frozenset({MsgType.HANDSHAKE_INIT, MsgType.HANDSHAKE_RESPONSE, MsgType.HANDSHAKE_FINISH})
+_CLOSING_TAGS = frozenset({MsgType.ERROR, MsgType.GOODBYE})
+_PHASE_TAG = {
+    Phase.AWAIT_INIT: MsgType.HANDSHAKE_INIT,
+    Phase.AWAIT_RESPONSE: MsgType.HANDSHAKE_RESPONSE,
+    Phase.AWAIT_FINISH: MsgType.HANDSHAKE_FINISH,
+}
+
+
+class Connection:
+    """Feed received bytes to ``receive_data`` and then call ``next_event`` until it returns
+    ``NEED_DATA``; write ``data_to_send()`` after each of those rounds and after ``handle_timer``.
+    When OPEN, ``send(msg)`` returns bytes to write. Arm a timer at ``next_deadline()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        role: Role,
+        identity: Ed25519PrivateKey,
+        mesh_secret: bytes,
+        options: HandshakeOptions,
+        now: float,
+        handshake_timeout: float = 5.0,
+        token_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        self.role = role
+        self.state = ConnState.HANDSHAKING
+        self.peer: PeerInfo | None = None
+        self._hs = Handshake(role=role, identity=identity, mesh_secret=mesh_secret, options=options,
+                             token_bytes=token_bytes)
+        self._frames = FrameDecoder()
+        self._out: list[bytes] = []
+        self._tx: RecordCipher | None = None
+        self._rx: RecordCipher | None = None
+        self._deadline = now + handshake_timeout
+        self._timeout = handshake_timeout
+        self._final: ConnectionTerminated | None = None
+        self._final_delivered = False
+        if role is Role.INITIATOR:
+            self._queue_plain(self._hs.initiate())
+
+    # ---- receiving -------------------------------------------------------------------------
+
+    def receive_data(self, data: Buffer) -> None:
+        """Buffer bytes from the peer (``b""`` = EOF). Then call ``next_event`` until NEED_DATA."""
+        if self._final is None:
+            self._frames.feed(data)
+
+    def next_event(self) -> Event | Literal[NeedData.NEED_DATA]:
+        """The next event, or ``NEED_DATA``. Afterwards call ``data_to_send()`` and write it."""
+        if self._final is not None:
+            if self._final_delivered:
+                return NEED_DATA
+            self._final_delivered = True
+            return self._final
+        try:
+            while True:
+                max_size = MAX_HANDSHAKE_FRAME_BYTES if self.state is ConnState.HANDSHAKING else MAX_FRAME_BYTES
+                body = self._frames.next_frame(max_size=max_size)
+                if body is None:
+                    return self._on_eof() if self._frames.eof else NEED_DATA
+                event = self._on_frame(body)
+                if event is not None:
+                    return event
+        except RemoteProtocolError as exc:
+            return self._fail(exc)
+        except ProtocolError as exc:  # LocalProtocolError while parsing: the peer's fault
+            return self._fail(RemoteProtocolError(str(exc), code=exc.code))
+
+    def _allowed(self, tag: MsgType) -> bool:
+        if tag in _CLOSING_TAGS:
+            return True
+        if self.state is ConnState.OPEN:
+            return tag not in _HANDSHAKE_TAGS
+        return _PHASE_TAG.get(self._hs.phase) is tag
+
+    def _on_frame(self, body: Buffer) -> Event | None:
+        plaintext = self._rx.open(body) if self._rx is not None else bytes(body)
+        msg = decode_body(plaintext, allowed=self._allowed)
+        if self.state is ConnState.OPEN and msg.TAG not in _CLOSING_TAGS:
+            return MessageReceived(msg)
+        if isinstance(msg, ProtocolErrorMsg):
+            code = msg.error_code()
+            err = RemoteProtocolError(f"peer closed the connection: {code.name}: {msg.reason}", code=code)
+            return self._terminate(ConnState.ERROR, err)
+        if isinstance(msg, Goodbye):
+            return self._terminate(ConnState.CLOSED, None)
+        return self._on_handshake(msg)
+
+    def _on_handshake(self, msg: Message) -> Event | None:
+        if isinstance(msg, HandshakeInit):
+            self._queue_plain(self._hs.on_init(msg))
+            return None
+        if isinstance(msg, HandshakeResponse):
+            self._queue_plain(self._hs.on_response(msg))
+        elif isinstance(msg, HandshakeFinish):
+            try:
+                self._hs.on_finish(msg)
+            finally:
+                if self._hs.keys is not None:  # the initiator seals from now on, so do we
+                    self._tx, self._rx = self._hs.keys.tx, self._hs.keys.rx
+        else:  # pragma: no cover - _allowed() admits nothing else
+            raise RemoteProtocolError(f"unexpected {msg.TAG.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
+        assert self._hs.keys is not None and self._hs.peer is not None
+        self._tx, self._rx = self._hs.keys.tx, self._hs.keys.rx
+        self.peer = self._hs.peer
+        self.state = ConnState.OPEN
+        return HandshakeComplete(self.peer)
+
+    def _on_eof(self) -> Event:
+        if self.state is ConnState.HANDSHAKING:
+            err = RemoteProtocolError("connection closed during the handshake", code=ErrorCode.MALFORMED_FRAME)
+            return self._fail(err, reply=False)
+        return self._terminate(ConnState.CLOSED, None)
+
+    def _fail(self, exc: RemoteProtocolError, *, reply: bool = True) -> Event:
+        if reply:
+            self._queue_closing(ProtocolErrorMsg(code=int(exc.code), reason=str(exc)[:MAX_REASON_CHARS]))
+        return self._terminate(ConnState.ERROR, exc)
+
+    def _terminate(self, state: ConnState, error: ProtocolError | None) -> ConnectionTerminated:
+        self.state = state
+        self._final = ConnectionTerminated(error)
+        self._final_delivered = True
+        self._frames = FrameDecoder()  # drop whatever else the peer sent
+        return self._final
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Drain pending output: handshake flights and closing frames. Write it to the peer."""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def send(self, msg: Message) -> bytes:
+        """The bytes to write for ``msg`` (one encrypted frame, preceded by any pending output
+        such as the handshake's FINISH, so that writing exactly this keeps the stream in order).
+        Only when OPEN; ``LocalProtocolError`` otherwise or if ``msg`` is a handshake/closing message."""
+        frame = self._seal(msg)
+        if self._out:
+            self._out.append(frame)
+            return self.data_to_send()
+        return frame
+
+    def send_many(self, msgs: Iterable[Message]) -> bytes:
+        """Like ``send`` for several messages, written in one go (e.g. a Ping with piggybacked gossip)."""
+        for msg in msgs:
+            self._out.append(self._seal(msg))
+        return self.data_to_send()
+
+    def _seal(self, msg: Message) -> bytes:
+        if self.state is not ConnState.OPEN or self._tx is None:
+            raise LocalProtocolError(f"cannot send in state {self.state.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
+        if msg.TAG in _HANDSHAKE_TAGS or msg.TAG in _CLOSING_TAGS:
+            raise LocalProtocolError(f"{msg.TAG.name} is sent by the connection itself (see close())",
+                                     code=ErrorCode.UNEXPECTED_MESSAGE)
+        body = encode_body(msg)
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise LocalProtocolError(f"{msg.TAG.name} encodes to {len(body)} bytes, over the "
+                                     f"{MAX_MESSAGE_BYTES}-byte message cap", code=ErrorCode.FRAME_TOO_LARGE)
+        sealed = self._tx.seal(body)
+        return HEADER.pack(len(sealed)) + sealed
+
+    def close(self, code: ErrorCode | None = None, reason: str = "") -> bytes:
+        """Say goodbye (``code`` None) or report an error, and move to CLOSED. Returns the bytes
+        to write (with any pending output first); then close the socket. Idempotent."""
+        if self._final is not None:
+            return self.data_to_send()
+        reason = reason[:MAX_REASON_CHARS]
+        self._queue_closing(Goodbye(reason=reason) if code is None else ProtocolErrorMsg(code=int(code), reason=reason))
+        self._terminate(ConnState.CLOSED, None)
+        self._final_delivered = False
+        return self.data_to_send()
+
+    def _queue_plain(self, msg: Message) -> None:
+        self._out.append(encode_frame(encode_body(msg), max_size=MAX_HANDSHAKE_FRAME_BYTES))
+
+    def _queue_closing(self, msg: Message) -> None:
+        if self._tx is None:
+            self._queue_plain(msg)
+        else:
+            sealed = self._tx.seal(encode_body(msg))
+            self._out.append(HEADER.pack(len(sealed)) + sealed)
+
+    # ---- time ------------------------------------------------------------------------------
+
+    def handle_timer(self, *, now: float) -> None:
+        """Fail the handshake if its deadline passed (then write ``data_to_send()`` and close)."""
+        if self.state is ConnState.HANDSHAKING and now >= self._deadline:
+            err = RemoteProtocolError(f"handshake did not complete within {self._timeout:g} s",
+                                      code=ErrorCode.HANDSHAKE_TIMEOUT)
+            self._fail(err)
+            self._final_delivered = False
+
+    def next_deadline(self) -> float | None:
+        """When ``handle_timer`` must next be called, or None."""
+        return self._deadline if self.state is ConnState.HANDSHAKING else None

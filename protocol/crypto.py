@@ -1,0 +1,212 @@
+"""Keys, the mesh secret, key derivation and the AEAD record layer (PROTOCOL.md §5).
+
+* A node's identity is an Ed25519 key; its node id is the 32-byte raw public key.
+* The mesh secret is 32 random bytes shared by every member (a pre-shared key). It is
+  stored as one line of text (``mesh_secret_to_text``) with a checksum so typos are caught.
+* ``hkdf`` is HKDF-SHA256 (RFC 5869); every derivation in the protocol goes through it.
+* ``RecordCipher`` seals/opens frame bodies for one direction of a connection with an
+  implicit 64-bit counter nonce, so a tampered, replayed, dropped or reordered frame fails
+  authentication (``RemoteProtocolError`` with ``DECRYPT_FAILED``).
+
+No I/O and no clock here. Randomness comes from the caller (``token_bytes``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from protocol.errors import ConfigError, ErrorCode, LocalProtocolError, RemoteProtocolError
+
+#: Source of key and nonce bytes; tests inject a seeded one.
+TokenBytes = Callable[[int], bytes]
+
+KEY_BYTES = 32
+TAG_BYTES = 16
+NONCE_BYTES = 12
+MESH_SECRET_BYTES = 32
+#: The last usable counter value; a direction that reaches it must be closed (never in practice).
+MAX_COUNTER = (1 << 64) - 1
+
+MESH_SECRET_PREFIX = "starmesh-secret-v1"
+_CHECK_LABEL = b"starmesh mesh secret check"
+
+
+class Cipher(enum.IntEnum):
+    """AEAD algorithms (wire ids, append only). Both use 32-byte keys, 12-byte nonces, 16-byte tags."""
+
+    AES_256_GCM = 1
+    CHACHA20_POLY1305 = 2
+
+
+#: Our preference order: AES-GCM is ~1.5x faster where AES-NI/PMULL exist (every x86-64/arm64 server).
+DEFAULT_CIPHERS: tuple[Cipher, ...] = (Cipher.AES_256_GCM, Cipher.CHACHA20_POLY1305)
+
+
+# ---------------------------------------------------------------------------------------------
+# identities and the mesh secret
+
+
+def generate_identity(token_bytes: TokenBytes = secrets.token_bytes) -> Ed25519PrivateKey:
+    """A fresh Ed25519 identity key (from ``token_bytes(32)`` so tests can make it deterministic)."""
+    return Ed25519PrivateKey.from_private_bytes(token_bytes(32))
+
+
+def identity_to_bytes(key: Ed25519PrivateKey) -> bytes:
+    """The 32-byte raw private seed (what the node keeps in its data dir, mode 0600)."""
+    return key.private_bytes_raw()
+
+
+def identity_from_bytes(data: bytes) -> Ed25519PrivateKey:
+    """Inverse of ``identity_to_bytes``; ``ConfigError`` unless ``data`` is exactly 32 bytes."""
+    if type(data) is not bytes or len(data) != 32:
+        raise ConfigError(f"an identity key is 32 raw bytes, got {len(data) if isinstance(data, bytes) else '?'}")
+    return Ed25519PrivateKey.from_private_bytes(data)
+
+
+def node_id_of(key: Ed25519PrivateKey) -> bytes:
+    """The node id: the 32-byte raw Ed25519 public key."""
+    return key.public_key().public_bytes_raw()
+
+
+def short_id(node_id: bytes) -> str:
+    """First 10 hex characters of a node id, for logs and tables."""
+    return node_id[:5].hex()
+
+
+def new_mesh_secret(token_bytes: TokenBytes = secrets.token_bytes) -> bytes:
+    """32 random bytes: the pre-shared key that makes a set of nodes one mesh."""
+    return token_bytes(MESH_SECRET_BYTES)
+
+
+def _secret_check(secret: bytes) -> str:
+    return hashlib.sha256(_CHECK_LABEL + secret).hexdigest()[:8]
+
+
+def mesh_secret_to_text(secret: bytes) -> str:
+    """``starmesh-secret-v1:<base64url, no padding>:<8 hex check chars>`` (one line, no newline).
+
+    The check is the first 8 hex digits of SHA-256("starmesh mesh secret check" || secret).
+    """
+    if type(secret) is not bytes or len(secret) != MESH_SECRET_BYTES:
+        raise ConfigError(f"a mesh secret is {MESH_SECRET_BYTES} bytes")
+    b64 = base64.urlsafe_b64encode(secret).rstrip(b"=").decode("ascii")
+    return f"{MESH_SECRET_PREFIX}:{b64}:{_secret_check(secret)}"
+
+
+def mesh_secret_from_text(text: str) -> bytes:
+    """Parse ``mesh_secret_to_text`` output (surrounding whitespace allowed); ``ConfigError`` otherwise."""
+    parts = text.strip().split(":")
+    if len(parts) != 3 or parts[0] != MESH_SECRET_PREFIX:
+        raise ConfigError(f"not a mesh secret: expected '{MESH_SECRET_PREFIX}:<base64url>:<check>'")
+    b64 = parts[1]
+    if len(b64) != 43 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in b64):
+        raise ConfigError("mesh secret: the key part must be 43 base64url characters")
+    try:
+        secret = base64.urlsafe_b64decode(b64 + "=")
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError(f"mesh secret: bad base64url: {exc}") from None
+    if len(secret) != MESH_SECRET_BYTES or not hmac.compare_digest(parts[2], _secret_check(secret)):
+        raise ConfigError("mesh secret: checksum mismatch (the secret was mistyped or truncated)")
+    return secret
+
+
+# ---------------------------------------------------------------------------------------------
+# primitives
+
+
+def hkdf(ikm: bytes, *, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869) Extract-then-Expand. An empty ``salt`` means HashLen zero bytes."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt or None, info=info).derive(ikm)
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def hmac_verify(key: bytes, data: bytes, mac: bytes) -> bool:
+    """Constant-time check that ``mac`` is HMAC-SHA256(key, data)."""
+    return hmac.compare_digest(hmac_sha256(key, data), mac)
+
+
+def sha256(*parts: bytes) -> bytes:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def counter_nonce(counter: int) -> bytes:
+    """The 12-byte AEAD nonce for ``counter``: 4 zero bytes then the counter as uint64 big-endian."""
+    return counter.to_bytes(NONCE_BYTES, "big")
+
+
+def make_aead(cipher: Cipher, key: bytes) -> AESGCM | ChaCha20Poly1305:
+    if len(key) != KEY_BYTES:
+        raise ValueError("AEAD keys are 32 bytes")
+    if cipher is Cipher.AES_256_GCM:
+        return AESGCM(key)
+    return ChaCha20Poly1305(key)
+
+
+def seal_once(cipher: Cipher, key: bytes, plaintext: bytes, ad: bytes) -> bytes:
+    """Seal a single handshake payload (nonce = counter 0; every handshake key is used once)."""
+    return make_aead(cipher, key).encrypt(counter_nonce(0), plaintext, ad)
+
+
+def open_once(cipher: Cipher, key: bytes, ciphertext: bytes, ad: bytes, *, code: ErrorCode) -> bytes:
+    """Open a ``seal_once`` payload; ``RemoteProtocolError(code)`` if it does not authenticate."""
+    try:
+        return make_aead(cipher, key).decrypt(counter_nonce(0), ciphertext, ad)
+    except (InvalidTag, ValueError, OverflowError):
+        raise RemoteProtocolError("handshake payload failed authentication", code=code) from None
+
+
+class RecordCipher:
+    """One direction of an encrypted connection: AEAD with an implicit per-frame counter.
+
+    Frame ``n`` (counting from 0 in each direction) is sealed with nonce ``counter_nonce(n)``
+    and empty associated data. Because the receiver uses its own counter, a frame that was
+    tampered with, replayed, dropped or reordered fails authentication.
+    """
+
+    __slots__ = ("_aead", "cipher", "counter")
+
+    def __init__(self, cipher: Cipher, key: bytes) -> None:
+        self.cipher = cipher
+        self._aead = make_aead(cipher, key)
+        self.counter = 0
+
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> bytes:
+        """Encrypt the next frame body; ``LocalProtocolError(LIMIT_EXCEEDED)`` once the counter is spent."""
+        n = self.counter
+        if n >= MAX_COUNTER:
+            raise LocalProtocolError("AEAD counter exhausted; reconnect", code=ErrorCode.LIMIT_EXCEEDED)
+        self.counter = n + 1
+        return self._aead.encrypt(n.to_bytes(NONCE_BYTES, "big"), plaintext, None)
+
+    def open(self, ciphertext: bytes | bytearray | memoryview) -> bytes:
+        """Decrypt the next frame body; ``RemoteProtocolError(DECRYPT_FAILED)`` if it does not authenticate."""
+        n = self.counter
+        if n >= MAX_COUNTER:
+            raise RemoteProtocolError("AEAD counter exhausted", code=ErrorCode.LIMIT_EXCEEDED)
+        try:
+            plaintext = self._aead.decrypt(n.to_bytes(NONCE_BYTES, "big"), ciphertext, None)
+        except (InvalidTag, ValueError, OverflowError):
+            raise RemoteProtocolError(
+                f"frame {n} failed authentication (tampered, replayed, reordered or wrong key)",
+                code=ErrorCode.DECRYPT_FAILED,
+            ) from None
+        self.counter = n + 1
+        return plaintext
