@@ -1,0 +1,229 @@
+"""Value stages: float32 values <-> typed sections (PROTOCOL.md §10.4).
+
+Each strategy is stateless. ``encode`` returns arrays exactly matching
+``layout.value_sections``; ``decode`` gets those arrays back (possibly read-only views of
+the payload) and returns a new writable float32 array. Decoding never fails on values:
+NaN, Inf or odd scales from a peer become NaN/Inf outputs (the all-reduce decides what to
+do with a NaN peer); structural checks happen before, in ``pipeline``.
+
+Non-finite *inputs* never crash an encoder and have a defined meaning:
+
+* NONE / FP16 / BF16: NaN stays NaN, +-Inf stays +-Inf. Finite values too large for fp16
+  (> 65504) or bf16 saturate to the largest finite value of that type (hivemind clamps too).
+* INT8_ABSMAX: a block's scale is the absmax of its *finite* values; non-finite values get
+  the reserved code -128, which decodes to NaN.
+* SIGMA8: mean and std are taken over finite values; NaN and +Inf take code 255, -Inf code
+  0, so those buckets' codebook entries (bucket means) become non-finite.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from protocol.tensor.layout import F16, F32, I8, SIGMA8_BINS, U8, U16
+from protocol.tensor.spec import CodecId
+
+Floats = NDArray[np.float32]
+Parts = tuple[NDArray[Any], ...]
+
+FP16_MAX = 65504.0
+#: INT8_ABSMAX code for a non-finite input.
+INT8_NAN_CODE = -128
+#: Blocks whose finite absmax is below this are sent as zeros (scale 0): keeps 127/absmax finite.
+INT8_TINY = 2.0**-100
+#: SIGMA8 range: codes cover mean +- SIGMA8_RANGE/2 standard deviations in 256 buckets.
+SIGMA8_RANGE = 6.0
+
+
+class ValueCodec(ABC):
+    """Strategy for one value stage."""
+
+    codec_id: ClassVar[CodecId]
+
+    @abstractmethod
+    def encode(self, values: Floats, *, block: int) -> Parts:
+        """Sections for ``values`` (1-D float32). Never raises on NaN/Inf."""
+
+    @abstractmethod
+    def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
+        """A new writable float32 array from sections of the right types and sizes."""
+
+
+class NoneCodec(ValueCodec):
+    """fp32 as is."""
+
+    codec_id = CodecId.NONE
+
+    def encode(self, values: Floats, *, block: int) -> Parts:
+        return (values,)
+
+    def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
+        return np.array(parts[0], dtype=np.float32, copy=True)
+
+
+class Fp16Codec(ValueCodec):
+    """IEEE binary16, round to nearest even; finite overflow saturates to +-65504."""
+
+    codec_id = CodecId.FP16
+
+    def encode(self, values: Floats, *, block: int) -> Parts:
+        with np.errstate(over="ignore", invalid="ignore"):
+            half = values.astype(F16)
+            overflow = half.size and not np.isfinite(np.sum(half, dtype=np.float32))
+        if overflow:
+            over = np.isinf(half) & np.isfinite(values)
+            half[over] = np.copysign(FP16_MAX, values[over])
+        return (half,)
+
+    def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
+        return parts[0].astype(np.float32)
+
+
+class Bf16Codec(ValueCodec):
+    """bfloat16: the high 16 bits of the float32, round to nearest even; NaN kept quiet."""
+
+    codec_id = CodecId.BF16
+
+    def encode(self, values: Floats, *, block: int) -> Parts:
+        bits = values.view(np.uint32)
+        mag = bits & np.uint32(0x7FFFFFFF)
+        lsb = (mag >> np.uint32(16)) & np.uint32(1)
+        mag += np.uint32(0x7FFF)
+        mag += lsb
+        mag >>= np.uint32(16)
+        out = mag.astype(U16)
+        if out.size and int(out.max()) >= 0x7F80:  # Inf, NaN or a finite value rounded up to Inf
+            finite = np.isfinite(values)
+            out[np.isnan(values)] = 0x7FC0
+            out[finite & (out >= 0x7F80)] = 0x7F7F
+            out[np.isinf(values)] = 0x7F80
+        out |= (bits >> np.uint32(16)).astype(U16) & np.uint16(0x8000)
+        return (out,)
+
+    def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
+        wide = parts[0].astype(np.uint32)
+        wide <<= np.uint32(16)
+        return wide.view(np.float32)
+
+
+class Int8AbsmaxCodec(ValueCodec):
+    """Blockwise absmax int8: per block ``scale = absmax / 127``, ``code = rint(x / scale)``."""
+
+    codec_id = CodecId.INT8_ABSMAX
+
+    def encode(self, values: Floats, *, block: int) -> Parts:
+        n = values.size
+        nblocks = -(-n // block)
+        padded = _padded_blocks(values, block, nblocks)
+        absmax = np.maximum(padded.max(axis=1), -padded.min(axis=1)) if n else np.zeros(0, F32)
+        bad: NDArray[np.bool_] | None = None
+        if not np.isfinite(absmax).all():
+            bad = ~np.isfinite(padded)
+            padded = np.where(bad, np.float32(0), padded)
+            absmax = np.maximum(padded.max(axis=1), -padded.min(axis=1))
+        inv = np.zeros(nblocks, F32)
+        np.divide(np.float32(127), absmax, out=inv, where=absmax >= INT8_TINY)
+        scaled = padded * inv[:, None]
+        np.rint(scaled, out=scaled)
+        codes = scaled.astype(I8).reshape(-1)[:n]
+        if bad is not None:
+            codes[bad.reshape(-1)[:n]] = INT8_NAN_CODE
+        scales = np.where(inv > 0, absmax / np.float32(127), np.float32(0)).astype(F32)
+        return (scales, codes)
+
+    def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
+        scales, codes = parts
+        n = codes.size
+        full = n // block
+        out = np.empty(n, np.float32)
+        if full:
+            np.multiply(
+                codes[: full * block].reshape(full, block),
+                scales[:full, None],
+                out=out[: full * block].reshape(full, block),
+            )
+        if n > full * block:
+            np.multiply(codes[full * block :], scales[full], out=out[full * block :])
+        if n and int(codes.min()) == INT8_NAN_CODE:
+            out[codes == INT8_NAN_CODE] = np.nan
+        return out
+
+
+class Sigma8Codec(ValueCodec):
+    """6-sigma uniform 8-bit (hivemind ``Uniform8BitQuantization``, PRIME): per chunk,
+    ``scale = 6 * std / 256``, ``code = clip(rint((x - mean) / scale) + 128, 0, 255)``, and a
+    256-entry codebook holding the mean of the inputs that fell in each bucket (0 if empty)."""
+
+    codec_id = CodecId.SIGMA8
+
+    def encode(self, values: Floats, *, block: int) -> Parts:
+        n = values.size
+        mean = float(np.mean(values, dtype=np.float64)) if n else 0.0
+        finite: NDArray[np.bool_] | None = None
+        if not np.isfinite(mean):
+            finite = np.isfinite(values)
+            kept = values[finite]
+            mean = float(np.mean(kept, dtype=np.float64)) if kept.size else 0.0
+        else:
+            kept = values
+        centered = kept - np.float32(mean)
+        std = _std(centered)
+        inv = (
+            np.float32(SIGMA8_BINS / (SIGMA8_RANGE * std))
+            if std > 0 and np.isfinite(SIGMA8_BINS / (SIGMA8_RANGE * std))
+            else np.float32(0)
+        )
+        centered *= inv
+        np.rint(centered, out=centered)
+        centered += np.float32(SIGMA8_BINS // 2)
+        np.clip(centered, 0, SIGMA8_BINS - 1, out=centered)
+        if finite is None:
+            codes = centered.astype(U8)
+        else:
+            codes = np.where(values == -np.inf, np.uint8(0), np.uint8(SIGMA8_BINS - 1))
+            codes[finite] = centered.astype(U8)
+        counts = np.bincount(codes, minlength=SIGMA8_BINS)
+        sums = np.bincount(codes, weights=values, minlength=SIGMA8_BINS)
+        with np.errstate(invalid="ignore"):
+            book = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(F32)
+        return (book, codes)
+
+    def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
+        book, codes = parts
+        return np.take(np.asarray(book, np.float32), codes)
+
+
+def _padded_blocks(values: Floats, block: int, nblocks: int) -> Floats:
+    """``values`` as a (nblocks, block) array, zero-padding the last block (a view if full)."""
+    n = values.size
+    if n == nblocks * block:
+        return values.reshape(nblocks, block)
+    padded = np.zeros(nblocks * block, np.float32)
+    padded[:n] = values
+    return padded.reshape(nblocks, block)
+
+
+def _std(centered: Floats) -> float:
+    """Unbiased standard deviation of already-centered values (0 for fewer than 2)."""
+    n = centered.size
+    if n < 2:
+        return 0.0
+    ss = float(np.dot(centered, centered))
+    if not np.isfinite(ss):  # float32 overflow of huge values: redo in float64
+        wide = centered.astype(np.float64)
+        ss = float(np.dot(wide, wide))
+    return float(np.sqrt(ss / (n - 1)))
+
+
+VALUE_STRATEGIES: tuple[ValueCodec, ...] = (
+    NoneCodec(),
+    Fp16Codec(),
+    Bf16Codec(),
+    Int8AbsmaxCodec(),
+    Sigma8Codec(),
+)
