@@ -1,0 +1,161 @@
+"""The files in a node's data dir: identity key, mesh secret, last incarnation, lock.
+
+``identity.key``  the node's Ed25519 private key (``protocol.crypto.identity_to_bytes``), 0600.
+``mesh.key``      the mesh secret as one line of text (``mesh_secret_to_text``), 0600.
+``incarnation``   the highest SWIM incarnation this identity has used, as decimal text.
+``node.lock``     held (``flock``) while a node runs, so two nodes never share an identity.
+
+Secrets are created with ``O_EXCL`` and mode 0600 from the first byte (no chmod race), and
+rewritten files go through a temporary file and ``os.replace`` so a crash never leaves a
+half-written key. Any unusable file raises ``ConfigError`` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+from pathlib import Path
+from typing import IO
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol import crypto
+from protocol.errors import ConfigError, StarmeshError
+
+SECRET_MODE = 0o600
+MAX_KEY_FILE_BYTES = 4096
+
+
+def _write_new_secret(path: Path, data: bytes) -> None:
+    """Create ``path`` (must not exist) with mode 0600 and ``data``, durably."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
+    except FileExistsError:
+        raise ConfigError(f"{path}: already exists; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_secret(path: Path, what: str) -> bytes:
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: {what} is not a regular file")
+        if st.st_size > MAX_KEY_FILE_BYTES:
+            raise ConfigError(f"{path}: {what} is {st.st_size} bytes; not a key file")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{path}: {what} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run: chmod 600 {path}"
+        )
+    return data
+
+
+def create_mesh_key(path: Path) -> bytes:
+    """Write a fresh mesh secret to ``path`` (which must not exist) and return it."""
+    secret = crypto.new_mesh_secret()
+    _write_new_secret(path, (crypto.mesh_secret_to_text(secret).strip() + "\n").encode())
+    return secret
+
+
+def load_mesh_key(path: Path) -> bytes:
+    """Read the mesh secret at ``path``; ``ConfigError`` if missing, unreadable or garbage."""
+    data = _read_secret(path, "mesh key")
+    try:
+        return crypto.mesh_secret_from_text(data.decode("utf-8", errors="strict"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: mesh key is not text") from None
+    except StarmeshError as exc:
+        raise ConfigError(f"{path}: not a mesh key: {exc}") from None
+
+
+def load_or_create_mesh_key(path: Path) -> tuple[bytes, bool]:
+    """The mesh secret at ``path``, creating a new one if there is none. Returns (secret, created)."""
+    if not path.exists():
+        with contextlib.suppress(ConfigError):  # lost a creation race: read the winner's key
+            return create_mesh_key(path), True
+    return load_mesh_key(path), False
+
+
+def load_or_create_identity(path: Path) -> tuple[Ed25519PrivateKey, bool]:
+    """The node identity at ``path``, created (0600) on first use. Returns (key, created)."""
+    if not path.exists():
+        key = crypto.generate_identity()
+        with contextlib.suppress(ConfigError):
+            _write_new_secret(path, crypto.identity_to_bytes(key))
+            return key, True
+    data = _read_secret(path, "identity key")
+    try:
+        return crypto.identity_from_bytes(data), False
+    except (StarmeshError, ValueError) as exc:
+        raise ConfigError(f"{path}: not an identity key ({exc}); move it away to make a new one") from None
+
+
+def load_incarnation(path: Path) -> int:
+    """The last incarnation persisted at ``path``; 0 when there is none yet."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return 0
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read incarnation: {exc}") from None
+    if not text.isdigit() or int(text) >= 1 << 64:
+        raise ConfigError(f"{path}: incarnation {text[:40]!r} is not an unsigned integer")
+    return int(text)
+
+
+def store_incarnation(path: Path, incarnation: int) -> None:
+    """Durably replace the incarnation at ``path`` (temp file + fsync + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(f"{incarnation}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot store incarnation: {exc.strerror or exc}") from None
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``<data_dir>/node.lock`` for the lifetime of a node."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "node.lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            f = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held until release()
+        except OSError as exc:
+            raise ConfigError(f"{self.path.parent}: unusable data dir: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise ConfigError(
+                f"{self.path.parent}: another node is running with this data dir; "
+                "give each node its own --data-dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None

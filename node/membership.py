@@ -1,0 +1,248 @@
+"""asyncio adapter around ``discovery.Swim``: messages in, messages out, one timer.
+
+Theory of operation
+-------------------
+``Swim`` is a sans-I/O state machine. This adapter is its only driver:
+
+* input: gossip messages arriving on CONTROL links (``handle``), the timer, dial
+  failures and lost connections (``Swim.on_unreachable``), ``join``/``leave``/``update_meta``;
+* after *every* input, ``step()`` drains ``messages_to_send()`` into the pool, drains and logs
+  ``next_event()`` (one line per membership event) and re-arms the single
+  ``loop.call_at(swim.next_deadline())`` timer;
+* sending is best effort, like SWIM's UDP: over an open link at once; otherwise the
+  messages wait in a small per-address queue while one dial task (in the node's
+  ``TaskGroup``) connects. If the dial fails the queue is dropped and Swim is told the
+  address is unreachable — the probe it was carrying then fails the SWIM way.
+
+Our own incarnation is persisted (``on_incarnation``) whenever Swim reports it changed, so a
+restarted node can start above every incarnation it ever used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable, Sequence
+
+from discovery.events import EventKind, MemberEvent
+from discovery.members import MemberView
+from discovery.swim import Swim
+from node.pool import Pool
+from node.transport import Handler, Link, Spawn, describe_error
+from protocol.connection import Channel
+from protocol.crypto import short_id
+from protocol.errors import RemoteProtocolError, StarmeshError
+from protocol.messages.gossip import MemberStatus, NodeMeta
+from protocol.schema import Message
+from protocol.tags import MsgType
+
+log = logging.getLogger("starmesh.members")
+
+#: Gossip messages accepted on CONTROL links and handed to Swim.
+GOSSIP_TAGS = (
+    MsgType.PING,
+    MsgType.PING_REQ,
+    MsgType.ACK,
+    MsgType.NACK,
+    MsgType.ALIVE,
+    MsgType.SUSPECT,
+    MsgType.DEAD,
+    MsgType.PUSH_PULL,
+)
+
+#: Messages queued per address while it is being dialed; older ones are dropped first.
+PENDING_PER_ADDRESS = 64
+#: Addresses with a dial in progress at once; messages to further ones are dropped.
+MAX_PENDING_ADDRESSES = 256
+#: Seconds between two warnings about the same unreachable address.
+WARN_EVERY_S = 30.0
+
+_EVENT_LOG: dict[EventKind, tuple[int, str]] = {
+    EventKind.JOINED: (logging.INFO, "joined"),
+    EventKind.UPDATED: (logging.DEBUG, "updated"),
+    EventKind.SUSPECTED: (logging.WARNING, "suspect"),
+    EventKind.REFUTED: (logging.INFO, "refuted suspicion"),
+    EventKind.DEAD: (logging.WARNING, "dead"),
+    EventKind.LEFT: (logging.INFO, "left"),
+    EventKind.REAPED: (logging.DEBUG, "reaped"),
+    EventKind.SEED_UNREACHABLE: (logging.WARNING, "seed unreachable"),
+}
+
+EventListener = Callable[[MemberEvent], None]
+
+
+def format_event(event: MemberEvent) -> tuple[int, str]:
+    """(log level, one line) for a membership event."""
+    level, what = _EVENT_LOG.get(event.kind, (logging.INFO, event.kind.name.lower()))
+    m = event.member
+    if event.kind is EventKind.SEED_UNREACHABLE:
+        return level, f"join: no answer from seeds {', '.join(event.seeds) or '-'}; retrying"
+    return level, f"member {what}: {short_id(m.node_id)} at {m.address} (incarnation {m.incarnation})"
+
+
+class Membership:
+    """Drives one ``Swim`` from the event loop (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        swim: Swim,
+        node_id: bytes,
+        pool: Pool,
+        spawn: Spawn,
+        on_incarnation: Callable[[int], None],
+    ) -> None:
+        self.swim = swim
+        self.node_id = node_id
+        self._pool = pool
+        self._spawn = spawn
+        self._on_incarnation = on_incarnation
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending: dict[str, collections.deque[Message]] = {}
+        self._warned: dict[str, float] = {}
+        self._listeners: list[EventListener] = []
+        self._incarnation = -1
+        self._stopped = False
+
+    # ---- inputs ---------------------------------------------------------------------
+
+    def handlers(self) -> dict[MsgType, Handler]:
+        """The CONTROL-channel dispatch entries this adapter serves."""
+        return dict.fromkeys(GOSSIP_TAGS, self._handle)
+
+    async def _handle(self, link: Link, message: Message) -> None:
+        peer = link.peer
+        assert peer is not None
+        if self._stopped:
+            return
+        self.swim.on_message(peer.listen_address or link.remote, peer.node_id, message, now=self._loop.time())
+        self.step()
+
+    def join(self, seeds: Sequence[str]) -> None:
+        self.swim.join(list(seeds), now=self._loop.time())
+        self.step()
+
+    def update_meta(self, meta: NodeMeta) -> None:
+        self.swim.update_meta(meta, now=self._loop.time())
+        self.step()
+
+    def link_lost(self, link: Link, error: BaseException | None) -> None:
+        """Pool callback: a member's CONTROL connection broke (not a goodbye) -> hint Swim."""
+        peer = link.peer
+        if self._stopped or error is None or peer is None or peer.channel is not Channel.CONTROL:
+            return
+        if peer.listen_address:
+            self.swim.on_unreachable(peer.listen_address, now=self._loop.time())
+            self.step()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._stopped:
+            self.swim.handle_timer(now=self._loop.time())
+            self.step()
+
+    # ---- outputs --------------------------------------------------------------------
+
+    def step(self) -> None:
+        """After every input: send, report events, re-arm the one timer."""
+        for address, message in self.swim.messages_to_send():
+            self._send(address, message)
+        while (event := self.swim.next_event()) is not None:
+            self._report(event)
+        self._arm()
+
+    def _arm(self) -> None:
+        deadline = None if self._stopped else self.swim.next_deadline()
+        if self._timer is not None and (deadline is None or self._timer.when() != deadline):
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None and self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _report(self, event: MemberEvent) -> None:
+        member = event.member
+        if member.node_id == self.node_id:
+            if member.incarnation > self._incarnation:
+                self._incarnation = member.incarnation
+                self._on_incarnation(member.incarnation)
+            if event.kind is EventKind.UPDATED:
+                return
+        level, line = format_event(event)
+        log.log(level, "%s", line)
+        if event.kind in (EventKind.DEAD, EventKind.LEFT) and member.node_id != self.node_id:
+            self._pool.close_address(member.address)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("member event listener failed")
+
+    def _send(self, address: str, message: Message) -> None:
+        link = self._pool.get_open(address, Channel.CONTROL)
+        if link is not None:
+            link.send_nowait(message)
+            return
+        queue = self._pending.get(address)
+        if queue is None:
+            if len(self._pending) >= MAX_PENDING_ADDRESSES:
+                return
+            queue = self._pending[address] = collections.deque(maxlen=PENDING_PER_ADDRESS)
+            self._spawn(self._dial_and_flush(address))
+        queue.append(message)
+
+    async def _dial_and_flush(self, address: str) -> None:
+        try:
+            link = await self._pool.connect(address, Channel.CONTROL)
+        except StarmeshError as exc:
+            self._pending.pop(address, None)
+            self._unreachable(address, exc)
+            return
+        for message in self._pending.pop(address, ()):
+            link.send_nowait(message)
+
+    def _unreachable(self, address: str, error: StarmeshError) -> None:
+        now = self._loop.time()
+        refused = isinstance(error, RemoteProtocolError)
+        if refused and now - self._warned.get(address, -WARN_EVERY_S) >= WARN_EVERY_S:
+            if len(self._warned) > MAX_PENDING_ADDRESSES:
+                self._warned.clear()
+            self._warned[address] = now
+            log.warning("%s refused our handshake: %s", address, describe_error(error))
+        else:
+            log.debug("%s unreachable: %s", address, describe_error(error))
+        if not self._stopped:
+            self.swim.on_unreachable(address, now=now)
+            self.step()
+
+    # ---- views and leaving ----------------------------------------------------------
+
+    def members(self) -> list[MemberView]:
+        return self.swim.members()
+
+    def alive_address(self, node_id: bytes) -> str | None:
+        """The address of ``node_id`` if it is a live (alive or suspect) member."""
+        for member in self.swim.members():
+            if member.node_id == node_id and member.status in (MemberStatus.ALIVE, MemberStatus.SUSPECT):
+                return member.address
+        return None
+
+    def add_listener(self, listener: EventListener) -> None:
+        self._listeners.append(listener)
+
+    def busy(self) -> bool:
+        """True while gossip is queued for dialing or still in a write buffer."""
+        return bool(self._pending) or not self._pool.write_buffers_empty()
+
+    def leave(self) -> None:
+        """Announce a graceful leave (``Dead`` about ourselves); gossip keeps running."""
+        self.swim.leave(now=self._loop.time())
+        self.step()
+
+    def stop(self) -> None:
+        """Stop driving Swim: no timer, no more input."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

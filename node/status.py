@@ -1,0 +1,184 @@
+"""``python -m node status``: a node's membership view, served and fetched over CLIENT links.
+
+Server side: ``build_status_reply`` turns the Swim view into a ``StatusReply`` (the runtime
+answers each ``StatusRequest`` on a CLIENT-channel link with one). Client side:
+``fetch_status`` dials a node with a throwaway identity and the mesh secret, asks once and
+closes; ``run_status_command`` prints the answer as a rich table or one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import sys
+from collections.abc import Coroutine, Iterable
+from pathlib import Path
+from typing import Any
+
+from discovery.members import MemberView
+from node.config import Address
+from node.identity import load_mesh_key
+from node.transport import Link, LinkSettings, handshake_failure
+from protocol import crypto
+from protocol.connection import Channel, Role
+from protocol.errors import StarmeshError, TimeoutError, TransportError
+from protocol.messages.control import MemberReport, StatusReply, StatusRequest
+from protocol.messages.gossip import MemberStatus
+from protocol.schema import Message
+from protocol.tags import MsgType
+
+STATE_NAMES = {
+    MemberStatus.ALIVE: "alive",
+    MemberStatus.SUSPECT: "suspect",
+    MemberStatus.DEAD: "dead",
+    MemberStatus.LEFT: "left",
+}
+_STATE_STYLE = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+
+
+def member_report(view: MemberView, *, now: float, self_id: bytes) -> MemberReport:
+    heard = 0.0 if view.node_id == self_id else max(0.0, now - view.last_heard)
+    return MemberReport(
+        node=view.node_id,
+        address=view.address,
+        status=view.status,
+        incarnation=view.incarnation,
+        meta=view.meta,
+        last_heard_s=float(heard),
+    )
+
+
+def build_status_reply(
+    members: Iterable[MemberView], *, self_id: bytes, now: float, uptime_s: float
+) -> StatusReply:
+    """The answer to a ``StatusRequest``: every member we know (ourselves included)."""
+    reports = tuple(member_report(m, now=now, self_id=self_id) for m in members)
+    own = next(r for r in reports if r.node == self_id)
+    return StatusReply(self_report=own, uptime_s=max(0.0, float(uptime_s)), members=reports)
+
+
+def report_to_json(report: MemberReport) -> dict[str, Any]:
+    meta = report.meta
+    return {
+        "id": report.node.hex(),
+        "short_id": crypto.short_id(report.node),
+        "address": report.address,
+        "state": STATE_NAMES[report.status],
+        "incarnation": report.incarnation,
+        "last_heard_s": round(report.last_heard_s, 3),
+        "hostname": meta.hostname,
+        "cpus": meta.cpus,
+        "memory_bytes": meta.memory_bytes,
+        "gpus": [{"name": g.name, "memory_bytes": g.memory_bytes} for g in meta.gpus],
+        "torch_version": meta.torch_version,
+        "cuda_version": meta.cuda_version,
+        "load": meta.load,
+        "protocol_version": meta.protocol_version,
+    }
+
+
+def reply_to_json(reply: StatusReply) -> dict[str, Any]:
+    """``{"self": ..., "uptime_s": ..., "members": [{"id", "address", "state", ...}]}``."""
+    return {
+        "self": report_to_json(reply.self_report),
+        "uptime_s": round(reply.uptime_s, 3),
+        "members": [report_to_json(r) for r in reply.members],
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "-"
+
+
+def _resources(m: dict[str, Any]) -> str:
+    parts = [f"{m['cpus']} cpu", _gib(m["memory_bytes"])]
+    parts += [f"{g['name']} {_gib(g['memory_bytes'])}" for g in m["gpus"]]
+    if m["torch_version"]:
+        cuda = f" cuda {m['cuda_version']}" if m["cuda_version"] else ""
+        parts.append(f"torch {m['torch_version']}{cuda}")
+    return ", ".join(parts)
+
+
+def render_table(reply: StatusReply) -> None:
+    """Print the view as a rich table (imported only here: the node never loads rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    data = reply_to_json(reply)
+    me = data["self"]
+    counts = {s: sum(1 for m in data["members"] if m["state"] == s) for s in _STATE_STYLE}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    table = Table(title=f"node {me['short_id']} at {me['address']}, up {data['uptime_s']:.0f}s: {summary}")
+    for column in ("id", "address", "state", "inc", "resources", "heard"):
+        table.add_column(column, no_wrap=column != "resources")
+    for m in data["members"]:
+        style = _STATE_STYLE[m["state"]]
+        heard = "self" if m["id"] == me["id"] else f"{m['last_heard_s']:.1f}s ago"
+        table.add_row(
+            m["short_id"], m["address"], f"[{style}]{m['state']}[/]", str(m["incarnation"]),
+            _resources(m), heard,
+        )
+    Console().print(table)
+
+
+async def fetch_status(address: Address, *, mesh_secret: bytes, timeout: float = 3.0) -> StatusReply:
+    """Ask the node at ``address`` for its view, as a CLIENT with a throwaway identity.
+
+    Raises ``TransportError`` (unreachable), ``TimeoutError`` or ``RemoteProtocolError`` (the
+    node refused us, e.g. a different mesh key).
+    """
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future[StatusReply] = loop.create_future()
+
+    async def on_reply(link: Link, message: Message) -> None:
+        if isinstance(message, StatusReply) and not reply.done():
+            reply.set_result(message)
+
+    def on_close(link: Link, error: BaseException | None) -> None:
+        if not reply.done():
+            reply.set_exception(handshake_failure(link))
+
+    settings = LinkSettings(
+        identity=crypto.generate_identity(), mesh_secret=mesh_secret, listen_address=None,
+        handshake_timeout=timeout,
+    )
+    dispatch = {Channel.CLIENT: {MsgType.STATUS_REPLY: on_reply}}
+    async with asyncio.TaskGroup() as tasks:
+
+        def spawn(coro: Coroutine[Any, Any, None]) -> None:
+            tasks.create_task(coro)
+
+        try:
+            async with asyncio.timeout(timeout):
+                _, link = await loop.create_connection(
+                    lambda: Link(role=Role.INITIATOR, channel=Channel.CLIENT, settings=settings,
+                                 dispatch=dispatch, spawn=spawn,
+                                 on_open=lambda _: None, on_close=on_close),
+                    address.host, address.port,
+                )
+                try:
+                    await link.opened
+                    await link.send(StatusRequest())
+                    return await reply
+                finally:
+                    link.close()
+        except builtins.TimeoutError:
+            raise TimeoutError(f"{address}: no status reply within {timeout}s") from None
+        except OSError as exc:
+            raise TransportError(f"{address}: {exc.strerror or exc}") from None
+
+
+def run_status_command(*, connect: Address, mesh_key_file: Path, as_json: bool, timeout: float) -> int:
+    """Body of ``python -m node status``; returns the exit code."""
+    secret = load_mesh_key(mesh_key_file)
+    try:
+        reply = asyncio.run(fetch_status(connect, mesh_secret=secret, timeout=timeout))
+    except StarmeshError as exc:
+        print(f"error: cannot get status from {connect}: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(reply_to_json(reply), sort_keys=True))
+    else:
+        render_table(reply)
+    return 0

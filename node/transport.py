@@ -1,0 +1,370 @@
+"""asyncio TCP adapters around the sans-I/O ``protocol.Connection``: links and a pool.
+
+Theory of operation
+-------------------
+A ``Link`` is one TCP connection and its ``Connection`` core. Bytes flow one way::
+
+    data_received -> core.receive_data -> core.next_event() ... -> inbox -> reader task
+                                        -> core.data_to_send() -> transport.write
+
+* Handshake. The initiator's first flight is written in ``connection_made``; the core's
+  ``next_deadline()`` (handshake timeout) is armed as one ``loop.call_at`` timer, re-armed
+  after every input. ``HandshakeComplete`` resolves ``link.opened`` and registers the link
+  in the pool (``on_open``).
+* Receive and backpressure. ``MessageReceived`` goes into a bounded inbox consumed by the
+  link's reader task (owned by the node's ``TaskGroup``), which awaits the handler from the
+  dispatch table of the peer's channel. When the inbox holds ``inbox_messages`` messages,
+  reading from the socket is paused, so a slow handler slows the sender via TCP.
+* Send. ``send_nowait`` is best effort (gossip; SWIM tolerates loss): dropped when the link
+  is not open or its write buffer is above ``write_buffer_bytes``. ``await send`` waits
+  for the transport to drain below the high-water mark first (``pause_writing``).
+* Termination. ``ConnectionTerminated`` (a peer violation, our timeout, or the peer's
+  goodbye), EOF, or a socket error closes the link once: pending output (an ERROR frame) is
+  written, the transport closed, the timer cancelled, the reader told to stop, and
+  ``on_close(link, error)`` called with the reason (None for a graceful goodbye).
+
+Invariants: the core is fed only from the event loop thread; a link closes exactly once;
+nothing a peer sends raises out of a callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol.connection import (
+    NEED_DATA,
+    Channel,
+    Connection,
+    ConnectionTerminated,
+    ConnState,
+    HandshakeComplete,
+    HandshakeOptions,
+    MessageReceived,
+    PeerInfo,
+    Role,
+)
+from protocol.crypto import short_id
+from protocol.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    StarmeshError,
+    TimeoutError,
+    TransportError,
+)
+from protocol.schema import Message
+from protocol.tags import MsgType
+
+log = logging.getLogger("starmesh.transport")
+
+Handler = Callable[["Link", Message], Awaitable[None]]
+"""A message handler: gets the link it came in on (``link.peer`` is authenticated)."""
+
+DispatchTable = Mapping[Channel, Mapping[MsgType, Handler]]
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkSettings:
+    """What every link of one node shares."""
+
+    identity: Ed25519PrivateKey
+    mesh_secret: bytes
+    listen_address: str | None
+    handshake_timeout: float = 5.0
+    inbox_messages: int = 64
+    write_buffer_bytes: int = 8 * 1024 * 1024
+
+
+def describe_error(error: BaseException | None) -> str:
+    """One-line reason for logs: ``AUTH_FAILED: bad mesh secret proof``."""
+    if error is None:
+        return "closed by peer"
+    if isinstance(error, ProtocolError):
+        return f"{error.code.name}: {error}"
+    return f"{type(error).__name__}: {error}"
+
+
+class Link(asyncio.Protocol):
+    """One TCP connection driven by a ``protocol.Connection`` core (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        role: Role,
+        channel: Channel,
+        settings: LinkSettings,
+        dispatch: DispatchTable,
+        spawn: Spawn,
+        on_open: Callable[[Link], None],
+        on_close: Callable[[Link, BaseException | None], None],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.role = role
+        self.settings = settings
+        self.core = Connection(
+            role=role,
+            identity=settings.identity,
+            mesh_secret=settings.mesh_secret,
+            options=HandshakeOptions(
+                listen_address=None if channel is Channel.CLIENT else settings.listen_address,
+                channel=channel,
+            ),
+            now=self._loop.time(),
+            handshake_timeout=settings.handshake_timeout,
+        )
+        self.peer: PeerInfo | None = None
+        self.remote = "?"
+        self.opened: asyncio.Future[PeerInfo] = self._loop.create_future()
+        self.closed = asyncio.Event()
+        self.lost = asyncio.Event()
+        """Set once the socket is really gone (buffered output flushed or dropped)."""
+        self.close_reason: BaseException | None = None
+        self._dispatch = dispatch
+        self._spawn = spawn
+        self._on_open = on_open
+        self._on_close = on_close
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._inbox_ready = asyncio.Event()
+        self._reading_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._done = False
+        self._at_eof = False
+        self.dropped = 0
+
+    # ---- asyncio.Protocol callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and len(peername) >= 2:
+            host = str(peername[0])
+            self.remote = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
+        transport.set_write_buffer_limits(high=min(1 << 20, self.settings.write_buffer_bytes))
+        self._spawn(self._reader())
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._done:
+            self.core.receive_data(data)
+            self._pump()
+
+    def eof_received(self) -> bool:
+        if not self._done:
+            self._at_eof = True
+            self.core.receive_data(b"")
+            self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            reason: BaseException = TransportError(f"connection lost: {exc}")
+        else:
+            reason = TransportError("connection closed without goodbye")
+        self._finish(reason)
+        self.lost.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # ---- core driving ---------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Drain the core's events and output after any input; re-arm its one timer."""
+        while not self._done:
+            event = self.core.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, MessageReceived):
+                self._enqueue(event.message)
+            elif isinstance(event, HandshakeComplete):
+                self.peer = event.peer
+                if not self.opened.done():
+                    self.opened.set_result(event.peer)
+                self._on_open(self)
+            elif isinstance(event, ConnectionTerminated):
+                self._write(self.core.data_to_send())
+                error: BaseException | None = event.error
+                if error is None and self._at_eof:  # EOF without GOODBYE: the peer vanished
+                    error = TransportError("connection closed without goodbye")
+                self._finish(error)
+                return
+        if self._done:
+            return
+        self._write(self.core.data_to_send())
+        self._arm_timer()
+
+    def _enqueue(self, message: Message) -> None:
+        self._inbox.append(message)
+        self._inbox_ready.set()
+        if len(self._inbox) >= self.settings.inbox_messages and not self._reading_paused:
+            self._reading_paused = True
+            if self._transport is not None:
+                self._transport.pause_reading()
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.next_deadline()
+        if self._timer is not None and (deadline is None or self._timer.when() != deadline):
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None and self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._done:
+            self.core.handle_timer(now=self._loop.time())
+            self._pump()
+
+    def _write(self, data: bytes) -> None:
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _finish(self, error: BaseException | None) -> None:
+        """Close exactly once: cancel the timer, close the socket, wake everyone, report."""
+        if self._done:
+            return
+        self._done = True
+        self.close_reason = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+        if not self.opened.done():
+            self.opened.set_exception(error if error is not None else TransportError("closed"))
+            self.opened.exception()  # retrieved: a failed dial is reported by the dialer
+        self._writable.set()
+        self._inbox_ready.set()
+        self.closed.set()
+        self._on_close(self, error)
+
+    # ---- receive side: the reader task ----------------------------------------------
+
+    async def _reader(self) -> None:
+        """Hand inbox messages to their handlers, one at a time, until the link closes."""
+        while True:
+            while not self._inbox:
+                if self._done:
+                    return
+                self._inbox_ready.clear()
+                await self._inbox_ready.wait()
+            message = self._inbox.popleft()
+            if self._reading_paused and len(self._inbox) <= self.settings.inbox_messages // 2:
+                self._reading_paused = False
+                if self._transport is not None and not self._done:
+                    self._transport.resume_reading()
+            if self._done:
+                return
+            await self._handle(message)
+
+    async def _handle(self, message: Message) -> None:
+        assert self.peer is not None
+        handler = self._dispatch.get(self.peer.channel, {}).get(message.TAG)
+        if handler is None:
+            self.abort(ErrorCode.UNEXPECTED_MESSAGE, f"{message.TAG.name} not accepted on {self.peer.channel.name}")
+            return
+        try:
+            await handler(self, message)
+        except RemoteProtocolError as exc:
+            self.abort(exc.code, str(exc))
+        except StarmeshError as exc:
+            log.warning("%s: handler for %s failed: %s", self.describe(), message.TAG.name, exc)
+        except Exception:
+            log.exception("%s: handler for %s crashed", self.describe(), message.TAG.name)
+
+    # ---- public API -----------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return not self._done and self.core.state is ConnState.OPEN
+
+    def describe(self) -> str:
+        who = short_id(self.peer.node_id) if self.peer is not None else "?"
+        return f"peer {who} @ {self.remote}"
+
+    def send_nowait(self, message: Message) -> bool:
+        """Best effort: write now, or drop (returns False) if not open or the buffer is full."""
+        transport = self._transport
+        if (
+            not self.is_open
+            or transport is None
+            or transport.get_write_buffer_size() > self.settings.write_buffer_bytes
+        ):
+            self.dropped += 1
+            return False
+        self._write(self.core.send(message))
+        return True
+
+    async def send(self, message: Message) -> None:
+        """Write ``message`` once the write buffer has drained (backpressure).
+
+        Raises ``TransportError`` if the link is or becomes closed.
+        """
+        await self._writable.wait()
+        if not self.is_open:
+            raise TransportError(f"{self.describe()}: link closed ({describe_error(self.close_reason)})")
+        try:
+            data = self.core.send(message)
+        except LocalProtocolError as exc:
+            raise TransportError(f"{self.describe()}: cannot send: {exc}") from exc
+        self._write(data)
+
+    def close(self, code: ErrorCode | None = None, reason: str = "") -> None:
+        """Say goodbye (or send an error ``code``) and close the socket."""
+        if self._done:
+            return
+        if self.core.state in (ConnState.OPEN, ConnState.HANDSHAKING):
+            self._write(self.core.close(code, reason))
+        self._finish(None if code is None else LocalProtocolError(reason, code=code))
+
+    def abort(self, code: ErrorCode, reason: str) -> None:
+        """Close because the peer broke the protocol: log it as a rejected peer."""
+        log.warning("rejected %s: %s: %s", self.describe(), code.name, reason)
+        self.close(code, reason)
+
+    def force_close(self) -> None:
+        """Drop the socket now, discarding unsent output (shutdown after the linger time)."""
+        self._finish(TransportError("aborted"))
+        if self._transport is not None:
+            self._transport.abort()
+
+    def buffered_bytes(self) -> int:
+        """Bytes written to the transport and not yet handed to the kernel."""
+        transport = self._transport
+        return 0 if transport is None or transport.is_closing() else transport.get_write_buffer_size()
+
+
+def handshake_failure(link: Link) -> StarmeshError:
+    """The error a dialer reports when ``link`` closed before its handshake finished."""
+    error = link.close_reason
+    if isinstance(error, StarmeshError):
+        return error
+    return TransportError(describe_error(error))
+
+
+__all__ = [
+    "DispatchTable",
+    "Handler",
+    "Link",
+    "LinkSettings",
+    "Spawn",
+    "TimeoutError",
+    "describe_error",
+    "handshake_failure",
+]
