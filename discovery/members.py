@@ -1,0 +1,86 @@
+"""Member records: the mutable row the SWIM core keeps, and the frozen view it hands out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from discovery.suspicion import Suspicion
+from protocol.messages.gossip import MemberState, MemberStatus, NodeMeta
+
+__all__ = ["Member", "MemberStatus", "MemberView"]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    """A snapshot of one member as this node sees it."""
+
+    node_id: bytes
+    """32-byte Ed25519 public key."""
+    address: str
+    """"host:port" to reach it."""
+    status: MemberStatus
+    incarnation: int
+    """The member's own version counter; only it may raise it (refutation, meta update)."""
+    meta: NodeMeta
+    last_heard: float
+    """The ``now`` when this node last heard from the member directly (or learned of it)."""
+
+
+class Member:
+    """Mutable state of one member inside ``Swim`` (memberlist's ``nodeState``)."""
+
+    __slots__ = (
+        "address",
+        "incarnation",
+        "last_heard",
+        "meta",
+        "node_id",
+        "state_change",
+        "status",
+        "suspicion",
+    )
+
+    def __init__(
+        self,
+        *,
+        node_id: bytes,
+        address: str,
+        incarnation: int,
+        meta: NodeMeta,
+        status: MemberStatus,
+        now: float,
+    ) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.incarnation = incarnation
+        self.meta = meta
+        self.status = status
+        self.last_heard = now
+        self.state_change = now
+        """When ``status`` last changed (drives gossip-to-the-dead and reaping)."""
+        self.suspicion: Suspicion | None = None
+
+    @property
+    def live(self) -> bool:
+        """Alive or suspect: probed, gossiped to, counted in N."""
+        return self.status is MemberStatus.ALIVE or self.status is MemberStatus.SUSPECT
+
+    def view(self) -> MemberView:
+        return MemberView(
+            node_id=self.node_id,
+            address=self.address,
+            status=self.status,
+            incarnation=self.incarnation,
+            meta=self.meta,
+            last_heard=self.last_heard,
+        )
+
+    def state(self) -> MemberState:
+        """This member as carried in a push/pull sync."""
+        return MemberState(
+            node=self.node_id,
+            address=self.address,
+            incarnation=self.incarnation,
+            status=self.status,
+            meta=self.meta,
+        )

@@ -1,0 +1,541 @@
+"""SWIM failure detection and gossip with the Lifeguard refinements, sans I/O.
+
+Theory of operation
+-------------------
+``Swim`` is one member of a mesh. It never touches a socket or a clock: the runtime feeds
+it messages (``on_message``), transport hints (``on_unreachable``) and time
+(``handle_timer(now=)``), drains ``messages_to_send()`` and ``next_event()``, and arms a
+single timer at ``next_deadline()``. Destinations are "host:port" addresses.
+
+Failure detector (SWIM section 3, memberlist state.go ``probeNode``). Every probe period
+(``probe_interval`` times the Lifeguard local health multiplier) one member is probed,
+round robin over a shuffled list (new members are inserted at a random place; the list is
+reshuffled at each wrap). A probe is a ``Ping``; with no ``Ack`` after ``probe_timeout``
+we send ``PingReq`` to ``indirect_checks`` random alive members, who ping the target for
+us and relay its ``Ack`` or answer ``Nack`` (Lifeguard) when it stays silent. If no ack
+arrives by the end of the period the target is *suspected*. A suspect target also gets
+its ``Suspect`` with the ping (Lifeguard "buddy system"), so it can refute at once.
+
+Suspicion, refutation, death: see ``discovery/state.py`` (transitions) and
+``discovery/suspicion.py`` (Lifeguard timer shrinking with independent confirmations).
+
+Local health (Lifeguard LHA-Probe, memberlist awareness.go): a score in
+``[0, awareness_max - 1]``; +1 per failed probe (or per missing nack when nacks were
+expected), +1 per refutation of a claim about us, -1 per successful probe. The probe
+period is multiplied by ``score + 1``, so a node that is itself slow probes less and
+accuses less.
+
+Dissemination (SWIM section 4.1): state changes are queued in a transmit-limited
+``BroadcastQueue`` and piggybacked, up to ``max_piggyback`` per message, on every Ping,
+Ack and PingReq we send; a gossip round every ``gossip_interval`` sends queued news to
+``gossip_nodes`` random members (dead ones too for ``gossip_to_dead`` seconds).
+
+Anti-entropy: every ``push_pull_interval`` (stretched linearly above
+``push_pull_scale_threshold`` members) a full ``PushPull`` with one random alive member;
+the answer has ``reply`` set. Joining is the same exchange with the seeds (``join`` set),
+retried every ``join_retry_interval`` while no seed answers (``SEED_UNREACHABLE``).
+
+Leaving: ``leave()`` marks us LEFT and broadcasts ``Dead(node=us, sender=us)`` at once;
+after it we stop probing and syncing but keep answering pings and gossiping.
+
+Transport hints: ``on_unreachable(address)`` (a failed dial or dropped connection) makes
+that member the next probe target, and skips the wait for a direct ack when it is the
+current one. A hint never declares anything dead by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+from discovery.config import SwimConfig
+from discovery.events import EventKind, MemberEvent
+from discovery.members import Member, MemberView
+from discovery.state import MemberTable
+from protocol.limits import MAX_MEMBERS_PER_SYNC
+from protocol.messages.gossip import (
+    Ack,
+    Alive,
+    Dead,
+    MemberStatus,
+    Nack,
+    NodeMeta,
+    Ping,
+    PingReq,
+    PushPull,
+    Suspect,
+)
+from protocol.schema import Message
+
+_log = logging.getLogger("discovery.swim")
+
+ALIVE, SUSPECT = MemberStatus.ALIVE, MemberStatus.SUSPECT
+_SEQ_MOD = 1 << 32
+_MAX_SEEDS = 64
+
+
+class _Probe:
+    """The probe in flight: one target, one sequence number."""
+
+    __slots__ = ("end_at", "expected_nacks", "indirect", "nacks", "seq", "target", "timeout_at")
+
+    def __init__(self, *, target: bytes, seq: int, timeout_at: float, end_at: float) -> None:
+        self.target = target
+        self.seq = seq
+        self.timeout_at = timeout_at
+        self.end_at = end_at
+        self.indirect = False
+        self.expected_nacks = 0
+        self.nacks = 0
+
+
+class _Relay:
+    """An indirect probe we perform for someone else (we received their PingReq)."""
+
+    __slots__ = ("deadline", "nack", "requester", "seq", "target_address")
+
+    def __init__(
+        self, *, requester: str, seq: int, nack: bool, deadline: float, target_address: str
+    ) -> None:
+        self.requester = requester
+        self.seq = seq
+        self.nack = nack
+        self.deadline = deadline
+        self.target_address = target_address
+
+
+class Swim:
+    """One SWIM member. See the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        *,
+        node_id: bytes,
+        address: str,
+        meta: NodeMeta,
+        config: SwimConfig,
+        rng: random.Random,
+        now: float,
+    ) -> None:
+        self._cfg = config
+        self._rng = rng
+        self._me = Member(
+            node_id=node_id, address=address, incarnation=0, meta=meta, status=ALIVE, now=now
+        )
+        self._outbox: list[tuple[str, Message]] = []
+        self.dropped_messages = 0
+        """Outgoing messages dropped because ``max_outbox`` was reached between drains."""
+        self._probe_order: list[bytes] = []
+        self._probe_index = 0
+        self._table = MemberTable(
+            me=self._me, config=config, send=self._send, on_added=self._on_added
+        )
+        self._probe: _Probe | None = None
+        self._last_probe_start = now - config.probe_interval
+        self._hints: deque[bytes] = deque()
+        self._seq = 0
+        self._relays: dict[int, _Relay] = {}
+        self._join_seeds: tuple[str, ...] = ()
+        self._join_at: float | None = None
+        # Stagger the periodic timers so that nodes started together do not move in step.
+        self._next_probe = now + rng.random() * config.probe_interval
+        self._next_gossip = now + rng.random() * config.gossip_interval
+        self._next_push_pull = now + (1.0 + rng.random()) * self._push_pull_period()
+        self._table.broadcasts.queue(
+            node_id, Alive(incarnation=0, node=node_id, address=address, meta=meta)
+        )
+
+    # ------------------------------------------------------------ public API
+
+    def join(self, seeds: Sequence[str], *, now: float) -> None:
+        """Push/pull our state with every seed; retried until one answers. No seeds: we are first."""
+        mine = self._me.address
+        self._join_seeds = tuple(dict.fromkeys(s for s in seeds if s != mine))[:_MAX_SEEDS]
+        if self._join_seeds:
+            self._send_join(now)
+
+    def leave(self, *, now: float) -> None:
+        """Leave gracefully: we become LEFT and broadcast ``Dead(node=us, sender=us)`` now."""
+        if self._table.left:
+            return
+        self._table.left = True
+        self._probe = None
+        self._join_at = None
+        me = self._me
+        self._table.dead(me.node_id, me.incarnation, me.node_id, now=now)
+        self._gossip(now)
+
+    def on_message(self, src_address: str, src_node: bytes, msg: Message, *, now: float) -> None:
+        """Handle one message from the authenticated member ``src_node`` reachable at ``src_address``."""
+        sender = self._table.members.get(src_node)
+        if sender is not None and sender is not self._me:
+            sender.last_heard = now
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            _log.debug("ignoring %s from %s", type(msg).__name__, src_address)
+            return
+        handler(self, src_address, src_node, msg, now)
+
+    def on_unreachable(self, address: str, *, now: float) -> None:
+        """Transport hint: a dial to ``address`` failed or its connection dropped. Probe it soon."""
+        for seq, relay in list(self._relays.items()):
+            if relay.target_address == address:
+                del self._relays[seq]
+                if relay.nack:
+                    self._send_with_gossip(relay.requester, Nack(seq=relay.seq))
+        node = self._table.by_address.get(address)
+        m = self._table.members.get(node) if node is not None else None
+        if m is None or m is self._me or not m.live or self._table.left:
+            return
+        probe = self._probe
+        if probe is not None and probe.target == m.node_id:
+            if not probe.indirect:
+                self._send_indirect(probe, now)
+            return
+        if m.node_id not in self._hints and len(self._hints) < self._cfg.max_hints:
+            self._hints.append(m.node_id)
+        if probe is None:
+            soonest = self._last_probe_start + self._cfg.probe_interval / 4
+            self._next_probe = min(self._next_probe, max(now, soonest))
+
+    def handle_timer(self, *, now: float) -> None:
+        """Run everything due at ``now`` (probe phases, gossip, push/pull, suspicion, reaping)."""
+        if self._join_at is not None and now >= self._join_at:
+            self._table.emit(EventKind.SEED_UNREACHABLE, self._me, now, self._join_seeds)
+            self._send_join(now)
+        self._probe_timers(now)
+        if now >= self._next_gossip:
+            self._gossip(now)
+            self._next_gossip = max(self._next_gossip + self._cfg.gossip_interval, now)
+        if self._cfg.push_pull_interval > 0 and now >= self._next_push_pull:
+            self._next_push_pull = now + self._push_pull_period()
+            if not self._table.left:
+                self._push_pull(now)
+        while self._relays:
+            seq, relay = next(iter(self._relays.items()))
+            if relay.deadline > now:
+                break
+            del self._relays[seq]
+            if relay.nack:
+                self._send_with_gossip(relay.requester, Nack(seq=relay.seq))
+        self._table.handle_timer(now)
+
+    def next_deadline(self) -> float | None:
+        """The earliest ``now`` at which ``handle_timer`` has something to do."""
+        cfg = self._cfg
+        deadlines: list[float] = []
+        if self._join_at is not None:
+            deadlines.append(self._join_at)
+        probe = self._probe
+        if probe is not None:
+            deadlines.append(probe.end_at if probe.indirect else probe.timeout_at)
+        elif not self._table.left:
+            deadlines.append(self._next_probe)
+        if len(self._table.broadcasts):
+            deadlines.append(self._next_gossip)
+        if cfg.push_pull_interval > 0 and not self._table.left:
+            deadlines.append(self._next_push_pull)
+        if self._relays:
+            deadlines.append(next(iter(self._relays.values())).deadline)
+        table_deadline = self._table.next_deadline()
+        if table_deadline is not None:
+            deadlines.append(table_deadline)
+        return min(deadlines) if deadlines else None
+
+    def messages_to_send(self) -> list[tuple[str, Message]]:
+        """Drain the outgoing messages: ``(destination address, message)`` in send order."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_event(self) -> MemberEvent | None:
+        """Drain one membership event, oldest first; None when there is none."""
+        events = self._table.events
+        return events.popleft() if events else None
+
+    def members(self) -> list[MemberView]:
+        """Everyone we know, ourselves included, sorted by node id."""
+        return [self._table.members[k].view() for k in sorted(self._table.members)]
+
+    def member(self, node_id: bytes) -> MemberView | None:
+        """One member's view, or None if unknown (or reaped)."""
+        m = self._table.members.get(node_id)
+        return None if m is None else m.view()
+
+    def update_meta(self, meta: NodeMeta, *, now: float) -> None:
+        """Advertise new metadata: bump our incarnation and gossip Alive."""
+        me = self._me
+        me.meta = meta
+        me.incarnation += 1
+        self._table.broadcasts.queue(
+            me.node_id,
+            Alive(incarnation=me.incarnation, node=me.node_id, address=me.address, meta=meta),
+        )
+        self._table.emit(EventKind.UPDATED, me, now)
+
+    @property
+    def node_id(self) -> bytes:
+        return self._me.node_id
+
+    @property
+    def incarnation(self) -> int:
+        return self._me.incarnation
+
+    @property
+    def health(self) -> int:
+        """Lifeguard local health score; the probe period is multiplied by ``health + 1``."""
+        return self._table.health
+
+    @property
+    def num_live(self) -> int:
+        """Alive + suspect members, ourselves included (the N of the formulas)."""
+        return self._table.num_live
+
+    @property
+    def joining(self) -> bool:
+        """A join is in progress: no seed has answered yet."""
+        return self._join_at is not None
+
+    @property
+    def left(self) -> bool:
+        return self._table.left
+
+    @property
+    def pending_broadcasts(self) -> int:
+        """Gossip messages still queued (after ``leave()``: wait for 0 before closing, briefly)."""
+        return len(self._table.broadcasts)
+
+    # ------------------------------------------------------------- sending
+
+    def _send(self, address: str, msg: Message) -> None:
+        if len(self._outbox) >= self._cfg.max_outbox:
+            self.dropped_messages += 1
+            return
+        self._outbox.append((address, msg))
+
+    def _send_with_gossip(
+        self, address: str, msg: Message, *, first: Message | None = None
+    ) -> None:
+        """Send ``msg`` with piggybacked broadcasts (``first``, if given, goes before them)."""
+        self._send(address, msg)
+        budget = self._cfg.max_piggyback
+        if first is not None:
+            self._send(address, first)
+            budget -= 1
+        if budget > 0:
+            for g in self._table.broadcasts.get(budget, n_members=self._table.num_live):
+                self._send(address, g)
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) % _SEQ_MOD
+        return self._seq
+
+    # ---------------------------------------------------------------- probes
+
+    def _on_added(self, node: bytes) -> None:
+        """Insert a new member at a random place in the probe order (memberlist)."""
+        order = self._probe_order
+        order.append(node)
+        j = self._rng.randrange(len(order))
+        order[j], order[-1] = order[-1], order[j]
+
+    def _next_target(self) -> Member | None:
+        members = self._table.members
+        while self._hints:
+            m = members.get(self._hints.popleft())
+            if m is not None and m.live:
+                return m
+        for _ in range(2):
+            order = self._probe_order
+            while self._probe_index < len(order):
+                m = members.get(order[self._probe_index])
+                self._probe_index += 1
+                if m is not None and m.live:
+                    return m
+            # Wrapped: reshuffle the live members (memberlist resetNodes).
+            self._probe_order = [k for k in self._table.others if members[k].live]
+            self._rng.shuffle(self._probe_order)
+            self._probe_index = 0
+        return None
+
+    def _probe_timers(self, now: float) -> None:
+        probe = self._probe
+        if probe is not None and not probe.indirect and now >= probe.timeout_at:
+            self._send_indirect(probe, now)
+        if probe is not None and now >= probe.end_at:
+            self._probe_failed(probe, now)
+        if self._probe is None and not self._table.left and now >= self._next_probe:
+            self._start_probe(now)
+
+    def _start_probe(self, now: float) -> None:
+        cfg = self._cfg
+        period = cfg.probe_interval * (self._table.health + 1)
+        self._next_probe = now + period
+        target = self._next_target()
+        if target is None:
+            return
+        self._last_probe_start = now
+        seq = self._next_seq()
+        self._probe = _Probe(
+            target=target.node_id, seq=seq, timeout_at=now + cfg.probe_timeout, end_at=now + period
+        )
+        buddy = None
+        if target.status is SUSPECT:  # Lifeguard: tell a suspect, so it can refute
+            buddy = Suspect(
+                incarnation=target.incarnation, node=target.node_id, sender=self._me.node_id
+            )
+        self._send_with_gossip(target.address, Ping(seq=seq, target=target.node_id), first=buddy)
+
+    def _send_indirect(self, probe: _Probe, now: float) -> None:
+        probe.indirect = True
+        target = self._table.members.get(probe.target)
+        if target is None or not target.live:
+            return
+        helpers = self._sample(
+            self._cfg.indirect_checks, lambda m: m.status is ALIVE and m.node_id != probe.target
+        )
+        probe.expected_nacks = len(helpers)
+        for m in helpers:
+            req = PingReq(seq=probe.seq, target=probe.target, address=target.address, nack=True)
+            self._send_with_gossip(m.address, req)
+
+    def _probe_failed(self, probe: _Probe, now: float) -> None:
+        self._probe = None
+        if probe.expected_nacks > 0:
+            self._table.adjust_health(max(0, probe.expected_nacks - probe.nacks))
+        else:
+            self._table.adjust_health(+1)
+        target = self._table.members.get(probe.target)
+        if target is not None and target.live:
+            _log.debug("probe of %s failed (%d nacks)", probe.target.hex()[:10], probe.nacks)
+            self._table.suspect(target.node_id, target.incarnation, self._me.node_id, now=now)
+
+    def _sample(self, k: int, ok: Callable[[Member], bool]) -> list[Member]:
+        """Up to ``k`` distinct random members (not us) satisfying ``ok`` (memberlist kRandomNodes)."""
+        if k <= 0:
+            return []
+        members, others = self._table.members, self._table.others
+        n = len(others)
+        if n <= 4 * k + 16:
+            cands = [m for m in (members[i] for i in others) if ok(m)]
+            return self._rng.sample(cands, min(k, len(cands)))
+        picked: dict[bytes, Member] = {}
+        for _ in range(8 * k + 32):
+            m = members[others[self._rng.randrange(n)]]
+            if m.node_id not in picked and ok(m):
+                picked[m.node_id] = m
+                if len(picked) == k:
+                    break
+        return list(picked.values())
+
+    # ---------------------------------------------------- gossip and push/pull
+
+    def _gossip(self, now: float) -> None:
+        table = self._table
+        if not len(table.broadcasts):
+            return
+        for m in self._sample(self._cfg.gossip_nodes, lambda m: table.gossip_target(m, now)):
+            msgs = table.broadcasts.get(self._cfg.max_piggyback, n_members=table.num_live)
+            if not msgs:
+                break
+            for g in msgs:
+                self._send(m.address, g)
+
+    def _push_pull_period(self) -> float:
+        cfg = self._cfg
+        return cfg.push_pull_interval * max(
+            1.0, self._table.num_live / cfg.push_pull_scale_threshold
+        )
+
+    def _push_pull(self, now: float) -> None:
+        peers = self._sample(1, lambda m: m.status is ALIVE)
+        if peers:
+            self._send_state(peers[0].address, join=False, reply=False)
+
+    def _send_state(self, address: str, *, join: bool, reply: bool) -> None:
+        """Our full member table, in as many PushPull messages as the size cap needs.
+        Only the first may ask for an answer; the rest are marked ``reply``."""
+        states = [m.state() for m in self._table.members.values()]
+        for i in range(0, len(states), MAX_MEMBERS_PER_SYNC):
+            chunk = tuple(states[i : i + MAX_MEMBERS_PER_SYNC])
+            self._send(address, PushPull(join=join, reply=reply or i > 0, members=chunk))
+
+    def _send_join(self, now: float) -> None:
+        for seed in self._join_seeds:
+            self._send_state(seed, join=True, reply=False)
+        self._join_at = now + self._cfg.join_retry_interval
+
+    # -------------------------------------------------------------- handlers
+
+    def _on_ping(self, src_address: str, src_node: bytes, msg: Ping, now: float) -> None:
+        if msg.target != self._me.node_id:
+            _log.debug("ping for %s reached us; ignored", msg.target.hex()[:10])
+            return
+        self._send_with_gossip(src_address, Ack(seq=msg.seq))
+
+    def _on_ping_req(self, src_address: str, src_node: bytes, msg: PingReq, now: float) -> None:
+        if msg.target == self._me.node_id:
+            self._send_with_gossip(src_address, Ack(seq=msg.seq))
+            return
+        if len(self._relays) >= self._cfg.max_relays:
+            return
+        seq = self._next_seq()
+        self._relays[seq] = _Relay(
+            requester=src_address,
+            seq=msg.seq,
+            nack=msg.nack,
+            deadline=now + self._cfg.probe_timeout,
+            target_address=msg.address,
+        )
+        self._send_with_gossip(msg.address, Ping(seq=seq, target=msg.target))
+
+    def _on_ack(self, src_address: str, src_node: bytes, msg: Ack, now: float) -> None:
+        probe = self._probe
+        if probe is not None and msg.seq == probe.seq:
+            self._probe = None
+            self._table.adjust_health(-1)
+            return
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None:
+            self._send_with_gossip(relay.requester, Ack(seq=relay.seq))
+
+    def _on_nack(self, src_address: str, src_node: bytes, msg: Nack, now: float) -> None:
+        probe = self._probe
+        if probe is not None and msg.seq == probe.seq:
+            probe.nacks += 1
+
+    def _on_alive(self, src_address: str, src_node: bytes, msg: Alive, now: float) -> None:
+        self._table.alive(msg.node, msg.incarnation, msg.address, msg.meta, now=now, src=src_node)
+
+    def _on_suspect(self, src_address: str, src_node: bytes, msg: Suspect, now: float) -> None:
+        self._table.suspect(msg.node, msg.incarnation, msg.sender, now=now)
+
+    def _on_dead(self, src_address: str, src_node: bytes, msg: Dead, now: float) -> None:
+        self._table.dead(msg.node, msg.incarnation, msg.sender, now=now)
+
+    def _on_push_pull(self, src_address: str, src_node: bytes, msg: PushPull, now: float) -> None:
+        if not msg.reply:
+            self._send_state(src_address, join=False, reply=True)
+        # Any sync means we are connected to the mesh: a pending join is done.
+        self._join_at = None
+        table = self._table
+        for s in msg.members:
+            if s.status is ALIVE:
+                table.alive(s.node, s.incarnation, s.address, s.meta, now=now)
+            elif s.status is MemberStatus.LEFT:
+                table.dead(s.node, s.incarnation, s.node, now=now)
+            else:  # memberlist mergeState: a remote "dead" only makes us suspect
+                table.suspect(s.node, s.incarnation, src_node, now=now)
+
+    _handlers: ClassVar[dict[type, Callable[..., None]]] = {
+        Ping: _on_ping,
+        PingReq: _on_ping_req,
+        Ack: _on_ack,
+        Nack: _on_nack,
+        Alive: _on_alive,
+        Suspect: _on_suspect,
+        Dead: _on_dead,
+        PushPull: _on_push_pull,
+    }
