@@ -164,6 +164,11 @@ class Connection:
         if self._final is None:
             self._frames.feed(data)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Received bytes not yet turned into events (at most one partial frame after a full drain)."""
+        return self._frames.buffered
+
     def next_event(self) -> Event | Literal[NeedData.NEED_DATA]:
         """The next event, or ``NEED_DATA``. Afterwards call ``data_to_send()`` and write it."""
         if self._final is not None:
