@@ -36,6 +36,8 @@ FP16_MAX = 65504.0
 INT8_NAN_CODE = -128
 #: Blocks whose finite absmax is below this are sent as zeros (scale 0): keeps 127/absmax finite.
 INT8_TINY = 2.0**-100
+#: Largest INT8_ABSMAX scale whose 127 multiple is still a finite float32.
+INT8_MAX_SCALE = np.nextafter(np.float32(np.finfo(np.float32).max / 127), np.float32(0))
 #: SIGMA8 range: codes cover mean +- SIGMA8_RANGE/2 standard deviations in 256 buckets.
 SIGMA8_RANGE = 6.0
 
@@ -133,7 +135,7 @@ class Int8AbsmaxCodec(ValueCodec):
         codes = scaled.astype(I8).reshape(-1)[:n]
         if bad is not None:
             codes[bad.reshape(-1)[:n]] = INT8_NAN_CODE
-        scales = np.where(inv > 0, absmax / np.float32(127), np.float32(0)).astype(F32)
+        scales = np.where(inv > 0, np.minimum(absmax / np.float32(127), INT8_MAX_SCALE), np.float32(0))
         return (scales, codes)
 
     def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
