@@ -38,3 +38,11 @@ class MsgType(enum.IntEnum):
     STATUS_REPLY = 33
 
     # 48-79: tensors and all-reduce (see protocol/messages/tensor.py)
+    AR_BEGIN = 48
+    AR_PART = 49
+    AR_AVERAGE = 50
+    AR_REPORT = 51
+    AR_COMMIT = 52
+    AR_FINISH = 53
+    AR_CANCEL = 54
+    AR_TAKEOVER = 55
