@@ -27,7 +27,9 @@ class SwimConfig:
     probe_timeout: float = 0.5
     """Seconds to wait for the direct ``Ack`` before asking ``indirect_checks`` peers to
     probe the target for us (``PingReq``). Must be below ``probe_interval``; should be a few
-    round-trip times. Not scaled by awareness (memberlist's choice)."""
+    round-trip times. Not scaled by awareness (memberlist's choice). A helper asked to
+    probe indirectly answers ``Nack`` after ``min(probe_timeout, 0.8 * (probe_interval -
+    probe_timeout))`` without an ack, so the nack arrives within the requester's period."""
 
     indirect_checks: int = 3
     """k of SWIM: how many random peers are asked to probe a target that missed its
@@ -182,7 +184,7 @@ class SwimConfig:
             gossip_interval=0.1,
             gossip_nodes=3,
             gossip_to_dead=10.0,
-            retransmit_mult=3,
+            retransmit_mult=4,
             suspicion_mult=8,
             suspicion_max_timeout_mult=2,
             push_pull_interval=5.0,
@@ -201,7 +203,7 @@ class SwimConfig:
             gossip_interval=0.0625,
             gossip_nodes=3,
             gossip_to_dead=2.0,
-            retransmit_mult=3,
+            retransmit_mult=4,
             suspicion_mult=4,
             suspicion_max_timeout_mult=3,
             push_pull_interval=2.0,

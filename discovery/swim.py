@@ -31,8 +31,9 @@ Ack and PingReq we send; a gossip round every ``gossip_interval`` sends queued n
 ``gossip_nodes`` random members (dead ones too for ``gossip_to_dead`` seconds).
 
 Anti-entropy: every ``push_pull_interval`` (stretched linearly above
-``push_pull_scale_threshold`` members) a full ``PushPull`` with one random alive member;
-the answer has ``reply`` set. Joining is the same exchange with the seeds (``join`` set),
+``push_pull_scale_threshold`` members) a full ``PushPull`` with one random alive member,
+and one with a random member we believe DEAD (Serf's reconnect: a healed partition
+finds itself again); the answer has ``reply`` set. Joining is the same exchange with the seeds (``join`` set),
 retried every ``join_retry_interval`` while no seed answers (``SEED_UNREACHABLE``).
 
 Leaving: ``leave()`` marks us LEFT and broadcasts ``Dead(node=us, sender=us)`` at once;
@@ -75,6 +76,17 @@ _log = logging.getLogger("discovery.swim")
 ALIVE, SUSPECT = MemberStatus.ALIVE, MemberStatus.SUSPECT
 _SEQ_MOD = 1 << 32
 _MAX_SEEDS = 64
+
+
+def relay_timeout(config: SwimConfig) -> float:
+    """How long a helper waits for the target's ack before answering ``Nack``.
+
+    ``min(probe_timeout, 0.8 * (probe_interval - probe_timeout))``: the requester sent its
+    PingReq ``probe_timeout`` into its probe period, so the nack must come back within the
+    rest of that period to count (memberlist waits a full probe_timeout and so often misses
+    it with its default 0.5 s / 1 s).
+    """
+    return min(config.probe_timeout, 0.8 * (config.probe_interval - config.probe_timeout))
 
 
 class _Probe:
@@ -453,6 +465,11 @@ class Swim:
         peers = self._sample(1, lambda m: m.status is ALIVE)
         if peers:
             self._send_state(peers[0].address, join=False, reply=False)
+        # Reconnect (Serf's reconnect_interval): also sync with one member we think is dead,
+        # so two sides of a healed partition find each other before the dead are reaped.
+        gone = self._sample(1, lambda m: m.status is MemberStatus.DEAD)
+        if gone:
+            self._send_state(gone[0].address, join=False, reply=False)
 
     def _send_state(self, address: str, *, join: bool, reply: bool) -> None:
         """Our full member table, in as many PushPull messages as the size cap needs.
@@ -486,7 +503,7 @@ class Swim:
             requester=src_address,
             seq=msg.seq,
             nack=msg.nack,
-            deadline=now + self._cfg.probe_timeout,
+            deadline=now + relay_timeout(self._cfg),
             target_address=msg.address,
         )
         self._send_with_gossip(msg.address, Ping(seq=seq, target=msg.target))
