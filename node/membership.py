@@ -14,8 +14,9 @@ Theory of operation
   ``TaskGroup``) connects. If the dial fails the queue is dropped and Swim is told the
   address is unreachable — the probe it was carrying then fails the SWIM way.
 
-Our own incarnation is persisted (``on_incarnation``) whenever Swim reports it changed, so a
-restarted node can start above every incarnation it ever used.
+Our own incarnation is persisted (``on_incarnation``) whenever it changed after an input, and
+a restarted node starts one above the persisted value (``start_above``), so its Alive beats
+every claim the others still hold about its previous run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from node.pool import Pool
 from node.transport import Handler, Link, Spawn, describe_error
 from protocol.connection import Channel
 from protocol.crypto import short_id
-from protocol.errors import RemoteProtocolError, StarmeshError
+from protocol.errors import ConfigError, RemoteProtocolError, StarmeshError
 from protocol.messages.gossip import MemberStatus, NodeMeta
 from protocol.schema import Message
 from protocol.tags import MsgType
@@ -55,6 +56,8 @@ GOSSIP_TAGS = (
 PENDING_PER_ADDRESS = 64
 #: Addresses with a dial in progress at once; messages to further ones are dropped.
 MAX_PENDING_ADDRESSES = 256
+#: Highest persisted incarnation a node restarts above (each step is one ``update_meta``).
+MAX_START_INCARNATION = 100_000
 #: Seconds between two warnings about the same unreachable address.
 WARN_EVERY_S = 30.0
 
@@ -72,12 +75,14 @@ _EVENT_LOG: dict[EventKind, tuple[int, str]] = {
 EventListener = Callable[[MemberEvent], None]
 
 
-def format_event(event: MemberEvent) -> tuple[int, str]:
+def format_event(event: MemberEvent, self_id: bytes | None = None) -> tuple[int, str]:
     """(log level, one line) for a membership event."""
     level, what = _EVENT_LOG.get(event.kind, (logging.INFO, event.kind.name.lower()))
     m = event.member
     if event.kind is EventKind.SEED_UNREACHABLE:
         return level, f"join: no answer from seeds {', '.join(event.seeds) or '-'}; retrying"
+    if self_id is not None and m.node_id == self_id:
+        return level, f"this node {what}: {short_id(m.node_id)} (incarnation {m.incarnation})"
     return level, f"member {what}: {short_id(m.node_id)} at {m.address} (incarnation {m.incarnation})"
 
 
@@ -99,7 +104,8 @@ class Membership:
         self._spawn = spawn
         self._on_incarnation = on_incarnation
         self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0
         self._pending: dict[str, collections.deque[Message]] = {}
         self._warned: dict[str, float] = {}
         self._listeners: list[EventListener] = []
@@ -118,6 +124,19 @@ class Membership:
         if self._stopped:
             return
         self.swim.on_message(peer.listen_address or link.remote, peer.node_id, message, now=self._loop.time())
+        self.step()
+
+    def start_above(self, last_incarnation: int) -> None:
+        """Before joining: make our incarnation ``last_incarnation + 1`` (and persist it), so a
+        restarted node's Alive beats every claim others still hold about its previous run.
+        Swim takes no initial incarnation; each ``update_meta`` raises it by exactly one."""
+        meta = self.swim.member(self.node_id)
+        assert meta is not None
+        if last_incarnation > MAX_START_INCARNATION:
+            raise ConfigError(f"persisted incarnation {last_incarnation} is implausibly high "
+                              f"(> {MAX_START_INCARNATION}); delete the incarnation file")
+        while self.swim.incarnation <= last_incarnation:
+            self.swim.update_meta(meta.meta, now=self._loop.time())
         self.step()
 
     def join(self, seeds: Sequence[str]) -> None:
@@ -151,25 +170,26 @@ class Membership:
             self._send(address, message)
         while (event := self.swim.next_event()) is not None:
             self._report(event)
+        if self.swim.incarnation != self._incarnation:
+            self._incarnation = self.swim.incarnation
+            self._on_incarnation(self._incarnation)
         self._arm()
 
     def _arm(self) -> None:
         deadline = None if self._stopped else self.swim.next_deadline()
-        if self._timer is not None and (deadline is None or self._timer.when() != deadline):
+        if self._timer is not None and deadline != self._timer_at:
             self._timer.cancel()
             self._timer = None
         if deadline is not None and self._timer is None:
+            # uvloop returns a plain Handle (no ``when()``) for past deadlines: remember it.
             self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
 
     def _report(self, event: MemberEvent) -> None:
         member = event.member
-        if member.node_id == self.node_id:
-            if member.incarnation > self._incarnation:
-                self._incarnation = member.incarnation
-                self._on_incarnation(member.incarnation)
-            if event.kind is EventKind.UPDATED:
-                return
-        level, line = format_event(event)
+        if member.node_id == self.node_id and event.kind is EventKind.UPDATED:
+            return
+        level, line = format_event(event, self.node_id)
         log.log(level, "%s", line)
         if event.kind in (EventKind.DEAD, EventKind.LEFT) and member.node_id != self.node_id:
             self._pool.close_address(member.address)
@@ -233,7 +253,8 @@ class Membership:
 
     def busy(self) -> bool:
         """True while gossip is queued for dialing or still in a write buffer."""
-        return bool(self._pending) or not self._pool.write_buffers_empty()
+        pending = bool(self._pending) or self.swim.pending_broadcasts > 0
+        return pending or not self._pool.write_buffers_empty()
 
     def leave(self) -> None:
         """Announce a graceful leave (``Dead`` about ourselves); gossip keeps running."""

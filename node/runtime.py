@@ -100,6 +100,11 @@ class Node:
         try:
             await self._start()
         except BaseException:
+            self._stopping = True
+            if self._pool is not None:
+                await self._pool.close(linger=0.0)
+            for task in list(self._tasks):
+                task.cancel()
             await self._stack.aclose()
             raise
         return self
@@ -110,7 +115,9 @@ class Node:
         try:
             await self._shutdown()
         finally:
-            await self._stack.__aexit__(exc_type, exc, tb)
+            # The TaskGroup exits clean: every task was cancelled above. An exception from
+            # the ``async with`` body propagates as itself (3.11 would wrap it in a group).
+            await self._stack.aclose()
         return None
 
     async def _start(self) -> None:
@@ -147,13 +154,12 @@ class Node:
         swim = Swim(
             node_id=self.node_id, address=self.address, meta=self._meta,
             config=PRESETS[config.preset](), rng=random.Random(config.seed), now=loop.time(),
-            incarnation=last_incarnation + 1,
         )
-        files.store_incarnation(config.incarnation_path, last_incarnation + 1)
         self._membership = Membership(
             swim=swim, node_id=self.node_id, pool=pool, spawn=self.spawn,
             on_incarnation=self._store_incarnation,
         )
+        self._membership.start_above(last_incarnation)
         self._dispatch[Channel.CONTROL].update(self._membership.handlers())
         self._dispatch[Channel.CLIENT][MsgType.STATUS_REQUEST] = self._serve_status
         await pool.start_serving()

@@ -12,7 +12,7 @@ import asyncio
 import builtins
 import json
 import sys
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +128,7 @@ async def fetch_status(address: Address, *, mesh_secret: bytes, timeout: float =
     Raises ``TransportError`` (unreachable), ``TimeoutError`` or ``RemoteProtocolError`` (the
     node refused us, e.g. a different mesh key).
     """
-    loop = asyncio.get_running_loop()
-    reply: asyncio.Future[StatusReply] = loop.create_future()
+    reply: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
 
     async def on_reply(link: Link, message: Message) -> None:
         if isinstance(message, StatusReply) and not reply.done():
@@ -138,35 +137,49 @@ async def fetch_status(address: Address, *, mesh_secret: bytes, timeout: float =
     def on_close(link: Link, error: BaseException | None) -> None:
         if not reply.done():
             reply.set_exception(handshake_failure(link))
+            reply.exception()  # retrieved: the caller may already be failing on link.opened
 
     settings = LinkSettings(
         identity=crypto.generate_identity(), mesh_secret=mesh_secret, listen_address=None,
         handshake_timeout=timeout,
     )
     dispatch = {Channel.CLIENT: {MsgType.STATUS_REPLY: on_reply}}
-    async with asyncio.TaskGroup() as tasks:
+    outcome: StatusReply | StarmeshError = TransportError("no answer")
+    async with asyncio.TaskGroup() as tasks:  # the link's reader task lives here
 
         def spawn(coro: Coroutine[Any, Any, None]) -> None:
             tasks.create_task(coro)
 
+        def make_link() -> Link:
+            return Link(role=Role.INITIATOR, channel=Channel.CLIENT, settings=settings,
+                        dispatch=dispatch, spawn=spawn, on_open=lambda _: None, on_close=on_close)
+
         try:
-            async with asyncio.timeout(timeout):
-                _, link = await loop.create_connection(
-                    lambda: Link(role=Role.INITIATOR, channel=Channel.CLIENT, settings=settings,
-                                 dispatch=dispatch, spawn=spawn,
-                                 on_open=lambda _: None, on_close=on_close),
-                    address.host, address.port,
-                )
-                try:
-                    await link.opened
-                    await link.send(StatusRequest())
-                    return await reply
-                finally:
-                    link.close()
-        except builtins.TimeoutError:
-            raise TimeoutError(f"{address}: no status reply within {timeout}s") from None
-        except OSError as exc:
-            raise TransportError(f"{address}: {exc.strerror or exc}") from None
+            outcome = await _ask(address, make_link, reply, timeout)
+        except StarmeshError as exc:  # raised after the group: 3.11 would wrap it in a group
+            outcome = exc
+    if isinstance(outcome, StarmeshError):
+        raise outcome
+    return outcome
+
+
+async def _ask(
+    address: Address, make_link: Callable[[], Link], reply: asyncio.Future[StatusReply], timeout: float
+) -> StatusReply:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            _, link = await loop.create_connection(make_link, address.host, address.port)
+            try:
+                await link.opened
+                await link.send(StatusRequest())
+                return await reply
+            finally:
+                link.close()
+    except builtins.TimeoutError:
+        raise TimeoutError(f"{address}: no status reply within {timeout}s") from None
+    except OSError as exc:
+        raise TransportError(f"{address}: {exc.strerror or exc}") from None
 
 
 def run_status_command(*, connect: Address, mesh_key_file: Path, as_json: bool, timeout: float) -> int:

@@ -13,8 +13,9 @@ A ``Link`` is one TCP connection and its ``Connection`` core. Bytes flow one way
   in the pool (``on_open``).
 * Receive and backpressure. ``MessageReceived`` goes into a bounded inbox consumed by the
   link's reader task (owned by the node's ``TaskGroup``), which awaits the handler from the
-  dispatch table of the peer's channel. When the inbox holds ``inbox_messages`` messages,
-  reading from the socket is paused, so a slow handler slows the sender via TCP.
+  dispatch table of the peer's channel. When the inbox holds ``inbox_messages`` messages we
+  stop pulling events from the core and pause reading the socket, so a slow handler slows
+  the sender via TCP; at half full the reader pulls again and resumes reading.
 * Send. ``send_nowait`` is best effort (gossip; SWIM tolerates loss): dropped when the link
   is not open or its write buffer is above ``write_buffer_bytes``. ``await send`` waits
   for the transport to drain below the high-water mark first (``pause_writing``).
@@ -34,7 +35,7 @@ import collections
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -133,7 +134,8 @@ class Link(asyncio.Protocol):
         self._on_open = on_open
         self._on_close = on_close
         self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0
         self._inbox: collections.deque[Message] = collections.deque()
         self._inbox_ready = asyncio.Event()
         self._reading_paused = False
@@ -146,13 +148,12 @@ class Link(asyncio.Protocol):
     # ---- asyncio.Protocol callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
             host = str(peername[0])
             self.remote = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
-        transport.set_write_buffer_limits(high=min(1 << 20, self.settings.write_buffer_bytes))
+        self._transport.set_write_buffer_limits(high=min(1 << 20, self.settings.write_buffer_bytes))
         self._spawn(self._reader())
         self._pump()
 
@@ -185,13 +186,20 @@ class Link(asyncio.Protocol):
     # ---- core driving ---------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Drain the core's events and output after any input; re-arm its one timer."""
+        """Drain the core's events and output after any input; re-arm its one timer.
+
+        Stops pulling events while the inbox is full (the rest stay parsed-later in the core,
+        at most one socket read) and pauses reading; the reader task resumes both."""
         while not self._done:
+            if len(self._inbox) >= self.settings.inbox_messages:
+                self._pause_reading()
+                break
             event = self.core.next_event()
             if event is NEED_DATA:
                 break
             if isinstance(event, MessageReceived):
-                self._enqueue(event.message)
+                self._inbox.append(event.message)
+                self._inbox_ready.set()
             elif isinstance(event, HandshakeComplete):
                 self.peer = event.peer
                 if not self.opened.done():
@@ -209,21 +217,28 @@ class Link(asyncio.Protocol):
         self._write(self.core.data_to_send())
         self._arm_timer()
 
-    def _enqueue(self, message: Message) -> None:
-        self._inbox.append(message)
-        self._inbox_ready.set()
-        if len(self._inbox) >= self.settings.inbox_messages and not self._reading_paused:
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
             self._reading_paused = True
             if self._transport is not None:
                 self._transport.pause_reading()
 
+    def _resume_reading(self) -> None:
+        """Reader task: the inbox drained to half: pull buffered events, then read again."""
+        self._reading_paused = False
+        self._pump()
+        if not self._reading_paused and not self._done and self._transport is not None:
+            self._transport.resume_reading()
+
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()
-        if self._timer is not None and (deadline is None or self._timer.when() != deadline):
+        if self._timer is not None and deadline != self._timer_at:
             self._timer.cancel()
             self._timer = None
         if deadline is not None and self._timer is None:
+            # uvloop returns a plain Handle (no ``when()``) for past deadlines: remember it.
             self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -265,12 +280,10 @@ class Link(asyncio.Protocol):
                 self._inbox_ready.clear()
                 await self._inbox_ready.wait()
             message = self._inbox.popleft()
-            if self._reading_paused and len(self._inbox) <= self.settings.inbox_messages // 2:
-                self._reading_paused = False
-                if self._transport is not None and not self._done:
-                    self._transport.resume_reading()
             if self._done:
                 return
+            if self._reading_paused and len(self._inbox) <= self.settings.inbox_messages // 2:
+                self._resume_reading()
             await self._handle(message)
 
     async def _handle(self, message: Message) -> None:
@@ -289,6 +302,16 @@ class Link(asyncio.Protocol):
             log.exception("%s: handler for %s crashed", self.describe(), message.TAG.name)
 
     # ---- public API -----------------------------------------------------------------
+
+    @property
+    def inbox_size(self) -> int:
+        """Messages received and not yet handed to a handler."""
+        return len(self._inbox)
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while the inbox is full and the socket is not read (backpressure)."""
+        return self._reading_paused
 
     @property
     def is_open(self) -> bool:

@@ -1,0 +1,113 @@
+"""What an all-reduce round asks of its adapter (sends) and tells it (events, the result)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from protocol.errors import StarmeshError
+from protocol.messages.tensor import ArAverage, ArPart, DropReason
+from protocol.schema import Message
+from protocol.tensor.chunk import TensorChunk
+
+Floats = NDArray[np.float32]
+
+
+class TensorKind(enum.Enum):
+    PART = "part"
+    """A contribution chunk, sender -> slice owner (reduce-scatter)."""
+    AVERAGE = "average"
+    """An average chunk, slice owner -> receiver (all-gather)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """Send ``message`` (a small control message) to ``dest`` on the CONTROL channel."""
+
+    dest: bytes
+    message: Message
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SendTensor:
+    """Encode ``values`` with the round's codec, wrap it with ``to_message``, send it to
+    ``dest`` on the BULK channel, then call ``on_sent(dest, nbytes)`` once it is written.
+
+    ``values`` is a read-only view into the round's buffers; it stays valid and unchanged
+    until the round ends (encode it in an executor without copying).
+    """
+
+    dest: bytes
+    kind: TensorKind
+    round_id: bytes
+    epoch: int
+    slice: int
+    chunk: int
+    offset: int
+    """Index of ``values[0]`` in the flattened tensor (pass to ``encode_chunk(offset=)``)."""
+    values: Floats
+
+    @property
+    def nbytes(self) -> int:
+        """What this send charges to the destination's window: raw fp32 bytes."""
+        return int(self.values.nbytes)
+
+    def to_message(self, data: TensorChunk) -> ArPart | ArAverage:
+        if self.kind is TensorKind.PART:
+            return ArPart(round_id=self.round_id, slice=self.slice, chunk=self.chunk, data=data)
+        return ArAverage(round_id=self.round_id, epoch=self.epoch, slice=self.slice,
+                         chunk=self.chunk, data=data)
+
+
+Send = SendMessage | SendTensor
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AllReduceResult:
+    """The outcome every surviving member of a round agrees on."""
+
+    round_id: bytes
+    average: Floats
+    """Mean over ``contributors`` (fp64 sum in member order, divided, cast to fp32); a new array."""
+    contributors: tuple[bytes, ...]
+    """Node ids whose contribution is in ``average``, ascending."""
+    dropped: Mapping[bytes, DropReason]
+    """Every other member of the group, with the reason its contribution is not in ``average``."""
+    epoch: int
+    """The commit epoch the result belongs to (1 when nothing failed after the first commit)."""
+    contributed: bool
+    """Whether this member's own contribution is in ``average``."""
+
+
+class AllReduceError(StarmeshError):
+    """This member leaves the round without a result (dropped, cancelled, aborted, timed out)."""
+
+    def __init__(self, msg: str, *, reason: DropReason | None = None) -> None:
+        super().__init__(msg)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class RoundFinished:
+    result: AllReduceResult
+
+
+@dataclass(frozen=True, slots=True)
+class RoundFailed:
+    error: AllReduceError
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDropped:
+    """This member stopped waiting for ``node`` (a log line; PROTOCOL_ERROR: close its connection)."""
+
+    node: bytes
+    reason: DropReason
+    detail: str = ""
+
+
+Event = RoundFinished | RoundFailed | PeerDropped

@@ -1,0 +1,177 @@
+"""Real node processes on loopback: start, observe (status over the CLIENT channel), kill.
+
+Shared by the node integration tests and ``bench join`` / ``bench detect``. Each node is
+``python -m node --listen 127.0.0.1:0 --ready-file ...`` in its own data dir; the ready file
+tells its address and id. Views are observed in-process with ``node.status.fetch_status``
+(one asyncio loop for all polls), so observing does not fork a process per poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.config import parse_address
+from node.identity import create_mesh_key, load_mesh_key
+from node.status import fetch_status, reply_to_json
+from protocol.errors import StarmeshError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+View = dict[str, Any]
+"""One node's status as JSON (``node.status.reply_to_json``)."""
+
+
+@dataclass
+class NodeProcess:
+    """One ``python -m node`` child process with its own data dir."""
+
+    data_dir: Path
+    mesh_key: Path
+    seeds: Sequence[str] = ()
+    preset: str = "test"
+    extra_args: Sequence[str] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    address: str = ""
+    node_id: str = ""
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.data_dir / "node.log"
+
+    @property
+    def ready_file(self) -> Path:
+        return self.data_dir / "ready.json"
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.ready_file.unlink(missing_ok=True)
+        args = [
+            sys.executable, "-m", "node", "--listen", "127.0.0.1:0", "--data-dir", str(self.data_dir),
+            "--mesh-key-file", str(self.mesh_key), "--preset", self.preset,
+            "--ready-file", str(self.ready_file), *self.extra_args,
+        ]
+        for seed in self.seeds:
+            args += ["--join", seed]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STARMESH_")}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL)
+
+    def poll_ready(self) -> bool:
+        """True once the node wrote its ready file (address and id are then set)."""
+        if self.address:
+            return True
+        try:
+            data = json.loads(self.ready_file.read_text())
+        except (OSError, ValueError):
+            return False
+        self.address, self.node_id = data["address"], data["node_id"]
+        return True
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM and wait; returns the exit code (None if it had to be killed)."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def restart(self) -> None:
+        """Start again with the same data dir (same identity); a new port."""
+        self.address = ""
+        self.start()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class LocalMesh:
+    """A set of node processes sharing one mesh key under ``root``."""
+
+    def __init__(self, root: Path, *, preset: str = "test") -> None:
+        self.root = root
+        self.preset = preset
+        self.mesh_key = root / "mesh.key"
+        root.mkdir(parents=True, exist_ok=True)
+        if not self.mesh_key.exists():
+            create_mesh_key(self.mesh_key)
+        self.secret = load_mesh_key(self.mesh_key)
+        self.nodes: list[NodeProcess] = []
+
+    def add(self, *, seeds: Sequence[str] = (), mesh_key: Path | None = None,
+            extra_args: Sequence[str] = ()) -> NodeProcess:
+        node = NodeProcess(data_dir=self.root / f"n{len(self.nodes)}", mesh_key=mesh_key or self.mesh_key,
+                           seeds=seeds, preset=self.preset, extra_args=extra_args)
+        self.nodes.append(node)
+        node.start()
+        return node
+
+    def wait_ready(self, nodes: Iterable[NodeProcess], timeout: float = 20.0) -> None:
+        pending = list(nodes)
+        wait_for(lambda: all(n.poll_ready() for n in pending), timeout, what="nodes to listen",
+                 detail=lambda: "\n".join(n.log_text()[-2000:] for n in pending if not n.poll_ready()))
+
+    def close(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill()
+
+    def views(self, nodes: Iterable[NodeProcess], timeout: float = 2.0) -> dict[str, View | None]:
+        """Each node's current status (None where it did not answer), keyed by node id."""
+        targets = [n for n in nodes if n.address]
+        return asyncio.run(self.views_async(targets, timeout=timeout))
+
+    async def views_async(self, nodes: Sequence[NodeProcess], timeout: float = 2.0) -> dict[str, View | None]:
+        replies = await asyncio.gather(*(self._view(n, timeout) for n in nodes))
+        return {n.node_id: r for n, r in zip(nodes, replies, strict=True)}
+
+    async def _view(self, node: NodeProcess, timeout: float) -> View | None:
+        try:
+            reply = await fetch_status(parse_address(node.address), mesh_secret=self.secret, timeout=timeout)
+        except StarmeshError:
+            return None
+        return reply_to_json(reply)
+
+
+def states(view: View | None) -> dict[str, tuple[str, int]]:
+    """``{node id: (state, incarnation)}`` of one view."""
+    if view is None:
+        return {}
+    return {m["id"]: (m["state"], m["incarnation"]) for m in view["members"]}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, *, what: str,
+             detail: Callable[[], str] | None = None, interval: float = 0.05) -> float:
+    """Poll ``predicate`` until true; returns seconds waited. ``TimeoutError`` naming ``what``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            extra = f"\n{detail()}" if detail is not None else ""
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+    return time.monotonic() - start

@@ -1,0 +1,200 @@
+"""Links and the pool over real loopback sockets, in one process (integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from node.config import Address
+from node.pool import Pool
+from node.transport import Handler, Link, LinkSettings
+from protocol import crypto
+from protocol.connection import Channel
+from protocol.errors import ErrorCode, RemoteProtocolError, TransportError
+from protocol.messages.gossip import Ack
+from protocol.schema import Message
+from protocol.tags import MsgType
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+@dataclasses.dataclass
+class Peer:
+    pool: Pool
+    address: str
+    node_id: bytes
+    dispatch: dict[Channel, dict[MsgType, Handler]]
+    lost: list[tuple[Link, BaseException | None]]
+
+
+@asynccontextmanager
+async def mesh(n: int, *, secrets: list[bytes] | None = None, **settings: Any) -> AsyncIterator[list[Peer]]:
+    """``n`` pools listening on loopback, each with an empty dispatch table to fill."""
+    secret = crypto.new_mesh_secret()
+    async with asyncio.TaskGroup() as group:
+
+        def spawn(coro: Coroutine[Any, Any, None]) -> None:
+            group.create_task(coro)
+
+        peers = []
+        for i in range(n):
+            key = crypto.generate_identity()
+            base = LinkSettings(identity=key, mesh_secret=secrets[i] if secrets else secret,
+                                listen_address=None, **settings)
+            dispatch: dict[Channel, dict[MsgType, Handler]] = {c: {} for c in Channel}
+            lost: list[tuple[Link, BaseException | None]] = []
+            pool = Pool(settings=base, dispatch=dispatch, spawn=spawn, dial_timeout=2.0,
+                        max_connections=64, max_handshaking=8,
+                        on_lost=lambda link, error, lost=lost: lost.append((link, error)))
+            bound = await pool.listen(Address("127.0.0.1", 0))
+            pool.set_listen_address(dataclasses.replace(base, listen_address=str(bound)))
+            await pool.start_serving()
+            peers.append(Peer(pool, str(bound), crypto.node_id_of(key), dispatch, lost))
+        try:
+            yield peers
+        finally:
+            for peer in peers:
+                await peer.pool.close(linger=0.2)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def collector(into: list[tuple[bytes, Message]]) -> Handler:
+    async def handle(link: Link, message: Message) -> None:
+        assert link.peer is not None
+        into.append((link.peer.node_id, message))
+
+    return handle
+
+
+async def test_send_and_reply_on_the_same_link() -> None:
+    async with mesh(2) as (a, b):
+        got_b: list[tuple[bytes, Message]] = []
+        got_a: list[tuple[bytes, Message]] = []
+
+        async def echo(link: Link, message: Message) -> None:
+            got_b.append((link.peer.node_id if link.peer else b"", message))
+            assert isinstance(message, Ack)
+            await link.send(Ack(seq=message.seq + 1))
+
+        b.dispatch[Channel.BULK][MsgType.ACK] = echo
+        a.dispatch[Channel.BULK][MsgType.ACK] = collector(got_a)
+        link = await a.pool.connect(b.address, Channel.BULK)
+        assert link.peer is not None and link.peer.node_id == b.node_id
+        assert await a.pool.connect(b.address, Channel.BULK) is link  # pooled
+        await link.send(Ack(seq=1))
+        await until(lambda: len(got_a) == 1)
+        assert got_b == [(a.node_id, Ack(seq=1))]
+        assert got_a == [(b.node_id, Ack(seq=2))]
+
+
+async def test_concurrent_dials_share_one_connection_and_inbound_is_reused() -> None:
+    async with mesh(2) as (a, b):
+        links = await asyncio.gather(*(a.pool.connect(b.address, Channel.CONTROL) for _ in range(5)))
+        assert len({id(link) for link in links}) == 1
+        await until(lambda: b.pool.get_open(a.address, Channel.CONTROL) is not None)
+        back = b.pool.get_open(a.address, Channel.CONTROL)
+        assert back is not None and back.peer is not None and back.peer.node_id == a.node_id
+        assert b.pool.get_open(a.address, Channel.BULK) is None
+
+
+async def test_wrong_mesh_key_is_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    async with mesh(2, secrets=[crypto.new_mesh_secret(), crypto.new_mesh_secret()]) as (a, b):
+        with pytest.raises(RemoteProtocolError) as info:
+            await a.pool.connect(b.address, Channel.CONTROL)
+        assert info.value.code is ErrorCode.AUTH_FAILED
+        await until(lambda: "rejected" in caplog.text)
+        assert "AUTH_FAILED" in caplog.text
+        assert b.pool.get_open(a.address, Channel.CONTROL) is None
+
+
+async def test_dial_to_closed_port_is_transport_error() -> None:
+    async with mesh(1) as (a,):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with pytest.raises(TransportError):
+            await a.pool.connect(f"127.0.0.1:{port}", Channel.CONTROL)
+
+
+async def _raw(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = address.rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def test_garbage_and_silent_clients_are_closed_others_served(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    async with mesh(2, handshake_timeout=0.5) as (a, b):
+        got: list[tuple[bytes, Message]] = []
+        b.dispatch[Channel.BULK][MsgType.ACK] = collector(got)
+        silent_r, silent_w = await _raw(b.address)
+        junk_r, junk_w = await _raw(b.address)
+        junk_w.write(os.urandom(1 << 20))
+        with contextlib.suppress(ConnectionError):  # b closes it: EOF, or a reset while we write
+            async with asyncio.timeout(5):
+                await junk_w.drain()
+                while await junk_r.read(65536):
+                    pass
+        link = await a.pool.connect(b.address, Channel.BULK)  # a member is still served
+        await link.send(Ack(seq=7))
+        await until(lambda: got == [(a.node_id, Ack(seq=7))])
+        async with asyncio.timeout(5):  # the silent one is dropped at its handshake deadline
+            await silent_r.read()  # an ERROR frame, then EOF
+        await until(lambda: "HANDSHAKE_TIMEOUT" in caplog.text)
+        silent_w.close()
+        junk_w.close()
+        assert link.is_open
+
+
+async def test_backpressure_pauses_reading_and_delivers_in_order() -> None:
+    async with mesh(2, inbox_messages=8) as (a, b):
+        release = asyncio.Event()
+        got: list[int] = []
+
+        async def slow(link: Link, message: Message) -> None:
+            await release.wait()
+            assert isinstance(message, Ack)
+            got.append(message.seq)
+
+        b.dispatch[Channel.BULK][MsgType.ACK] = slow
+        link = await a.pool.connect(b.address, Channel.BULK)
+        for i in range(2000):
+            await link.send(Ack(seq=i))
+        await until(lambda: b.pool.get_open(a.address, Channel.BULK) is not None)
+        inbound = b.pool.get_open(a.address, Channel.BULK)
+        assert inbound is not None
+        await until(lambda: inbound.reading_paused)
+        assert inbound.inbox_size <= 8  # bounded: the rest waits in the socket and the core
+        release.set()
+        await until(lambda: len(got) == 2000)
+        assert got == list(range(2000))
+
+
+async def test_lost_connection_is_reported_not_graceful() -> None:
+    async with mesh(2) as (a, b):
+        link = await a.pool.connect(b.address, Channel.CONTROL)
+        await until(lambda: b.pool.get_open(a.address, Channel.CONTROL) is not None)
+        inbound = b.pool.get_open(a.address, Channel.CONTROL)
+        assert inbound is not None
+        inbound.force_close()
+        await until(lambda: bool(a.lost))
+        assert a.lost[0][0] is link and a.lost[0][1] is not None
+        graceful = await b.pool.connect(a.address, Channel.BULK)
+        await until(lambda: a.pool.get_open(b.address, Channel.BULK) is not None)
+        graceful.close()
+        await until(lambda: len(a.lost) == 2)
+        assert a.lost[1][1] is None
