@@ -117,7 +117,9 @@ def mesh_secret_from_text(text: str) -> bytes:
         secret = base64.urlsafe_b64decode(b64 + "=")
     except (binascii.Error, ValueError) as exc:
         raise ConfigError(f"mesh secret: bad base64url: {exc}") from None
-    if len(secret) != MESH_SECRET_BYTES or not hmac.compare_digest(parts[2], _secret_check(secret)):
+    if len(secret) != MESH_SECRET_BYTES or base64.urlsafe_b64encode(secret)[:43].decode() != b64:
+        raise ConfigError("mesh secret: the key part is not canonical base64url")
+    if not hmac.compare_digest(parts[2], _secret_check(secret)):
         raise ConfigError("mesh secret: checksum mismatch (the secret was mistyped or truncated)")
     return secret
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import msgpack
 import pytest
@@ -13,6 +14,7 @@ from protocol.connection import (
     Connection,
     ConnectionTerminated,
     ConnState,
+    Event,
     HandshakeComplete,
     HandshakeOptions,
     MessageReceived,
@@ -25,7 +27,13 @@ from protocol.handshake import HandshakeInit, ProtocolErrorMsg, init_bytes, init
 from protocol.limits import MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES
 from protocol.messages import Ack, Alive, Dead, NodeMeta, Ping, PushPull, StatusRequest
 from protocol.schema import decode_body, encode_body
-from protocol.testing import ConnectionPair, drain, seeded_identity, seeded_token_bytes, terminated_with
+from protocol.testing import (
+    ConnectionPair,
+    drain,
+    seeded_identity,
+    seeded_token_bytes,
+    terminated_with,
+)
 
 NODE_A = b"\x01" * 32
 NODE_B = b"\x02" * 32
@@ -42,8 +50,8 @@ def open_pair(**kwargs: object) -> ConnectionPair:
     return pair
 
 
-def error_code(events: list[object]) -> ErrorCode:
-    term = terminated_with(events)  # type: ignore[arg-type]
+def error_code(events: Sequence[Event]) -> ErrorCode:
+    term = terminated_with(events)
     assert isinstance(term.error, RemoteProtocolError), term
     return term.error.code
 
@@ -348,7 +356,7 @@ def test_low_order_ephemeral_key_is_rejected() -> None:
 
 
 def _plain(obj: object) -> bytes:
-    body = msgpack.packb(obj)
+    body = bytes(msgpack.packb(obj))
     return HEADER.pack(len(body)) + body
 
 
@@ -439,7 +447,7 @@ def test_handshake_timeout_on_virtual_time() -> None:
     r = pair.responder
     assert r.next_deadline() == 12.5
     r.handle_timer(now=12.4)
-    assert r.next_event() is NEED_DATA and r.state is ConnState.HANDSHAKING
+    assert (r.next_event(), r.state) == (NEED_DATA, ConnState.HANDSHAKING)
     r.handle_timer(now=12.5)
     assert r.state is ConnState.ERROR and r.next_deadline() is None
     assert error_code(drain(r)) is ErrorCode.HANDSHAKE_TIMEOUT
