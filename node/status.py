@@ -2,8 +2,9 @@
 
 Server side: ``build_status_reply`` turns the Swim view into a ``StatusReply`` (the runtime
 answers each ``StatusRequest`` on a CLIENT-channel link with one). Client side:
-``fetch_status`` dials a node with a throwaway identity and the mesh secret, asks once and
-closes; ``run_status_command`` prints the answer as a rich table or one JSON object.
+``StatusClient`` keeps one CLIENT link open for repeated requests (benchmarks poll with it);
+``fetch_status`` dials with a throwaway identity and the mesh secret, asks once and closes;
+``run_status_command`` prints the answer as a rich table or one JSON object.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import asyncio
 import builtins
 import json
 import sys
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from discovery.members import MemberView
 from node.config import Address
 from node.identity import load_mesh_key
-from node.transport import Link, LinkSettings, handshake_failure
+from node.transport import Link, LinkSettings, Spawn, handshake_failure
 from protocol import crypto
 from protocol.connection import Channel, Role
 from protocol.errors import StarmeshError, TimeoutError, TransportError
@@ -122,64 +125,112 @@ def render_table(reply: StatusReply) -> None:
     Console().print(table)
 
 
+class StatusClient:
+    """A CLIENT-channel link to one node, for repeated status requests (one at a time).
+
+    ``connect`` dials with a throwaway identity (or ``identity``) and the mesh secret;
+    ``request`` asks once. A request that times out closes the link (a late reply must not
+    answer the next request); make a new client then.
+    """
+
+    def __init__(self) -> None:
+        self.link: Link | None = None
+        self._waiter: asyncio.Future[StatusReply] | None = None
+        self._lock = asyncio.Lock()
+
+    async def _on_reply(self, link: Link, message: Message) -> None:
+        waiter = self._waiter
+        if isinstance(message, StatusReply) and waiter is not None and not waiter.done():
+            waiter.set_result(message)
+
+    def _on_close(self, link: Link, error: BaseException | None) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(handshake_failure(link))
+            waiter.exception()  # retrieved here; request() re-raises it
+
+    @classmethod
+    async def connect(
+        cls, address: Address, *, mesh_secret: bytes, spawn: Spawn, timeout: float = 3.0,
+        identity: Ed25519PrivateKey | None = None,
+    ) -> StatusClient:
+        """Dial ``address`` and finish the handshake. ``TransportError``, ``TimeoutError`` or
+        ``RemoteProtocolError`` (refused, e.g. another mesh key)."""
+        client = cls()
+        settings = LinkSettings(identity=identity or crypto.generate_identity(), mesh_secret=mesh_secret,
+                                listen_address=None, handshake_timeout=timeout)
+        dispatch = {Channel.CLIENT: {MsgType.STATUS_REPLY: client._on_reply}}
+
+        def make_link() -> Link:
+            return Link(role=Role.INITIATOR, channel=Channel.CLIENT, settings=settings, dispatch=dispatch,
+                        spawn=spawn, on_open=lambda _: None, on_close=client._on_close)
+
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, client.link = await loop.create_connection(make_link, address.host, address.port)
+                await client.link.opened
+        except builtins.TimeoutError:
+            client.close()
+            raise TimeoutError(f"{address}: no handshake within {timeout}s") from None
+        except OSError as exc:
+            raise TransportError(f"{address}: {exc.strerror or exc}") from None
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def request(self, *, timeout: float = 3.0) -> StatusReply:
+        """One ``StatusRequest`` -> ``StatusReply`` round trip."""
+        link = self.link
+        if link is None:
+            raise TransportError("status client is not connected")
+        async with self._lock:
+            waiter: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                async with asyncio.timeout(timeout):
+                    await link.send(StatusRequest())
+                    return await waiter
+            except builtins.TimeoutError:
+                self.close()
+                raise TimeoutError(f"{link.remote}: no status reply within {timeout}s") from None
+            finally:
+                self._waiter = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.link is not None and self.link.is_open
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+
 async def fetch_status(address: Address, *, mesh_secret: bytes, timeout: float = 3.0) -> StatusReply:
-    """Ask the node at ``address`` for its view, as a CLIENT with a throwaway identity.
+    """Ask the node at ``address`` for its view once, as a CLIENT with a throwaway identity.
 
     Raises ``TransportError`` (unreachable), ``TimeoutError`` or ``RemoteProtocolError`` (the
     node refused us, e.g. a different mesh key).
     """
-    reply: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
-
-    async def on_reply(link: Link, message: Message) -> None:
-        if isinstance(message, StatusReply) and not reply.done():
-            reply.set_result(message)
-
-    def on_close(link: Link, error: BaseException | None) -> None:
-        if not reply.done():
-            reply.set_exception(handshake_failure(link))
-            reply.exception()  # retrieved: the caller may already be failing on link.opened
-
-    settings = LinkSettings(
-        identity=crypto.generate_identity(), mesh_secret=mesh_secret, listen_address=None,
-        handshake_timeout=timeout,
-    )
-    dispatch = {Channel.CLIENT: {MsgType.STATUS_REPLY: on_reply}}
     outcome: StatusReply | StarmeshError = TransportError("no answer")
     async with asyncio.TaskGroup() as tasks:  # the link's reader task lives here
 
         def spawn(coro: Coroutine[Any, Any, None]) -> None:
             tasks.create_task(coro)
 
-        def make_link() -> Link:
-            return Link(role=Role.INITIATOR, channel=Channel.CLIENT, settings=settings,
-                        dispatch=dispatch, spawn=spawn, on_open=lambda _: None, on_close=on_close)
-
         try:
-            outcome = await _ask(address, make_link, reply, timeout)
+            client = await StatusClient.connect(address, mesh_secret=mesh_secret, spawn=spawn,
+                                                timeout=timeout)
+            try:
+                outcome = await client.request(timeout=timeout)
+            finally:
+                client.close()
         except StarmeshError as exc:  # raised after the group: 3.11 would wrap it in a group
             outcome = exc
     if isinstance(outcome, StarmeshError):
         raise outcome
     return outcome
-
-
-async def _ask(
-    address: Address, make_link: Callable[[], Link], reply: asyncio.Future[StatusReply], timeout: float
-) -> StatusReply:
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            _, link = await loop.create_connection(make_link, address.host, address.port)
-            try:
-                await link.opened
-                await link.send(StatusRequest())
-                return await reply
-            finally:
-                link.close()
-    except builtins.TimeoutError:
-        raise TimeoutError(f"{address}: no status reply within {timeout}s") from None
-    except OSError as exc:
-        raise TransportError(f"{address}: {exc.strerror or exc}") from None
 
 
 def run_status_command(*, connect: Address, mesh_key_file: Path, as_json: bool, timeout: float) -> int:

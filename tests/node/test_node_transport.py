@@ -52,9 +52,12 @@ async def mesh(n: int, *, secrets: list[bytes] | None = None, **settings: Any) -
                                 listen_address=None, **settings)
             dispatch: dict[Channel, dict[MsgType, Handler]] = {c: {} for c in Channel}
             lost: list[tuple[Link, BaseException | None]] = []
+
+            def on_lost(link: Link, error: BaseException | None, lost: list[Any] = lost) -> None:
+                lost.append((link, error))
+
             pool = Pool(settings=base, dispatch=dispatch, spawn=spawn, dial_timeout=2.0,
-                        max_connections=64, max_handshaking=8,
-                        on_lost=lambda link, error, lost=lost: lost.append((link, error)))
+                        max_connections=64, max_handshaking=8, on_lost=on_lost)
             bound = await pool.listen(Address("127.0.0.1", 0))
             pool.set_listen_address(dataclasses.replace(base, listen_address=str(bound)))
             await pool.start_serving()
