@@ -34,7 +34,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -73,6 +73,15 @@ DispatchTable = Mapping[Channel, Mapping[MsgType, Handler]]
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
 
+@dataclass(slots=True)
+class Traffic:
+    """Bytes one node moved over TCP (frames as written and read, encryption included), per
+    channel. Counters only grow; a benchmark subtracts two readings."""
+
+    sent: dict[Channel, int] = field(default_factory=lambda: dict.fromkeys(Channel, 0))
+    received: dict[Channel, int] = field(default_factory=lambda: dict.fromkeys(Channel, 0))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LinkSettings:
     """What every link of one node shares."""
@@ -83,6 +92,8 @@ class LinkSettings:
     handshake_timeout: float = 5.0
     inbox_messages: int = 64
     write_buffer_bytes: int = 8 * 1024 * 1024
+    traffic: Traffic = field(default_factory=Traffic)
+    """Shared by every link of the node (``dataclasses.replace`` keeps the same object)."""
 
 
 def describe_error(error: BaseException | None) -> str:
@@ -111,6 +122,7 @@ class Link(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.role = role
         self.settings = settings
+        self._initial_channel = channel
         self.core = Connection(
             role=role,
             identity=settings.identity,
@@ -158,6 +170,7 @@ class Link(asyncio.Protocol):
         self._pump()
 
     def data_received(self, data: bytes) -> None:
+        self.settings.traffic.received[self._channel()] += len(data)
         if not self._done:
             self.core.receive_data(data)
             self._pump()
@@ -248,7 +261,12 @@ class Link(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         if data and self._transport is not None and not self._transport.is_closing():
+            self.settings.traffic.sent[self._channel()] += len(data)
             self._transport.write(data)
+
+    def _channel(self) -> Channel:
+        """The link's channel (an inbound link is CONTROL until the peer's handshake says)."""
+        return self.peer.channel if self.peer is not None else self._initial_channel
 
     def _finish(self, error: BaseException | None) -> None:
         """Close exactly once: cancel the timer, close the socket, wake everyone, report."""
