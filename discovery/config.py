@@ -73,6 +73,12 @@ class SwimConfig:
     (``interval * N / threshold``), so push/pull bytes per node per second stay flat while a
     sync itself carries O(N) members. 0 disables periodic push/pull (joins still sync)."""
 
+    join_sync_after: float = 5.0
+    """Seconds after a join completes at which one extra push/pull with a random member
+    runs (then the periodic schedule resumes). Members that joined elsewhere at the same
+    time may have finished gossiping their Alive before anyone knew about us; this one
+    sync picks them up without waiting a full ``push_pull_interval``. 0 disables it."""
+
     push_pull_scale_threshold: int = 32
     """Member count above which ``push_pull_interval`` is stretched (see there)."""
 
@@ -122,9 +128,15 @@ class SwimConfig:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigError(f"SwimConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.indirect_checks < 0 or self.push_pull_interval < 0 or self.gossip_to_dead < 0:
+        nonneg = (
+            self.indirect_checks,
+            self.push_pull_interval,
+            self.gossip_to_dead,
+            self.join_sync_after,
+        )
+        if min(nonneg) < 0:
             raise ConfigError(
-                "SwimConfig: indirect_checks, push_pull_interval, gossip_to_dead must be >= 0"
+                "SwimConfig: indirect_checks, push_pull_interval, gossip_to_dead, join_sync_after must be >= 0"
             )
         if self.dead_reap_after < self.gossip_to_dead:
             raise ConfigError("SwimConfig.dead_reap_after must be >= gossip_to_dead")
@@ -149,6 +161,7 @@ class SwimConfig:
             gossip_to_dead=60.0,
             suspicion_mult=6,
             push_pull_interval=60.0,
+            join_sync_after=15.0,
             dead_reap_after=120.0,
             join_retry_interval=5.0,
         )
@@ -188,6 +201,7 @@ class SwimConfig:
             suspicion_mult=8,
             suspicion_max_timeout_mult=2,
             push_pull_interval=5.0,
+            join_sync_after=1.0,
             dead_reap_after=30.0,
             join_retry_interval=1.0,
         )
@@ -207,6 +221,7 @@ class SwimConfig:
             suspicion_mult=4,
             suspicion_max_timeout_mult=3,
             push_pull_interval=2.0,
+            join_sync_after=0.5,
             dead_reap_after=4.0,
             join_retry_interval=0.5,
         )

@@ -33,8 +33,10 @@ Ack and PingReq we send; a gossip round every ``gossip_interval`` sends queued n
 Anti-entropy: every ``push_pull_interval`` (stretched linearly above
 ``push_pull_scale_threshold`` members) a full ``PushPull`` with one random alive member,
 and one with a random member we believe DEAD (Serf's reconnect: a healed partition
-finds itself again); the answer has ``reply`` set. Joining is the same exchange with the seeds (``join`` set),
-retried every ``join_retry_interval`` while no seed answers (``SEED_UNREACHABLE``).
+finds itself again); the answer has ``reply`` set. Joining is the same exchange with the seeds (``join`` set,
+and kept set on the answer: only ``join and reply`` ends a join), retried every
+``join_retry_interval`` while no seed answers (``SEED_UNREACHABLE``); one extra sync
+follows ``join_sync_after`` seconds later.
 
 Leaving: ``leave()`` marks us LEFT and broadcasts ``Dead(node=us, sender=us)`` at once;
 after it we stop probing and syncing but keep answering pings and gossiping.
@@ -473,11 +475,14 @@ class Swim:
 
     def _send_state(self, address: str, *, join: bool, reply: bool) -> None:
         """Our full member table, in as many PushPull messages as the size cap needs.
-        Only the first may ask for an answer; the rest are marked ``reply``."""
+        Only the first may ask for an answer; the rest are marked ``reply`` (and keep
+        ``join`` only when they are part of the answer to a join)."""
         states = [m.state() for m in self._table.members.values()]
         for i in range(0, len(states), MAX_MEMBERS_PER_SYNC):
             chunk = tuple(states[i : i + MAX_MEMBERS_PER_SYNC])
-            self._send(address, PushPull(join=join, reply=reply or i > 0, members=chunk))
+            more = i > 0
+            msg = PushPull(join=join and (reply or not more), reply=reply or more, members=chunk)
+            self._send(address, msg)
 
     def _send_join(self, now: float) -> None:
         for seed in self._join_seeds:
@@ -533,10 +538,12 @@ class Swim:
         self._table.dead(msg.node, msg.incarnation, msg.sender, now=now)
 
     def _on_push_pull(self, src_address: str, src_node: bytes, msg: PushPull, now: float) -> None:
-        if not msg.reply:
-            self._send_state(src_address, join=False, reply=True)
-        # Any sync means we are connected to the mesh: a pending join is done.
-        self._join_at = None
+        if not msg.reply:  # answer; the answer to a join keeps ``join`` set
+            self._send_state(src_address, join=msg.join, reply=True)
+        elif msg.join and self._join_at is not None:  # a seed answered: we are in
+            self._join_at = None
+            if self._cfg.join_sync_after > 0:
+                self._next_push_pull = min(self._next_push_pull, now + self._cfg.join_sync_after)
         table = self._table
         for s in msg.members:
             if s.status is ALIVE:

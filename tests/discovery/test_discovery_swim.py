@@ -98,7 +98,7 @@ def test_join_pushes_our_state_to_every_seed_and_the_seed_answers_with_its_own()
     assert [(d.dst, d.msg, d.dropped) for d in mesh.log] == [(A, join, False), (C, join, True)]
     assert b.joining
     mesh.run_until(0.01)
-    assert mesh.log[2].msg == PushPull(join=False, reply=True, members=(state(A),))
+    assert mesh.log[2].msg == PushPull(join=True, reply=True, members=(state(A),))
     assert (mesh.log[2].src, mesh.log[2].dst) == (A, B)
     assert mesh.kinds(A) == [("JOINED", B)]
     assert mesh.kinds(B) == [("JOINED", A)]
@@ -127,6 +127,25 @@ def test_unreachable_seeds_are_reported_and_retried_until_one_answers() -> None:
     mesh.run_until(4.0)
     assert mesh.converged()
     assert [k for k, _ in mesh.kinds(B)].count("SEED_UNREACHABLE") == 2
+
+
+def test_a_join_through_us_does_not_end_our_own_join() -> None:
+    # B's join to A is lost; C joins through B. B must still retry A, or B and C would
+    # form a mesh of their own.
+    mesh = MemoryMesh(config=CFG, seed=1)
+    mesh.add(A)
+    mesh.drop(lambda s, d, m: isinstance(m, PushPull) and (s, d) == (B, A))
+    b = mesh.add(B, seeds=[A])
+    mesh.clear_drops()
+    mesh.add(C, seeds=[B])
+    mesh.run_until(0.01)
+    answer = [d.msg for d in of_type(mesh.sent(B), PushPull) if d.dst == C]
+    assert answer == [PushPull(join=True, reply=True, members=(state(B),))]
+    assert b.joining
+    assert not mesh.nodes[C].joining
+    mesh.run_until(2.0)
+    assert not b.joining
+    assert mesh.converged()
 
 
 def test_a_mesh_of_eight_converges_through_one_seed_with_exact_joined_events() -> None:
@@ -386,10 +405,11 @@ def test_graceful_leave_is_a_dead_from_the_member_itself_and_means_left() -> Non
 
 def test_partition_declares_the_other_side_dead_and_healing_restores_one_view() -> None:
     side1, side2 = [A, B, C], [D, "e:1", "f:1"]
-    mesh = mesh_of(*side1, *side2)
+    cfg = CFG.replace(dead_reap_after=10.0)
+    mesh = mesh_of(*side1, *side2, config=cfg)
     t = mesh.now
     mesh.partition(side1, side2)
-    mesh.run_for(2.5)
+    mesh.run_for(CFG.suspicion_max_timeout_mult * 1.0 + 2 * CFG.probe_interval)
     for a in side1:
         view = mesh.view(a)
         assert all(view[x] is DEAD for x in side2)
@@ -397,8 +417,13 @@ def test_partition_declares_the_other_side_dead_and_healing_restores_one_view() 
     for a in side2:
         assert all(mesh.view(a)[x] is DEAD for x in side1)
     mesh.heal()
-    mesh.run_for(CFG.dead_reap_after - 1.0)
+    healed = mesh.now
+    # Reconnect syncs (one per push/pull period per node) find the other side; everyone
+    # hears that it was declared dead, refutes, and the refutations spread.
+    mesh.run_for(2 * cfg.push_pull_interval)
     assert mesh.converged()
+    assert all(("JOINED", x) in mesh.kinds(A, since=healed) for x in side2)
+    assert all(mesh.nodes[x].incarnation >= 1 for x in side1 + side2)
     for a in side1 + side2:
         assert not [k for k, _ in mesh.kinds(a, since=t) if k == "REAPED"]
 

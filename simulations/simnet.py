@@ -1,0 +1,229 @@
+"""A discrete-event network for sans-I/O cores: one timer heap, virtual ``now``, seeded faults.
+
+Theory of operation
+-------------------
+Everything that happens is an entry ``(time, order, kind, node, payload)`` in one heap;
+the loop pops the earliest, sets ``now`` to its time and feeds the one node it concerns
+(a delivered message or its timer). After every feed the node's outputs are drained: each
+message is encoded with the real codec (``encode_body``), passed through the fault model
+(crash, partition, loss), delayed, and later decoded with ``decode_body`` at the receiver.
+Each node has one live timer entry at its ``next_deadline()``; a re-armed timer bumps a
+generation number and stale entries are skipped when popped.
+
+Determinism: ties are broken by a global insertion counter; node ``i`` decides with
+``random.Random(f"{seed}:node:{i}")`` and its outgoing link faults (loss, delay, jitter) are
+drawn from its own stream ``random.Random(f"{seed}:net:{i}")`` (per-sender streams, so one
+node's extra traffic does not reshuffle everyone else's luck; per-link streams would cost
+N^2 generators). Nothing reads a wall clock, and nothing iterates a hash-ordered set.
+
+Logging: records emitted while a node is being fed carry ``T=<virtual time> node=<id>``
+(``SimTimeFilter``), like the 500 Lines "cluster" chapter's SimTimeLogger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import logging
+import random
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from discovery.config import SwimConfig
+from discovery.events import MemberEvent
+from discovery.swim import Swim
+from protocol.messages.gossip import NodeMeta
+from protocol.schema import Message, decode_body, encode_body
+
+_TIMER, _DELIVER, _CALL = 0, 1, 2
+
+#: Bytes a frame adds around a msgpack body on the real wire (length prefix + AEAD tag).
+FRAME_OVERHEAD = 4 + 16
+
+
+class SimTimeFilter(logging.Filter):
+    """Prefix log records with the simulation's virtual time and the node being fed."""
+
+    def __init__(self, net: SimNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        node = self.net.current
+        who = "-" if node < 0 else self.net.labels[node]
+        record.msg = f"T={self.net.now:.3f} node={who} {record.msg}"
+        return True
+
+
+@dataclass(slots=True)
+class Faults:
+    """The fault model of the links."""
+
+    loss: float = 0.0
+    """Probability that one message is lost."""
+    delay: float = 0.005
+    """Mean one-way delay in seconds; each message takes ``delay * U(0.5, 1.5)``."""
+    hints: bool = False
+    """Tell a sender ``on_unreachable`` when it sends to a crashed node (a refused TCP dial)."""
+    groups: list[frozenset[int]] = field(default_factory=list)
+    """Partition: messages between different groups are dropped (empty: no partition)."""
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Messages and bytes sent, per node, since ``since``."""
+
+    since: float
+    messages: list[int]
+    bytes: list[int]
+
+
+EventHook = Callable[[int, MemberEvent], None]
+
+
+class SimNet:
+    """N Swim cores on one discrete-event network."""
+
+    def __init__(
+        self, *, n: int, seed: int, config: SwimConfig, faults: Faults, on_event: EventHook
+    ) -> None:
+        self.n = n
+        self.seed = seed
+        self.config = config
+        self.faults = faults
+        self.on_event = on_event
+        self.now = 0.0
+        self.current = -1
+        self.labels = [f"n{i}" for i in range(n)]
+        self.addresses = [f"n{i}:7946" for i in range(n)]
+        self.index = {a: i for i, a in enumerate(self.addresses)}
+        self.ids = [hashlib.sha256(f"{seed}:id:{i}".encode()).digest() for i in range(n)]
+        self.nodes: list[Swim | None] = [None] * n
+        self.crashed = [False] * n
+        self._net_rng = [random.Random(f"{seed}:net:{i}") for i in range(n)]
+        self._heap: list[tuple[float, int, int, int, object]] = []
+        self._order = 0
+        self._timer_at: list[float | None] = [None] * n
+        self._timer_gen = [0] * n
+        self._encoded: dict[int, tuple[Message, bytes]] = {}
+        self.traffic = Traffic(0.0, [0] * n, [0] * n)
+        self.delivered = 0
+        self.lost = 0
+
+    # ------------------------------------------------------------ scheduling
+
+    def _push(self, at: float, kind: int, node: int, payload: object) -> None:
+        self._order += 1
+        heapq.heappush(self._heap, (at, self._order, kind, node, payload))
+
+    def call_at(self, at: float, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` at virtual time ``at`` (scenario steps: starts, crashes, samples)."""
+        self._push(at, _CALL, -1, fn)
+
+    def start(self, i: int, *, seeds: list[int], meta: NodeMeta) -> None:
+        """Boot node ``i`` now and join it through ``seeds``."""
+        rng = random.Random(f"{self.seed}:node:{i}")
+        swim = Swim(
+            node_id=self.ids[i],
+            address=self.addresses[i],
+            meta=meta,
+            config=self.config,
+            rng=rng,
+            now=self.now,
+        )
+        self.nodes[i] = swim
+        self.crashed[i] = False
+        self.current = i
+        swim.join([self.addresses[s] for s in seeds], now=self.now)
+        self._after(i, swim)
+
+    def crash(self, i: int) -> None:
+        """Node ``i`` stops: no timers, incoming messages vanish."""
+        self.crashed[i] = True
+
+    def poke(self, i: int, fn: Callable[[Swim], None]) -> None:
+        """Call ``fn(node)`` now (e.g. ``update_meta``) and process its outputs."""
+        swim = self.nodes[i]
+        assert swim is not None
+        self.current = i
+        fn(swim)
+        self._after(i, swim)
+
+    def reset_traffic(self) -> None:
+        self.traffic = Traffic(self.now, [0] * self.n, [0] * self.n)
+
+    # ----------------------------------------------------------------- loop
+
+    def run_until(self, end: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= end:
+            at, _, kind, i, payload = heapq.heappop(heap)
+            self.now = at
+            if kind == _CALL:
+                self.current = -1
+                payload()  # type: ignore[operator]
+                continue
+            swim = self.nodes[i]
+            if swim is None or self.crashed[i]:
+                continue
+            if kind == _TIMER:
+                if payload != self._timer_gen[i]:
+                    continue
+                self._timer_at[i] = None
+                self.current = i
+                swim.handle_timer(now=at)
+            else:
+                src, body = typing.cast(tuple[int, bytes], payload)
+                self.current = i
+                self.delivered += 1
+                swim.on_message(self.addresses[src], self.ids[src], decode_body(body), now=at)
+            self._after(i, swim)
+        self.now = max(self.now, end)
+        self.current = -1
+
+    def _after(self, i: int, swim: Swim) -> None:
+        while (event := swim.next_event()) is not None:
+            self.on_event(i, event)
+        for _ in range(4):  # a hint (on_unreachable) may produce more output
+            out = swim.messages_to_send()
+            if not out:
+                break
+            for dst_address, msg in out:
+                self._send(i, swim, dst_address, msg)
+        deadline = swim.next_deadline()
+        if deadline is not None and deadline != self._timer_at[i]:
+            self._timer_gen[i] += 1
+            self._timer_at[i] = deadline
+            self._push(max(deadline, self.now), _TIMER, i, self._timer_gen[i])
+
+    def _encode(self, msg: Message) -> bytes:
+        # The same message object often goes to several peers (gossip): encode it once.
+        key = id(msg)
+        hit = self._encoded.get(key)
+        if hit is not None and hit[0] is msg:
+            return hit[1]
+        body = encode_body(msg)
+        if len(self._encoded) > 8192:
+            self._encoded.clear()
+        self._encoded[key] = (msg, body)
+        return body
+
+    def _send(self, i: int, swim: Swim, dst_address: str, msg: Message) -> None:
+        body = self._encode(msg)
+        self.traffic.messages[i] += 1
+        self.traffic.bytes[i] += len(body) + FRAME_OVERHEAD
+        dst = self.index.get(dst_address)
+        faults = self.faults
+        if dst is None or self.crashed[dst]:
+            if faults.hints:
+                swim.on_unreachable(dst_address, now=self.now)
+            return
+        if faults.groups and not any(i in g and dst in g for g in faults.groups):
+            return
+        rng = self._net_rng[i]
+        if faults.loss and rng.random() < faults.loss:
+            self.lost += 1
+            return
+        delay = faults.delay * (0.5 + rng.random())
+        self._push(self.now + delay, _DELIVER, dst, (i, body))
