@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import protocol.wire  # noqa: F401  (binds every message tag before anything is decoded)
@@ -124,6 +125,14 @@ _PHASE_TAG = {
 }
 
 
+def _new_packer() -> msgpack.Packer:
+    return msgpack.Packer(autoreset=False, use_bin_type=True, buf_size=4096)
+
+
+#: A non-BULK connection drops its msgpack buffer after packing a message larger than this.
+_SHRINK_PACKER_ABOVE = 256 * 1024
+
+
 class Connection:
     """Feed received bytes to ``receive_data`` and then call ``next_event`` until it returns
     ``NEED_DATA``; write ``data_to_send()`` after each of those rounds and after ``handle_timer``.
@@ -147,6 +156,7 @@ class Connection:
         self._hs = Handshake(role=role, identity=identity, mesh_secret=mesh_secret, options=options,
                              token_bytes=token_bytes)
         self._frames = FrameDecoder()
+        self._packer = _new_packer()
         self._out: list[bytes] = []
         self._tx: RecordCipher | None = None
         self._rx: RecordCipher | None = None
@@ -198,8 +208,11 @@ class Connection:
         return _PHASE_TAG.get(self._hs.phase) is tag
 
     def _on_frame(self, body: Buffer) -> Event | None:
-        plaintext = self._rx.open(body) if self._rx is not None else bytes(body)
-        msg = decode_body(plaintext, allowed=self._allowed)
+        if self._rx is None:
+            msg = decode_body(bytes(body), allowed=self._allowed)
+        else:
+            with self._rx.open_view(body) as plaintext:
+                msg = decode_body(plaintext, allowed=self._allowed)  # type: ignore[arg-type]  # msgpack takes any buffer
         if self.state is ConnState.OPEN and msg.TAG not in _CLOSING_TAGS:
             return MessageReceived(msg)
         if isinstance(msg, ProtocolErrorMsg):
@@ -278,11 +291,19 @@ class Connection:
         if msg.TAG in _HANDSHAKE_TAGS or msg.TAG in _CLOSING_TAGS:
             raise LocalProtocolError(f"{msg.TAG.name} is sent by the connection itself (see close())",
                                      code=ErrorCode.UNEXPECTED_MESSAGE)
-        body = encode_body(msg)
-        if len(body) > MAX_MESSAGE_BYTES:
-            raise LocalProtocolError(f"{msg.TAG.name} encodes to {len(body)} bytes, over the "
-                                     f"{MAX_MESSAGE_BYTES}-byte message cap", code=ErrorCode.FRAME_TOO_LARGE)
-        sealed = self._tx.seal(body)
+        # One reusable msgpack buffer per connection: a multi-MiB message costs one pack into
+        # warm memory and one seal, instead of a fresh allocation per step.
+        packer = self._packer
+        packer.reset()
+        packer.pack(msg.to_wire())
+        with packer.getbuffer() as body:
+            size = len(body)
+            if size > MAX_MESSAGE_BYTES:
+                raise LocalProtocolError(f"{msg.TAG.name} encodes to {size} bytes, over the "
+                                         f"{MAX_MESSAGE_BYTES}-byte message cap", code=ErrorCode.FRAME_TOO_LARGE)
+            sealed = self._tx.seal(body)
+        if size > _SHRINK_PACKER_ABOVE and self.peer is not None and self.peer.channel is not Channel.BULK:
+            self._packer = _new_packer()  # a rare big message on a small-message channel: give the memory back
         return HEADER.pack(len(sealed)) + sealed
 
     def close(self, code: ErrorCode | None = None, reason: str = "") -> bytes:

@@ -10,15 +10,17 @@ Theory of operation (``FrameDecoder``)::
                    bytearray so 1-byte segments cannot cost an object each)
     next_frame(max_size) ──► header parsed once (cached in _need); then either
         * the whole body sits in the first chunk  → a zero-copy memoryview slice, or
-        * it spans chunks and is large            → FILL mode: one preallocated bytearray
-          of exactly L bytes; what is buffered is copied in now and every later ``feed``
-          copies straight into it (each body byte is copied exactly once, while cache-hot).
+        * it spans chunks and is large            → FILL mode: one preallocated buffer of
+          L bytes (reused across large frames); what is buffered is copied in now and every
+          later ``feed`` copies straight into it (each body byte copied once, while cache-hot).
 
 Invariants: each received byte is copied at most once; a header announcing more than
 ``max_size`` is rejected before any of its body is buffered, so the decoder never holds more
 than one incomplete frame (<= 4 + max_size bytes) plus whatever the caller fed and has not yet
-asked for. A memoryview handed out is never invalidated: chunks are immutable once a view into
-them exists (a coalescing bytearray is frozen when viewed).
+asked for. A view into a received chunk is never invalidated: chunks are immutable once a view
+into them exists (a coalescing bytearray is frozen when viewed). A FILL-mode body is only valid
+until the next ``next_frame`` call, because its buffer is reused (fresh multi-MiB allocations
+cost page faults that dwarf the memcpy).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class FrameDecoder:
     """Splits a byte stream into frame bodies. Call ``feed`` with received bytes (``b""`` = EOF),
     then ``next_frame`` until it returns ``None`` (more bytes needed, or clean EOF: see ``eof``)."""
 
-    __slots__ = ("_chunks", "_eof", "_fill", "_filled", "_need", "_off", "_size", "_tail")
+    __slots__ = ("_chunks", "_eof", "_fill", "_filled", "_need", "_off", "_size", "_spare", "_tail")
 
     def __init__(self) -> None:
         self._chunks: deque[bytes | bytearray] = deque()
@@ -68,7 +70,8 @@ class FrameDecoder:
         self._size = 0  # unconsumed bytes in _chunks
         self._tail: bytearray | None = None  # last chunk, still open for coalescing
         self._need = -1  # body length of the frame whose header was consumed, or -1
-        self._fill: bytearray | None = None  # FILL mode target (len == _need)
+        self._fill: memoryview | None = None  # FILL mode target (len == _need), a view of _spare
+        self._spare: bytearray | None = None  # reused by the next large frame
         self._filled = 0
         self._eof = False
 
@@ -116,7 +119,8 @@ class FrameDecoder:
 
         Raises ``RemoteProtocolError``: ``FRAME_TOO_LARGE`` if the header announces more than
         ``max_size`` bytes, ``MALFORMED_FRAME`` for a zero length or EOF inside a frame.
-        The returned buffer stays valid and unchanged for as long as the caller holds it.
+        A body assembled in FILL mode lives in a buffer reused for the next large frame: it
+        is valid until the next ``next_frame`` call (decode or copy it before asking again).
         """
         if self._need < 0:
             if self._size < HEADER_BYTES:
@@ -152,7 +156,10 @@ class FrameDecoder:
         return None
 
     def _start_fill(self, need: int) -> None:
-        fill = bytearray(need)
+        spare = self._spare
+        if spare is None or len(spare) < need:
+            spare = self._spare = bytearray(need)  # replaced, never resized: old views stay intact
+        fill = memoryview(spare)[:need]
         have = self._size
         if have:
             fill[:have] = self._take(have)
