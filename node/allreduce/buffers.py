@@ -1,0 +1,94 @@
+"""Chunked slice buffers and the fixed-order reduction.
+
+A ``SliceBuffer`` collects the chunks of one slice (a contribution or an average) in any
+order; duplicates are ignored, and the buffer is complete when every chunk arrived. The
+reduction sums contributions in fp64 in ascending member order and divides once, so the
+result depends only on the set of contributors, never on arrival order (the same
+arithmetic as ``np.stack(xs).astype(np.float64).mean(axis=0).astype(np.float32)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from node.allreduce.events import Floats
+from node.allreduce.layout import chunk_count, chunk_span
+
+
+class SliceBuffer:
+    __slots__ = ("_chunk", "epoch", "got", "owner", "remaining", "sq_norm", "values")
+
+    def __init__(self, length: int, chunk_elements: int, *, epoch: int = 0, owner: int = -1) -> None:
+        self._chunk = chunk_elements
+        self.values: Floats = np.empty(length, np.float32)
+        n = chunk_count(length, chunk_elements)
+        self.got = bytearray(n)
+        self.remaining = n
+        self.epoch = epoch
+        self.owner = owner
+        self.sq_norm = 0.0
+
+    @classmethod
+    def full(cls, values: Floats, chunk_elements: int, *, epoch: int = 0, owner: int = -1) -> SliceBuffer:
+        """A complete buffer over ``values`` (not copied; made read-only)."""
+        buf = cls(0, chunk_elements, epoch=epoch, owner=owner)
+        view = values.view()
+        view.flags.writeable = False
+        buf.values = view
+        buf.sq_norm = sq_norm(view, chunk_elements)
+        return buf
+
+    @property
+    def complete(self) -> bool:
+        return self.remaining == 0
+
+    def expects(self, index: int, count: int) -> bool:
+        """Whether chunk ``index`` exists and has ``count`` elements."""
+        n = len(self.got)
+        return 0 <= index < n and chunk_span(self.values.size, self._chunk, index)[1] == count
+
+    def put(self, index: int, data: Floats) -> bool:
+        """Store chunk ``index`` (checked with ``expects``); True if this completed the buffer."""
+        if self.got[index]:
+            return False
+        start, count = chunk_span(self.values.size, self._chunk, index)
+        self.values[start:start + count] = data
+        self.got[index] = 1
+        self.remaining -= 1
+        if self.remaining:
+            return False
+        self.sq_norm = sq_norm(self.values, self._chunk)
+        self.values.flags.writeable = False
+        return True
+
+
+def sq_norm(values: Floats, block: int) -> float:
+    """Sum of squares in fp64, block by block (bounded temporary memory)."""
+    total = 0.0
+    for start in range(0, values.size, block):
+        part = values[start:start + block].astype(np.float64)
+        total += float(np.dot(part, part))
+    return total
+
+
+def all_finite(values: Floats) -> bool:
+    # The sum is non-finite iff some element is (finite float32 sums cannot overflow fp64).
+    return bool(np.isfinite(np.sum(values, dtype=np.float64)))
+
+
+def reduce_mean(parts: Sequence[Floats], block: int) -> Floats:
+    """Mean of equally long fp32 arrays: fp64 sum in the given order, one division, fp32."""
+    length = parts[0].size
+    out: Floats = np.empty(length, np.float32)
+    count = float(len(parts))
+    for start in range(0, length, block):
+        stop = min(length, start + block)
+        acc = parts[0][start:stop].astype(np.float64)
+        for p in parts[1:]:
+            acc += p[start:stop]
+        acc /= count
+        out[start:stop] = acc
+    out.flags.writeable = False
+    return out

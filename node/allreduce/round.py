@@ -1,0 +1,614 @@
+"""One fault-tolerant butterfly all-reduce round: a sans-I/O state machine (PROTOCOL.md §11).
+
+Theory of operation
+-------------------
+The group is ``n`` members (node ids ascending); the flattened fp32 tensor is cut into
+``n`` contiguous slices (``layout.slice_sizes``), slice ``s`` initially owned by member
+``s``, each slice into chunks of ``chunk_elements``. The *leader* is the first member of
+the current receivers R that this member does not consider failed.
+
+States::
+
+    REDUCE_SCATTER --commit accepted--> ALL_GATHER --finish--> FINISHED
+          |                               |  ^  |
+          |                               +--+  +--dropped / abort / cancel / timeout--> FAILED
+          +--dropped / abort / cancel / timeout--> FAILED      (a later commit: next epoch)
+
+REDUCE_SCATTER (epoch 0)
+    On start a member sends AR_BEGIN to everyone. Once owner ``o``'s AR_BEGIN has arrived
+    (same layout), the member streams its contribution to slice ``o`` to ``o`` as AR_PART
+    chunks, at most ``window_bytes`` unacknowledged per destination (``on_sent``). Owners
+    collect complete, finite contributions per sender (a NaN/Inf chunk marks its sender
+    NON_FINITE). A member *reports* (AR_REPORT: contributions held with squared norms,
+    exclusions) to the leader once its own slice is complete from every member it is not
+    failing, or at ``part_timeout``; it reports again whenever that content changes.
+ALL_GATHER (epoch e >= 1)
+    The leader's AR_COMMIT fixes S (contributors), R (receivers), the owner of each slice,
+    and who must resend which slice to a new owner. An owner, once it holds complete
+    contributions from all of S, averages them (fp64, member order) and streams AR_AVERAGE
+    chunks to every receiver. A member reports when it holds every average, when it is
+    blocked on a failed member, or at ``gather_timeout``. A commit with higher
+    (epoch, leader) replaces the current one; averages stay valid while S and their owner
+    are unchanged (``contributors_since``).
+Leader
+    Decides with ``decide.decide`` whenever its knowledge changes, or at its deadline
+    (``report_grace`` after the members' deadline): FINISH (AR_FINISH: everyone returns
+    this epoch's averages), the next COMMIT, or ABORT.
+Failures
+    ``peer_failed`` (DIED), AR_CANCEL (CANCELLED), a malformed message (PROTOCOL_ERROR), a
+    missing AR_BEGIN at ``join_timeout`` (STALLED) and commits dropping a member mark it
+    failed here: nothing more is sent to it or awaited from it. A member that waits for the
+    leader ``leader_timeout`` past the leader's own deadline (or learns it died) fails it;
+    the next member of R becomes leader, announces AR_TAKEOVER, and re-decides from the
+    reports sent to it.
+
+Invariants
+    * Failure and exclusion sets only grow; R only shrinks; epochs only increase.
+    * Every average of one epoch is over the same S, summed in member order, so every
+      survivor's result is bit-identical and independent of arrival order.
+    * A member returns a result only on the leader's AR_FINISH for the commit it holds,
+      with every average valid under that commit.
+    * Every wait has a deadline, and ``round_timeout`` bounds the round: it never hangs.
+    * Buffers are bounded by the round: at most one buffer per (slice, sender) and one per
+      slice average; in-flight chunks per destination by ``window_bytes``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from node.allreduce import layout
+from node.allreduce.buffers import SliceBuffer, all_finite, reduce_mean
+from node.allreduce.config import AllReduceConfig
+from node.allreduce.decide import DecisionKind, LeaderView, decide
+from node.allreduce.events import (
+    AllReduceError,
+    AllReduceResult,
+    Event,
+    Floats,
+    PeerDropped,
+    RoundFailed,
+    RoundFinished,
+    Send,
+    SendMessage,
+    TensorKind,
+)
+from node.allreduce.outbox import Job, Outbox
+from node.allreduce.validate import check_commit, check_report
+from protocol.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from protocol.messages.tensor import (
+    ArAverage,
+    ArBegin,
+    ArCancel,
+    ArCommit,
+    ArFinish,
+    ArPart,
+    ArReport,
+    ArTakeover,
+    DropReason,
+    Exclusion,
+    Holding,
+)
+from protocol.schema import Message
+
+#: Reasons another member's report can make us fail a member (evidence, not opinion).
+_EXPLICIT = (DropReason.DIED, DropReason.CANCELLED)
+
+
+class RoundState(enum.Enum):
+    REDUCE_SCATTER = "reduce-scatter"
+    ALL_GATHER = "all-gather"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class AllReduceRound:
+    """One member's side of one all-reduce round. Construct it to start the round.
+
+    Feed it ``on_message`` / ``on_tensor`` / ``on_sent`` / ``peer_failed`` / ``cancel`` /
+    ``handle_timer``; after each call drain ``messages_to_send()`` and ``next_event()`` and
+    re-arm a timer at ``next_deadline()``. ``tensor`` (1-D, C-contiguous float32) is read,
+    never written, and must stay unchanged until the round ends.
+    """
+
+    def __init__(self, *, node_id: bytes, group: Sequence[bytes], key: bytes, tensor: Floats,
+                 now: float, config: AllReduceConfig | None = None,
+                 weights: Mapping[bytes, float] | None = None, codec_name: str = "none") -> None:
+        self.config = cfg = config or AllReduceConfig()
+        self.members = layout.canonical_group(group)
+        if node_id not in self.members:
+            raise ConfigError("this node is not in the all-reduce group")
+        if not (isinstance(tensor, np.ndarray) and tensor.dtype == np.float32 and tensor.ndim == 1
+                and tensor.flags.c_contiguous and tensor.size >= 1):
+            raise ConfigError("all-reduce tensor must be a non-empty 1-D C-contiguous float32 array")
+        self.round_id = layout.round_id(self.members, key)
+        self._n, self._me = len(self.members), self.members.index(node_id)
+        self._index = {m: i for i, m in enumerate(self.members)}
+        self._sizes = layout.slice_sizes(tensor.size, layout.weights_for(self.members, weights))
+        self._offsets = layout.offsets_of(self._sizes)
+        self._nonempty = tuple(s for s, k in enumerate(self._sizes) if k)
+        self._layout = layout.layout_digest(tensor.size, self._sizes, cfg.chunk_elements, codec_name)
+        self._tensor: Floats = tensor.view()
+        self._tensor.flags.writeable = False
+        self.state = RoundState.REDUCE_SCATTER
+        self._start = now
+        self._failed: dict[int, DropReason] = {}
+        self._quiet: set[int] = set()
+        self._bad: dict[int, DropReason] = {}
+        self._begun: dict[int, float] = {self._me: now}
+        self._contrib: dict[int, dict[int, SliceBuffer]] = {}
+        self._averages: dict[int, SliceBuffer] = {}
+        self._commit: ArCommit | None = None
+        self._reports: dict[int, ArReport] = {}
+        self._sent_report: tuple[int, ArReport] | None = None
+        self._report_forced = self._decide_forced = self._takeover = False
+        self._gen, self._report_gen, self._decided_gen = 0, -1, -1
+        self._cached_report: ArReport | None = None
+        self._leader = 0
+        self._control: deque[SendMessage] = deque()
+        order = tuple(self.members[i] for i in layout.ring_order(self._n, self._me))
+        self._outbox = Outbox(round_id=self.round_id, order=order, window_bytes=cfg.window_bytes,
+                              chunk_elements=cfg.chunk_elements)
+        self._events: deque[Event] = deque()
+        self.result: AllReduceResult | None = None
+        self.error: AllReduceError | None = None
+        self._own_contribution(self._me)
+        self._timers: dict[str, float] = {"round": now + cfg.round_timeout}
+        if self._n == 1:
+            self._finish_alone()
+            return
+        self._timers.update(join=now + cfg.join_timeout, report=now + cfg.part_timeout)
+        self._set_leader_timers(now + cfg.part_timeout + cfg.report_grace)
+        begin = ArBegin(round_id=self.round_id, numel=tensor.size, layout=self._layout)
+        for m in layout.ring_order(self._n, self._me):
+            self._control.append(SendMessage(self.members[m], begin))
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def active(self) -> bool:
+        return self.state in (RoundState.REDUCE_SCATTER, RoundState.ALL_GATHER)
+
+    @property
+    def epoch(self) -> int:
+        return self._commit.epoch if self._commit else 0
+
+    @property
+    def leader(self) -> bytes:
+        return self.members[self._leader]
+
+    def on_message(self, src: bytes, msg: Message, *, now: float) -> None:
+        """A control message from member ``src`` (the authenticated peer of its connection)."""
+        if isinstance(msg, ArPart | ArAverage):
+            raise LocalProtocolError("tensor messages go to on_tensor() with their decoded values")
+        i = self._index.get(src)
+        if i is None or i == self._me or not self.active or getattr(msg, "round_id", None) != self.round_id:
+            return
+        try:
+            self._dispatch(i, msg, now)
+        except RemoteProtocolError as exc:
+            self._mark_failed(i, DropReason.PROTOCOL_ERROR, detail=str(exc))
+        self._advance(now)
+
+    def on_tensor(self, src: bytes, msg: ArPart | ArAverage, values: Floats, *, now: float) -> None:
+        """An AR_PART / AR_AVERAGE from ``src`` with ``values = decode_chunk(msg.data)``."""
+        i = self._index.get(src)
+        if i is None or i == self._me or not self.active or msg.round_id != self.round_id:
+            return
+        if i in self._failed:
+            return
+        try:
+            if isinstance(msg, ArPart):
+                self._on_part(i, msg.slice, msg.chunk, values)
+            else:
+                self._on_average(i, msg.epoch, msg.slice, msg.chunk, values)
+        except RemoteProtocolError as exc:
+            self._mark_failed(i, DropReason.PROTOCOL_ERROR, detail=str(exc))
+        self._advance(now)
+
+    def on_sent(self, dest: bytes, nbytes: int, *, now: float) -> None:
+        """A ``SendTensor`` of ``nbytes`` to ``dest`` was written: it leaves the window."""
+        self._outbox.on_sent(dest, nbytes)
+
+    def peer_failed(self, node: bytes, *, now: float) -> None:
+        """The transport or membership says ``node`` is gone (connection lost, SWIM dead)."""
+        i = self._index.get(node)
+        if i is not None and self.active:
+            self._mark_failed(i, DropReason.DIED)
+            self._advance(now)
+
+    def cancel(self, *, now: float) -> None:
+        """Leave the round now; the others drop this member at once (AR_CANCEL)."""
+        if not self.active:
+            return
+        self._broadcast(ArCancel(round_id=self.round_id))
+        self._fail("cancelled", DropReason.CANCELLED)
+
+    def handle_timer(self, *, now: float) -> None:
+        for name, at in sorted(self._timers.items(), key=lambda kv: kv[1]):
+            if at > now or not self.active or self._timers.get(name) != at:
+                continue
+            del self._timers[name]
+            self._on_timer(name, now)
+        self._advance(now)
+
+    def next_deadline(self) -> float | None:
+        return min(self._timers.values()) if self.active and self._timers else None
+
+    def messages_to_send(self) -> list[Send]:
+        """Drain: control messages first, then every tensor chunk the windows allow."""
+        out: list[Send] = list(self._control)
+        self._control.clear()
+        if self.active:
+            out.extend(self._outbox.drain())
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    # ------------------------------------------------------------------ inputs
+
+    def _dispatch(self, i: int, msg: Message, now: float) -> None:
+        if isinstance(msg, ArBegin):
+            self._on_begin(i, msg, now)
+        elif isinstance(msg, ArReport):
+            self._on_report(i, msg)
+        elif isinstance(msg, ArCommit):
+            self._on_commit(i, msg, now)
+        elif isinstance(msg, ArFinish):
+            self._on_finish(msg)
+        elif isinstance(msg, ArCancel):
+            self._mark_failed(i, DropReason.CANCELLED)
+        elif isinstance(msg, ArTakeover):
+            self._on_takeover(i, msg)
+
+    def _on_begin(self, i: int, msg: ArBegin, now: float) -> None:
+        if msg.numel != self._tensor.size or msg.layout != self._layout:
+            self._mark_failed(i, DropReason.MISMATCH, detail="different tensor size or layout")
+            return
+        if i in self._failed or i in self._begun:
+            return
+        self._begun[i] = now
+        self._gen += 1
+        if self.state is RoundState.REDUCE_SCATTER:
+            self._outbox.add(self.members[i], self._part_job(i))
+            if self._leader in (i, self._me):  # the leader decides relative to the latest start
+                self._set_leader_timers(now + self.config.part_timeout + self.config.report_grace)
+
+    def _on_part(self, i: int, s: int, index: int, values: Floats) -> None:
+        if not (0 <= s < self._n and self._sizes[s]):
+            raise RemoteProtocolError(f"AR_PART for empty or unknown slice {s}")
+        if i in self._bad:
+            return
+        buf = self._contrib.setdefault(s, {}).get(i)
+        if buf is None:
+            buf = self._contrib[s][i] = SliceBuffer(self._sizes[s], self.config.chunk_elements)
+        if not buf.expects(index, values.size):
+            raise RemoteProtocolError(f"AR_PART slice {s} chunk {index} of {values.size} elements")
+        if buf.complete or buf.got[index]:
+            return
+        if not all_finite(values):
+            self._bad[i] = DropReason.NON_FINITE
+            for per_sender in self._contrib.values():
+                per_sender.pop(i, None)
+            self._gen += 1
+            return
+        if buf.put(index, values):
+            self._gen += 1
+
+    def _on_average(self, i: int, epoch: int, s: int, index: int, values: Floats) -> None:
+        if not (0 <= s < self._n and self._sizes[s]):
+            raise RemoteProtocolError(f"AR_AVERAGE for empty or unknown slice {s}")
+        buf, c = self._averages.get(s), self._commit
+        if buf is None or (buf.epoch, buf.owner) != (epoch, i):
+            # A newer epoch replaces what we hold; at the same epoch only the committed owner does.
+            if not (buf is None or epoch > buf.epoch
+                    or (epoch == buf.epoch and c is not None and c.owners[s] == i)):
+                return
+            buf = SliceBuffer(self._sizes[s], self.config.chunk_elements, epoch=epoch, owner=i)
+        if not buf.expects(index, values.size):
+            raise RemoteProtocolError(f"AR_AVERAGE slice {s} chunk {index} of {values.size} elements")
+        self._averages[s] = buf
+        if buf.put(index, values):
+            self._gen += 1
+
+    def _on_report(self, i: int, rep: ArReport) -> None:
+        check_report(rep, self._n)
+        self._reports[i] = rep
+        self._gen += 1
+        for ex in rep.exclusions:
+            if ex.reason in _EXPLICIT and ex.member != i:
+                self._mark_failed(ex.member, ex.reason, detail=f"reported by {i}")
+        if self._commit and self._leader == self._me and rep.epoch < self._commit.epoch:
+            self._control.append(SendMessage(self.members[i], self._commit))
+
+    def _on_commit(self, i: int, c: ArCommit, now: float) -> None:
+        check_commit(c, self._n)
+        mine = self._ballot()
+        if (c.epoch, c.leader) < mine and self._commit is not None:
+            self._control.append(SendMessage(self.members[i], self._commit))
+        elif (c.epoch, c.leader) > mine:
+            self._accept_commit(c, now)
+
+    def _on_finish(self, f: ArFinish) -> None:
+        if not f.aborted and f.epoch < 1:
+            raise RemoteProtocolError("AR_FINISH of epoch 0 must be an abort")
+        ballot, mine = (f.epoch, f.leader), self._ballot()
+        if f.aborted:
+            if ballot >= mine:
+                self._fail("the leader aborted the round", None)
+        elif ballot == mine and self._done():
+            self._finish()
+        elif ballot >= mine:
+            self._fail("the round finished without this member", DropReason.STALLED)
+
+    def _on_takeover(self, i: int, t: ArTakeover) -> None:
+        if t.leader != i:
+            raise RemoteProtocolError("AR_TAKEOVER must name its sender as leader")
+        candidates = self._commit.receivers if self._commit else range(self._n)
+        if i in self._failed or i not in candidates or i > self._me:
+            return  # it failed us, or is not a member we follow: its commits will tell
+        for m in candidates:
+            if m < i:
+                self._mark_failed(m, DropReason.STALLED, detail=f"superseded by leader {i}")
+        if self._commit and self._commit.epoch > t.epoch:
+            self._control.append(SendMessage(self.members[i], self._commit))
+        self._sent_report = None
+
+    def _on_timer(self, name: str, now: float) -> None:
+        cfg = self.config
+        if name == "round":
+            self._fail(f"round timed out after {cfg.round_timeout} s", None)
+        elif name == "join":
+            for m in range(self._n):
+                if m not in self._begun and m not in self._failed:
+                    self._quiet.add(m)
+                    self._mark_failed(m, DropReason.STALLED, detail="no AR_BEGIN")
+        elif name == "report":
+            self._report_forced = True
+            self._gen += 1
+        elif name == "decide" and self._leader == self._me:
+            self._decide_forced = True
+            self._gen += 1
+        elif name == "suspect" and self._leader != self._me:
+            self._quiet.add(self._leader)
+            self._mark_failed(self._leader, DropReason.STALLED, detail="leader silent")
+
+    # ------------------------------------------------------------------ progress
+
+    def _advance(self, now: float) -> None:
+        """Run every consequence of the last input until nothing changes (bounded)."""
+        for _ in range(8):
+            gen = self._gen
+            if not self.active:
+                return
+            self._update_leader(now)
+            self._reduce_owned()
+            self._maybe_report()
+            self._leader_step(now)
+            if gen == self._gen:
+                return
+
+    def _update_leader(self, now: float) -> None:
+        candidates = self._commit.receivers if self._commit else range(self._n)
+        new = next(m for m in candidates if m not in self._failed)
+        if new == self._leader:
+            return
+        self._leader = new
+        self._gen += 1
+        cfg = self.config
+        if new == self._me:
+            self._takeover = True
+            self._broadcast(ArTakeover(round_id=self.round_id, epoch=self.epoch, leader=self._me))
+            self._timers["decide"] = max(self._timers.get("decide", now), now + cfg.report_grace)
+        else:
+            self._sent_report = None
+            self._timers["suspect"] = max(self._timers.get("suspect", now),
+                                          now + cfg.report_grace + cfg.leader_timeout)
+
+    def _reduce_owned(self) -> None:
+        c = self._commit
+        if c is None:
+            return
+        for s in self._nonempty:
+            if c.owners[s] != self._me or self._avg_valid(s):
+                continue
+            bufs = self._contrib.get(s, {})
+            if any(j in self._bad or j not in bufs or not bufs[j].complete for j in c.contributors):
+                continue
+            avg = reduce_mean([bufs[j].values for j in c.contributors], self.config.chunk_elements)
+            self._averages[s] = SliceBuffer.full(avg, self.config.chunk_elements, epoch=c.epoch,
+                                                 owner=self._me)
+            for r in c.receivers:
+                if r != self._me and r not in self._failed:
+                    job = Job(TensorKind.AVERAGE, c.epoch, s, self._offsets[s], self._averages[s].values)
+                    self._outbox.add(self.members[r], job)
+            self._gen += 1
+
+    def _maybe_report(self) -> None:
+        if not (self._report_forced or self._status_final()):
+            return
+        rep = self._report()
+        if self._sent_report == (self._leader, rep):
+            return
+        self._sent_report = (self._leader, rep)
+        if self._leader == self._me:
+            self._reports[self._me] = rep
+            self._gen += 1
+        else:
+            self._control.append(SendMessage(self.members[self._leader], rep))
+
+    def _leader_step(self, now: float) -> None:
+        if self._leader != self._me or self._decided_gen == self._gen or not self.active:
+            return
+        self._decided_gen = self._gen
+        reports = dict(self._reports)
+        if self._decide_forced or self._report_forced or self._status_final():
+            reports[self._me] = self._report()
+        else:
+            reports.pop(self._me, None)
+        view = LeaderView(round_id=self.round_id, n=self._n, me=self._me, sizes=self._sizes,
+                          commit=self._commit, failed=self._failed, reports=reports,
+                          forced=self._decide_forced, quiet=frozenset(self._quiet),
+                          takeover=self._takeover,
+                          outlier_factor=self.config.outlier_factor, max_epochs=self.config.max_epochs)
+        d = decide(view)
+        if d.kind is DecisionKind.WAIT or d.message is None:
+            return
+        if d.kind is DecisionKind.FINISH and not self._done():
+            return  # unreachable: a finish needs every reporter done, this leader included
+        self._broadcast(d.message)
+        if isinstance(d.message, ArCommit):
+            self._accept_commit(d.message, now)
+        elif d.kind is DecisionKind.FINISH:
+            self._finish()
+        else:
+            self._fail(f"round aborted: {d.detail}", None)
+
+    def _accept_commit(self, c: ArCommit, now: float) -> None:
+        self._commit = c
+        self._gen += 1
+        why = {e.member: e.reason for e in c.dropped}
+        if self._me not in c.receivers:
+            self._fail("dropped from the round by the leader", why.get(self._me, DropReason.STALLED))
+            return
+        for m in range(self._n):
+            if m not in c.receivers:
+                self._mark_failed(m, why.get(m, DropReason.STALLED), detail=f"dropped at epoch {c.epoch}")
+        receivers = set(c.receivers)
+        self._outbox.cancel(lambda dest, job: job.kind is TensorKind.AVERAGE
+                            and self._index[dest] in receivers and self._avg_valid(job.slice)
+                            and c.owners[job.slice] == self._me)
+        for r in c.resend:
+            owner = c.owners[r.slice]
+            if self._me in r.senders and owner != self._me:
+                self._outbox.add(self.members[owner], self._part_job(r.slice))
+        for s in self._nonempty:
+            if c.owners[s] == self._me:
+                self._own_contribution(s)
+        self.state = RoundState.ALL_GATHER
+        self._report_forced = self._decide_forced = self._takeover = False
+        cfg = self.config
+        self._timers["report"] = now + cfg.gather_timeout
+        self._set_leader_timers(now + cfg.gather_timeout + cfg.report_grace, reset=True)
+
+    # ------------------------------------------------------------------ state queries
+
+    def _ballot(self) -> tuple[int, int]:
+        return (self._commit.epoch, self._commit.leader) if self._commit else (0, -1)
+
+    def _avg_valid(self, s: int) -> bool:
+        c, buf = self._commit, self._averages.get(s)
+        return (c is not None and buf is not None and buf.complete and buf.owner == c.owners[s]
+                and c.contributors_since <= buf.epoch <= c.epoch)
+
+    def _done(self) -> bool:
+        return all(self._avg_valid(s) for s in self._nonempty)
+
+    def _status_final(self) -> bool:
+        """Whether this member's report would be final: complete, done, or blocked."""
+        c = self._commit
+        if c is None:
+            have = self._contrib.get(self._me, {})
+            return not self._sizes[self._me] or all(
+                m in self._failed or m in self._bad or (m in have and have[m].complete)
+                for m in range(self._n))
+        if self._done():
+            return True
+        gone = self._failed.keys() | self._bad.keys()
+        for s in self._nonempty:
+            if self._avg_valid(s):
+                continue
+            if c.owners[s] in self._failed or (c.owners[s] == self._me and gone & set(c.contributors)):
+                return True
+        return False
+
+    def _report(self) -> ArReport:
+        if self._report_gen == self._gen and self._cached_report is not None:
+            return self._cached_report
+        holdings = []
+        for s in sorted(self._contrib):
+            complete = sorted(j for j, b in self._contrib[s].items() if b.complete and j not in self._bad)
+            if complete:
+                norms = tuple(self._contrib[s][j].sq_norm for j in complete)
+                holdings.append(Holding(slice=s, senders=tuple(complete), sq_norms=norms))
+        averages = tuple(s for s in self._nonempty if self._avg_valid(s))
+        excl = {**self._bad, **self._failed}
+        rep = ArReport(round_id=self.round_id, epoch=self.epoch, leader=self._leader,
+                       holdings=tuple(holdings), averages=averages,
+                       exclusions=tuple(Exclusion(member=m, reason=r) for m, r in sorted(excl.items())))
+        self._cached_report, self._report_gen = rep, self._gen
+        return rep
+
+    # ------------------------------------------------------------------ helpers
+
+    def _part_job(self, s: int) -> Job:
+        lo = self._offsets[s]
+        return Job(TensorKind.PART, 0, s, lo, self._tensor[lo:lo + self._sizes[s]])
+
+    def _own_contribution(self, s: int) -> None:
+        per = self._contrib.setdefault(s, {})
+        if self._me not in per and self._sizes[s]:
+            lo = self._offsets[s]
+            view = self._tensor[lo:lo + self._sizes[s]]
+            if not all_finite(view):
+                self._bad[self._me] = DropReason.NON_FINITE
+            else:
+                per[self._me] = SliceBuffer.full(view, self.config.chunk_elements)
+
+    def _set_leader_timers(self, decide_at: float, *, reset: bool = False) -> None:
+        cur = self._timers.get("decide")
+        at = decide_at if reset or cur is None else max(cur, decide_at)
+        self._timers["decide"] = at
+        self._timers["suspect"] = at + self.config.leader_timeout
+
+    def _mark_failed(self, m: int, reason: DropReason, *, detail: str = "") -> None:
+        if m == self._me or m in self._failed:
+            return
+        self._failed[m] = reason
+        dest = self.members[m]
+        self._outbox.cancel(lambda d, _job: d != dest)
+        self._events.append(PeerDropped(dest, reason, detail))
+        self._gen += 1
+
+    def _broadcast(self, msg: Message) -> None:
+        for m in layout.ring_order(self._n, self._me):
+            if self._failed.get(m) not in _EXPLICIT:
+                self._control.append(SendMessage(self.members[m], msg))
+
+    def _finish(self) -> None:
+        c = self._commit
+        assert c is not None
+        average: Floats = np.empty(self._tensor.size, np.float32)
+        for s in self._nonempty:
+            lo = self._offsets[s]
+            average[lo:lo + self._sizes[s]] = self._averages[s].values
+        dropped = {self.members[e.member]: e.reason for e in c.dropped}
+        self.result = AllReduceResult(
+            round_id=self.round_id, average=average, epoch=c.epoch,
+            contributors=tuple(self.members[m] for m in c.contributors),
+            dropped=dropped, contributed=self._me in c.contributors)
+        self._end(RoundState.FINISHED)
+        self._events.append(RoundFinished(self.result))
+
+    def _finish_alone(self) -> None:
+        self.result = AllReduceResult(round_id=self.round_id, average=self._tensor.copy(), epoch=0,
+                                      contributors=self.members, dropped={}, contributed=True)
+        self._end(RoundState.FINISHED)
+        self._events.append(RoundFinished(self.result))
+
+    def _fail(self, msg: str, reason: DropReason | None) -> None:
+        self.error = AllReduceError(msg, reason=reason)
+        self._end(RoundState.FAILED)
+        self._events.append(RoundFailed(self.error))
+
+    def _end(self, state: RoundState) -> None:
+        self.state = state
+        self._outbox.clear()
+        self._contrib.clear()
+        self._averages.clear()
+        self._timers.clear()
