@@ -74,16 +74,46 @@ class Fp16Codec(ValueCodec):
     codec_id = CodecId.FP16
 
     def encode(self, values: Floats, *, block: int) -> Parts:
-        with np.errstate(over="ignore", invalid="ignore"):
-            half = values.astype(F16)
-            overflow = half.size and not np.isfinite(np.sum(half, dtype=np.float32))
-        if overflow:
-            over = np.isinf(half) & np.isfinite(values)
-            half[over] = np.copysign(FP16_MAX, values[over])
-        return (half,)
+        return (float_to_half(values),)
 
     def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
-        return parts[0].astype(np.float32)
+        return np.take(_HALF_TO_FLOAT, parts[0].view(np.uint16))  # 4x faster than astype
+
+
+#: float32 value of every fp16 bit pattern (256 KiB, built once).
+_HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(F16).astype(np.float32)
+
+
+#: Bit patterns used by ``float_to_half`` (F. Giesen, "float_to_half_fast3_rtne").
+_F32_ABS = np.uint32(0x7FFFFFFF)
+_F32_INF = np.uint32(0x7F800000)
+_HALF_OVERFLOW = np.uint32(0x477FF000)  # 65520.0: the smallest float32 rounding to fp16 Inf
+_HALF_MIN_NORMAL = np.uint32(113 << 23)  # 2**-14 as float32 bits
+_REBIAS = np.uint32((((15 - 127) << 23) + 0xFFF) & 0xFFFFFFFF)  # exponent rebias + rounding
+_DENORM_MAGIC_BITS = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
+_DENORM_MAGIC = _DENORM_MAGIC_BITS.reshape(1).view(np.float32)[0]
+
+
+def float_to_half(values: Floats) -> NDArray[np.uint16]:
+    """float32 -> fp16 bits, round to nearest even, bit-exact with IEEE conversion except that
+    finite values beyond +-65504 saturate. Branch-free numpy integer ops: numpy's own cast
+    runs in software and is ~20x slower on outputs that are fp16 subnormals (small gradients)."""
+    bits = values.view(np.uint32)
+    mag = bits & _F32_ABS
+    out = (mag >> np.uint32(13)) & np.uint32(1)  # normal results: round to nearest even
+    out += mag
+    out += _REBIAS
+    out >>= np.uint32(13)
+    sub = mag.view(np.float32) + _DENORM_MAGIC  # subnormal results: let the FPU round
+    sub_bits = sub.view(np.uint32)
+    sub_bits -= _DENORM_MAGIC_BITS
+    np.copyto(out, sub_bits, where=mag < _HALF_MIN_NORMAL)
+    half = out.astype(np.uint16)
+    if mag.size and int(mag.max()) >= _HALF_OVERFLOW:  # Inf, NaN or finite overflow: rare
+        big = mag >= _HALF_OVERFLOW
+        half[big] = np.where(mag[big] > _F32_INF, 0x7E00, np.where(mag[big] == _F32_INF, 0x7C00, 0x7BFF))
+    half |= (bits >> np.uint32(16)).astype(np.uint16) & np.uint16(0x8000)
+    return half.view(F16)
 
 
 class Bf16Codec(ValueCodec):

@@ -20,6 +20,7 @@ specs = st.builds(
     topk_ratio=st.one_of(st.none(), st.sampled_from([0.01, 0.1, 0.5, 1.0])),
     zstd_level=st.one_of(st.none(), st.sampled_from([-3, 1, 5])),
     int8_block=st.sampled_from([8, 13, 128]),
+    chunk_elements=st.just(4096),
 )
 
 

@@ -54,7 +54,7 @@ def test_direct_construction_is_validated() -> None:
     with pytest.raises(ConfigError):
         CodecSpec(value=T.TOPK)
     with pytest.raises(ConfigError):
-        CodecSpec(topk_ratio=1)  # type: ignore[arg-type]  # an int is not a ratio
+        CodecSpec(topk_ratio=1)  # an int is not a ratio
     assert CodecSpec(topk_ratio=0.9, chunk_elements=1 << 19).stages == (T.TOPK, T.NONE)
 
 
