@@ -31,7 +31,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -39,12 +39,13 @@ from discovery.config import SwimConfig
 from discovery.members import MemberView
 from discovery.swim import Swim
 from node import identity as files
+from node.allreduce.adapter import AllReduceOutcome, AllReduceService
 from node.config import Address, NodeConfig
 from node.membership import EventListener, Membership
 from node.pool import Pool
 from node.resources import basic_meta, detect_gpus_async, torch_versions
 from node.status import build_status_reply
-from node.transport import Handler, Link, LinkSettings
+from node.transport import Handler, Link, LinkSettings, Traffic
 from protocol import crypto
 from protocol.connection import Channel
 from protocol.errors import ConfigError, TransportError
@@ -75,6 +76,9 @@ class Node:
     * ``on_member_event(listener)`` — ``listener(MemberEvent)`` for every membership change
     * ``await send(node_id, message, *, channel=Channel.BULK)`` / ``await link_to(node_id)``
     * ``spawn(coro)`` — run a coroutine as a task of the node's TaskGroup
+    * ``await all_reduce(tensor, group=[ids], codec="none", timeout=None, key=None)`` —
+      average a numpy array / torch tensor over a group of members (``node.allreduce``)
+    * ``traffic`` — bytes sent and received per channel (``node.transport.Traffic``)
     * ``update_meta(meta)``, ``request_stop()``, ``await run_until_stopped()``
     """
 
@@ -93,6 +97,8 @@ class Node:
         self._meta = basic_meta()
         self._started = 0.0
         self._stopping = False
+        self.allreduce = AllReduceService(self)
+        """Registers the all-reduce message handlers now, before any connection exists."""
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -162,6 +168,7 @@ class Node:
         self._membership.start_above(last_incarnation)
         self._dispatch[Channel.CONTROL].update(self._membership.handlers())
         self._dispatch[Channel.CLIENT][MsgType.STATUS_REQUEST] = self._serve_status
+        self._membership.add_listener(self.allreduce.member_event)
         await pool.start_serving()
         seeds = [str(s) for s in config.seeds if str(s) != self.address]
         self._membership.join(seeds)
@@ -195,6 +202,7 @@ class Node:
             return
         self._stopping = True
         self._stop.set()
+        self.allreduce.close()
         membership, pool = self._membership, self._pool
         if membership is not None:
             membership.leave()
@@ -301,6 +309,26 @@ class Node:
         """Send ``message`` to member ``node_id``; waits while its connection is backed up."""
         link = await self.link_to(node_id, channel=channel)
         await link.send(message)
+
+    @property
+    def traffic(self) -> Traffic:
+        """Bytes this node wrote and read on its connections, per channel (only grows)."""
+        return self._pool.settings.traffic if self._pool is not None else Traffic()
+
+    async def all_reduce(self, tensor: Any, *, group: Sequence[bytes], codec: str = "none",
+                         timeout: float | None = None, key: bytes | str | None = None,
+                         **options: Any) -> AllReduceOutcome:
+        """Average ``tensor`` (numpy array or torch tensor) over the members ``group`` (node ids,
+        this node included), compressed with ``codec``. Every member calls it with the same
+        group, the same tensor size and codec, and the same ``key`` (default: the n-th call on
+        this group is round n). Returns the average (the caller's type; ``in_place=True``
+        writes into ``tensor``), its contributors and the dropped members with reasons.
+        Raises ``AllReduceError`` when this node leaves the round without a result,
+        ``TimeoutError`` after ``timeout`` seconds, ``ConfigError`` on bad arguments.
+        More options: ``config`` (``AllReduceConfig``), ``weights``, ``feedback``, ``in_place``.
+        """
+        return await self.allreduce.all_reduce(tensor, group=group, codec=codec, timeout=timeout,
+                                               key=key, **options)
 
 
 async def _logged(coro: Coroutine[Any, Any, None]) -> None:
