@@ -23,6 +23,11 @@ MAX_DECOMPRESSED_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_LIST_LEN = 65_536
 MAX_MAP_LEN = 256
 
+#: Most msgpack arrays + maps in one message body. An empty container is one byte on the wire
+#: but ~60 bytes in memory: without this cap an 8 MiB frame could cost ~0.5 GB to unpack. The
+#: largest legitimate body (a 4096-member sync, 16 GPUs each) has ~78k containers.
+MAX_CONTAINERS = 131_072
+
 #: Default longest string field, in characters.
 MAX_STR_BYTES = 1024
 

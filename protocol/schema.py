@@ -34,7 +34,13 @@ from typing import Any, ClassVar, TypeVar
 import msgpack
 
 from protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from protocol.limits import MAX_FRAME_BYTES, MAX_LIST_LEN, MAX_MAP_LEN, MAX_STR_BYTES
+from protocol.limits import (
+    MAX_CONTAINERS,
+    MAX_FRAME_BYTES,
+    MAX_LIST_LEN,
+    MAX_MAP_LEN,
+    MAX_STR_BYTES,
+)
 from protocol.tags import MsgType
 
 _SPEC_KEY = "starmesh_spec"
@@ -300,8 +306,19 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 
 def _unpack(body: bytes) -> Any:
+    budget = MAX_CONTAINERS
+
+    def count(obj: Any) -> Any:  # called once per array and map as it is built
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise SchemaViolation(f"more than {MAX_CONTAINERS} arrays and maps in one message")
+        return obj
+
     return msgpack.unpackb(
         body,
+        object_hook=count,
+        list_hook=count,
         raw=False,
         use_list=True,
         strict_map_key=True,

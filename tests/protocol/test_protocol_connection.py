@@ -489,3 +489,12 @@ def test_connection_requires_a_usable_mesh_secret() -> None:
     with pytest.raises(ConfigError):
         Connection(role=Role.INITIATOR, identity=seeded_identity(1), mesh_secret=b"short",
                    options=HandshakeOptions(None, Channel.CLIENT), now=0.0)
+
+
+def test_container_bomb_is_rejected_cheaply() -> None:
+    # 1-byte empty maps cost ~60 bytes each once unpacked: the container cap stops the amplification.
+    bomb = b"\xdd" + (65_535).to_bytes(4, "big") + b"\x80" * 65_535
+    body = b"\x82\xa1t\x10\xa1x\xdc\x00\x03" + bomb * 3
+    pair = open_pair()
+    pair.responder.receive_data(pair.inject(pair.initiator, body))
+    assert error_code(drain(pair.responder)) is ErrorCode.BAD_MSGPACK
