@@ -106,11 +106,13 @@ def run_reference_handshake(cipher_pref: list[int]) -> dict[str, bytes]:
     assert resp["t"] == 2 and resp["version"] == 1 and resp["cipher"] == cipher_pref[0]
     c = resp["cipher"]
     rb = struct.pack(">HB", resp["version"], c) + resp["ephemeral"] + resp["nonce"]
+    v["response_bytes"], v["sealed_r"] = rb, resp["sealed"]
     v["th2"] = sha256(b"starmesh-v1 transcript", ib, v["init_mac"], rb)
     v["dh"] = e_i.exchange(X25519PublicKey.from_public_bytes(resp["ephemeral"]))
     hs = hkdf(v["dh"], SECRET, b"starmesh-v1 handshake keys" + v["th2"], 64)
     v["hs_key_i2r"], v["hs_key_r2i"] = hs[:32], hs[32:]
-    who = msgpack.unpackb(aead(c, v["hs_key_r2i"]).decrypt(nonce(0), resp["sealed"], v["th2"]))
+    v["responder_identity"] = aead(c, v["hs_key_r2i"]).decrypt(nonce(0), resp["sealed"], v["th2"])
+    who = msgpack.unpackb(v["responder_identity"])
     Ed25519PublicKey.from_public_bytes(who["node_id"]).verify(who["signature"], b"starmesh-v1 responder signature" + v["th2"])
     assert who["node_id"] == Ed25519PrivateKey.from_private_bytes(ID_R).public_key().public_bytes_raw()
     assert who["listen_address"] == "10.0.0.2:7946"
@@ -120,7 +122,8 @@ def run_reference_handshake(cipher_pref: list[int]) -> dict[str, bytes]:
     ident = {"node_id": me.public_key().public_bytes_raw(),
              "signature": me.sign(b"starmesh-v1 initiator signature" + v["th3"]),
              "channel": 1, "listen_address": "10.0.0.1:7946", "capabilities": ["gossip"]}
-    sealed_i = aead(c, v["hs_key_i2r"]).encrypt(nonce(0), msgpack.packb(ident), v["th3"])
+    v["initiator_identity"] = msgpack.packb(ident)
+    sealed_i = v["sealed_i"] = aead(c, v["hs_key_i2r"]).encrypt(nonce(0), v["initiator_identity"], v["th3"])
     v["th4"] = sha256(v["th3"], sealed_i)
     sk = hkdf(v["dh"], SECRET, b"starmesh-v1 session keys" + v["th4"], 64)
     v["key_i2r"], v["key_r2i"] = sk[:32], sk[32:]
