@@ -498,3 +498,32 @@ def test_container_bomb_is_rejected_cheaply() -> None:
     pair = open_pair()
     pair.responder.receive_data(pair.inject(pair.initiator, body))
     assert error_code(drain(pair.responder)) is ErrorCode.BAD_MSGPACK
+
+
+def test_unknown_keys_are_ignored_for_forward_compatibility() -> None:
+    pair = open_pair()
+    body = msgpack.packb({"t": 18, "seq": 5, "added_in_v2": [1, 2, 3]})
+    pair.responder.receive_data(pair.inject(pair.initiator, body))
+    assert drain(pair.responder) == [MessageReceived(Ack(seq=5))]
+
+
+def test_close_right_after_the_response_still_sends_finish_first() -> None:
+    pair = ConnectionPair()
+    pair.responder.receive_data(pair.initiator.data_to_send())
+    drain(pair.responder)
+    pair.initiator.receive_data(pair.responder.data_to_send())
+    drain(pair.initiator)
+    pair.responder.receive_data(pair.initiator.close(reason="changed my mind"))
+    assert [type(e) for e in drain(pair.responder)] == [HandshakeComplete, ConnectionTerminated]
+    assert pair.responder.state is ConnState.CLOSED
+
+
+def test_exhausted_send_counter_refuses_to_wrap() -> None:
+    from protocol.crypto import MAX_COUNTER
+
+    pair = open_pair()
+    assert pair.initiator._tx is not None
+    pair.initiator._tx.counter = MAX_COUNTER
+    with pytest.raises(LocalProtocolError) as exc:
+        pair.initiator.send(GOSSIP[0])
+    assert exc.value.code is ErrorCode.LIMIT_EXCEEDED
