@@ -527,3 +527,26 @@ def test_exhausted_send_counter_refuses_to_wrap() -> None:
     with pytest.raises(LocalProtocolError) as exc:
         pair.initiator.send(GOSSIP[0])
     assert exc.value.code is ErrorCode.LIMIT_EXCEEDED
+
+
+def test_large_message_pipelined_behind_finish() -> None:
+    import numpy as np
+
+    from protocol.messages.tensor import ArPart
+    from protocol.tensor import CodecSpec, encode_chunk
+
+    values = np.arange(600_000, dtype=np.float32)
+    big = ArPart(round_id=bytes(16), slice=1, chunk=2, data=encode_chunk(values, CodecSpec.parse("none")))
+    pair = ConnectionPair()
+    pair.responder.receive_data(pair.initiator.data_to_send())
+    drain(pair.responder)
+    pair.initiator.receive_data(pair.responder.data_to_send())
+    drain(pair.initiator)
+    data = pair.initiator.send_many([big, GOSSIP[0], big])  # FINISH, then 2.4 MB, small, 2.4 MB
+    events = []
+    for k in range(0, len(data), 100_003):
+        pair.responder.receive_data(data[k : k + 100_003])
+        events.extend(drain(pair.responder))
+        assert pair.responder.buffered_bytes <= 4 + MAX_FRAME_BYTES
+    assert events[0] == HandshakeComplete(pair.responder.peer)  # type: ignore[arg-type]
+    assert events[1:] == [MessageReceived(big), MessageReceived(GOSSIP[0]), MessageReceived(big)]
