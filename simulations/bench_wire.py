@@ -5,21 +5,23 @@ float32 chunk from an initiator to a responder, no sockets. The receiver is fed 
 stream in ``--read-kib`` pieces, like a socket read loop. Measured on one core, in this
 process, side by side:
 
-* raw AEAD: seal + open of the same body size with the negotiated cipher (the ceiling);
+* raw AEAD: seal and open of the same body size with the chosen cipher, into preallocated
+  buffers (the ceiling);
 * send: ``Connection.send`` (msgpack pack + seal + length prefix);
 * receive: ``receive_data`` + ``next_event`` (deframe + open + decode + validate);
 * round trip: send then receive, one frame at a time (what one core does when it is both ends).
 
-GB/s counts message payload bytes (1 GB = 1e9 bytes). The ratio column compares each path
-with raw AEAD seal+open on the same bytes: 1.0 would mean framing, msgpack and validation
-cost nothing.
+Every frame is timed on its own; the table shows the best (undisturbed) and the median
+frame, because the machine may be shared. GB/s counts message payload bytes (1 GB = 1e9
+bytes). The ratio column divides the raw AEAD time by the path's time: 1.0 would mean that
+framing, msgpack and validation cost nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import time
 from collections.abc import Callable
 
@@ -61,68 +63,77 @@ def run(args: argparse.Namespace) -> int:
         p.handshake()
         return p
 
-    def raw() -> float:  # the crypto alone, into preallocated buffers: the ceiling
+    def raw() -> dict[str, list[float]]:  # the crypto alone, into preallocated buffers: the ceiling
         aead, body = make_aead(cipher, bytes(32)), np.ones(payload + 64, np.uint8).tobytes()
         sealed, opened = bytearray(len(body) + 16), bytearray(len(body))
-        t = time.perf_counter()
+        out: dict[str, list[float]] = {"raw_seal": [], "raw_open": []}
         for k in range(n):
             nonce = k.to_bytes(12, "big")
+            t0 = time.perf_counter()
             aead.encrypt_into(nonce, body, None, sealed)
+            t1 = time.perf_counter()
             aead.decrypt_into(nonce, sealed, None, opened)
-        return time.perf_counter() - t
+            out["raw_seal"].append(t1 - t0)
+            out["raw_open"].append(time.perf_counter() - t1)
+        return out
 
-    def send_only() -> float:
-        p = pair()
-        t = time.perf_counter()
+    def send_only() -> dict[str, list[float]]:
+        p, times = pair(), []
         for _ in range(n):
+            t = time.perf_counter()
             p.initiator.send(msg)
-        return time.perf_counter() - t
+            times.append(time.perf_counter() - t)
+        return {"send": times}
 
-    def receive_only() -> float:
+    def receive_only() -> dict[str, list[float]]:
         p = pair()
-        frames = [p.initiator.send(msg) for _ in range(n)]
-        got = 0
-        t = time.perf_counter()
+        frames, times, got = [p.initiator.send(msg) for _ in range(n)], [], 0
         for frame in frames:
+            t = time.perf_counter()
             _feed(p.responder.receive_data, frame, step)
             while (ev := p.responder.next_event()) is not NEED_DATA:
                 got += isinstance(ev, MessageReceived)
-        elapsed = time.perf_counter() - t
+            times.append(time.perf_counter() - t)
         assert got == n, f"received {got} of {n}"
-        return elapsed
+        return {"receive": times}
 
-    def round_trip() -> float:
-        p = pair()
-        got = 0
-        t = time.perf_counter()
+    def round_trip() -> dict[str, list[float]]:
+        p, times, got = pair(), [], 0
         for _ in range(n):
+            t = time.perf_counter()
             _feed(p.responder.receive_data, p.initiator.send(msg), step)
             while (ev := p.responder.next_event()) is not NEED_DATA:
                 got += isinstance(ev, MessageReceived)
-        elapsed = time.perf_counter() - t
+            times.append(time.perf_counter() - t)
         assert got == n
-        return elapsed
+        return {"round_trip": times}
 
-    # Interleaved repeats, best of each: the machine may be shared, and the best run is the
-    # one least disturbed by others.
-    paths = {"raw_aead": raw, "send": send_only, "receive": receive_only, "round_trip": round_trip}
-    results = {name: math.inf for name in paths}
+    # Per-frame times over interleaved repeats. The machine may be shared: the minimum is the
+    # undisturbed cost, the median what a busy machine gives.
+    samples: dict[str, list[float]] = {}
     for _ in range(args.repeat):
-        for name, fn in paths.items():
-            results[name] = min(results[name], fn())
-    total = payload * n
-    gbps = {k: total / v / 1e9 for k, v in results.items()}
-    # Raw AEAD seal+open is one "round trip" of crypto; send/receive are each about half of it.
-    raw_rt = results["raw_aead"]
-    ratio = {"raw_aead": 1.0, "round_trip": raw_rt / results["round_trip"],
-             "send": raw_rt / (2 * results["send"]), "receive": raw_rt / (2 * results["receive"])}
-    print(f"wire bench: {n} frames x {payload / (1 << 20):.2f} MiB payload, {cipher.name}, read {args.read_kib} KiB")
-    print(f"{'path':<12}{'ms/frame':>10}{'GB/s':>8}{'vs raw':>8}")
-    for name in ("raw_aead", "send", "receive", "round_trip"):
-        print(f"{name:<12}{results[name] / n * 1e3:>10.2f}{gbps[name]:>8.2f}{ratio[name]:>8.2f}")
-    print("(raw_aead = seal+open of the same bytes; 'vs raw' for send/receive compares with half of it)")
+        for fn in (raw, send_only, receive_only, round_trip):
+            for name, times in fn().items():
+                samples.setdefault(name, []).extend(times)
+    best = {k: min(v) for k, v in samples.items()}
+    median = {k: statistics.median(v) for k, v in samples.items()}
+    best["raw_round_trip"] = best["raw_seal"] + best["raw_open"]
+    median["raw_round_trip"] = median["raw_seal"] + median["raw_open"]
+    ceiling = {"send": "raw_seal", "receive": "raw_open", "round_trip": "raw_round_trip"}
+    ratio = {k: best[v] / best[k] for k, v in ceiling.items()}
+    gbps = {k: payload / v / 1e9 for k, v in best.items()}
+    print(f"wire bench: {len(samples['send'])} frames x {payload / (1 << 20):.2f} MiB payload, {cipher.name}, "
+          f"read {args.read_kib} KiB, one core")
+    print(f"{'path':<16}{'best ms':>9}{'median ms':>11}{'best GB/s':>11}{'vs raw AEAD':>13}")
+    for name in ("raw_seal", "raw_open", "raw_round_trip", "send", "receive", "round_trip"):
+        r = f"{ratio[name]:.2f}" if name in ratio else ""
+        print(f"{name:<16}{best[name] * 1e3:>9.2f}{median[name] * 1e3:>11.2f}{gbps[name]:>11.2f}{r:>13}")
+    print("(send = pack + seal + prefix; receive = deframe + open + decode + validate; "
+          "'vs raw AEAD' = raw seal / open / both over the same path, best of each)")
     if args.json:
-        print(json.dumps({"bench": "wire", "cipher": cipher.name, "frame_payload_bytes": payload, "frames": n,
-                          "gbps": {k: round(v, 3) for k, v in gbps.items()},
+        print(json.dumps({"bench": "wire", "cipher": cipher.name, "frame_payload_bytes": payload,
+                          "frames": len(samples["send"]),
+                          "best_gbps": {k: round(v, 3) for k, v in gbps.items()},
+                          "median_ms": {k: round(v * 1e3, 3) for k, v in median.items()},
                           "ratio_to_raw_aead": {k: round(v, 3) for k, v in ratio.items()}}))
     return 0

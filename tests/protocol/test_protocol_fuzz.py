@@ -56,9 +56,9 @@ def feed_and_check(conn: Connection, data: bytes, sizes: list[int], *, cap: int)
             events.append(ev)
         assert conn.buffered_bytes <= cap + 4
     for ev in events:
-        if isinstance(ev, ConnectionTerminated):
-            assert isinstance(ev.error, RemoteProtocolError), ev
-            assert conn.state is ConnState.ERROR
+        if isinstance(ev, ConnectionTerminated):  # a typed error, or a well-formed GOODBYE
+            assert isinstance(ev.error, RemoteProtocolError) or ev.error is None, ev
+            assert conn.state is (ConnState.CLOSED if ev.error is None else ConnState.ERROR)
         else:
             assert isinstance(ev, HandshakeComplete | MessageReceived), ev
     return events
