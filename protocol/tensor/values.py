@@ -111,7 +111,9 @@ def float_to_half(values: Floats) -> NDArray[np.uint16]:
     half = out.astype(np.uint16)
     if mag.size and int(mag.max()) >= _HALF_OVERFLOW:  # Inf, NaN or finite overflow: rare
         big = mag >= _HALF_OVERFLOW
-        half[big] = np.where(mag[big] > _F32_INF, 0x7E00, np.where(mag[big] == _F32_INF, 0x7C00, 0x7BFF))
+        half[big] = np.where(
+            mag[big] > _F32_INF, 0x7E00, np.where(mag[big] == _F32_INF, 0x7C00, 0x7BFF)
+        )
     half |= (bits >> np.uint32(16)).astype(np.uint16) & np.uint16(0x8000)
     return half.view(F16)
 
@@ -165,7 +167,9 @@ class Int8AbsmaxCodec(ValueCodec):
         codes = scaled.astype(I8).reshape(-1)[:n]
         if bad is not None:
             codes[bad.reshape(-1)[:n]] = INT8_NAN_CODE
-        scales = np.where(inv > 0, np.minimum(absmax / np.float32(127), INT8_MAX_SCALE), np.float32(0))
+        scales = np.where(
+            inv > 0, np.minimum(absmax / np.float32(127), INT8_MAX_SCALE), np.float32(0)
+        )
         return (scales, codes)
 
     def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:

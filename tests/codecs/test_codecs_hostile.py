@@ -20,14 +20,25 @@ from protocol.tensor.layout import raw_size
 
 N = 1000
 VALUES = (np.random.default_rng(7).standard_normal(N) * 0.1).astype(np.float32)
-SPECS = ["none", "fp16", "bf16+zstd", "int8:16", "int8+zstd", "sigma8+zstd", "topk:0.05+zstd", "topk:0.1+int8:8"]
+SPECS = [
+    "none",
+    "fp16",
+    "bf16+zstd",
+    "int8:16",
+    "int8+zstd",
+    "sigma8+zstd",
+    "topk:0.05+zstd",
+    "topk:0.1+int8:8",
+]
 GOOD = {name: encode_chunk(VALUES, CodecSpec.parse(name)) for name in SPECS}
 
 
 def from_wire(raw: Any) -> TensorChunk:
     """What a message decoder does with an embedded chunk: schema errors are the peer's fault."""
     try:
-        chunk: TensorChunk = TensorChunk.from_wire(msgpack.unpackb(msgpack.packb(raw, use_bin_type=True)))
+        chunk: TensorChunk = TensorChunk.from_wire(
+            msgpack.unpackb(msgpack.packb(raw, use_bin_type=True))
+        )
     except SchemaViolation as exc:
         raise RemoteProtocolError(str(exc)) from None
     except LocalProtocolError as exc:
@@ -74,8 +85,16 @@ def test_wrong_lengths_are_rejected(name: str) -> None:
 
 def test_bad_dtype_and_unknown_stage_are_rejected_by_the_schema() -> None:
     good = GOOD["int8+zstd"]
-    for changes in ({"dtype": 1}, {"dtype": "f4"}, {"stages": [3, 99]}, {"stages": [3, 6, 6, 6]},
-                    {"numel": -1}, {"numel": 2**40}, {"block": 2**20}, {"payload": "text"}):
+    for changes in (
+        {"dtype": 1},
+        {"dtype": "f4"},
+        {"stages": [3, 99]},
+        {"stages": [3, 6, 6, 6]},
+        {"numel": -1},
+        {"numel": 2**40},
+        {"block": 2**20},
+        {"payload": "text"},
+    ):
         with pytest.raises(RemoteProtocolError):
             from_wire(with_(good, **changes))
 
@@ -98,11 +117,16 @@ def test_block_must_match_the_value_stage() -> None:
         decode_chunk(bad)
 
 
-def _zstd_chunk(raw: bytes, *, numel: int, content_size: bool = True, declared: int | None = None) -> TensorChunk:
+def _zstd_chunk(
+    raw: bytes, *, numel: int, content_size: bool = True, declared: int | None = None
+) -> TensorChunk:
     frame = zstandard.ZstdCompressor(level=3, write_content_size=content_size).compress(raw)
     return TensorChunk(
-        stages=(CodecId.NONE, CodecId.ZSTD), numel=numel, kept=numel,
-        raw_bytes=len(raw) if declared is None else declared, payload=frame,
+        stages=(CodecId.NONE, CodecId.ZSTD),
+        numel=numel,
+        kept=numel,
+        raw_bytes=len(raw) if declared is None else declared,
+        payload=frame,
     )
 
 
@@ -123,15 +147,27 @@ def test_zstd_trailing_data_second_frame_and_garbage_are_rejected() -> None:
     good = _zstd_chunk(VALUES.tobytes(), numel=N)
     assert decode_chunk(good).size == N
     frame = good.payload
-    for payload in (frame + b"\0", frame + frame, b"\x28\xb5\x2f\xfd" + bytes(20), bytes(30), frame[:-3]):
+    for payload in (
+        frame + b"\0",
+        frame + frame,
+        b"\x28\xb5\x2f\xfd" + bytes(20),
+        bytes(30),
+        frame[:-3],
+    ):
         with pytest.raises(RemoteCodecError):
             decode_chunk(dataclasses.replace(good, payload=payload))
 
 
 def test_declared_size_over_the_cap_is_rejected_before_decompressing() -> None:
     n = MAX_DECOMPRESSED_CHUNK_BYTES // 4
-    huge = {"stages": [5, 0, 6], "numel": n, "kept": n, "block": 0,
-            "raw_bytes": raw_size((CodecId.TOPK, CodecId.NONE), kept=n, block=0), "payload": b"x"}
+    huge = {
+        "stages": [5, 0, 6],
+        "numel": n,
+        "kept": n,
+        "block": 0,
+        "raw_bytes": raw_size((CodecId.TOPK, CodecId.NONE), kept=n, block=0),
+        "payload": b"x",
+    }
     assert decode_or_reject(huge) is None  # 128 MiB declared: the schema's raw_bytes range says no
     huge["raw_bytes"] = MAX_DECOMPRESSED_CHUNK_BYTES
     assert decode_or_reject(huge) is None  # in range, but not what the header implies
@@ -141,9 +177,12 @@ def test_topk_indices_must_ascend_and_stay_in_range() -> None:
     good = GOOD["topk:0.1+int8:8"]
     k = good.kept
     head = np.frombuffer(good.payload, "<u4", count=k).copy()
-    tail = good.payload[4 * k:]
-    for deltas in (np.r_[head[:1], np.zeros(k - 1, np.uint32)], np.full(k, 0xFFFFFFFF, np.uint32),
-                   np.r_[np.uint32(N), head[1:]]):
+    tail = good.payload[4 * k :]
+    for deltas in (
+        np.r_[head[:1], np.zeros(k - 1, np.uint32)],
+        np.full(k, 0xFFFFFFFF, np.uint32),
+        np.r_[np.uint32(N), head[1:]],
+    ):
         bad = dataclasses.replace(good, payload=deltas.astype("<u4").tobytes() + tail)
         with pytest.raises(RemoteCodecError, match="top-k"):
             decode_chunk(bad)
@@ -153,29 +192,46 @@ def test_nan_values_from_a_peer_pass_through() -> None:
     good = GOOD["int8:16"]
     nb = -(-N // 16)
     scales = np.full(nb, np.nan, "<f4").tobytes()
-    out = decode_chunk(dataclasses.replace(good, payload=scales + good.payload[4 * nb:]))
+    out = decode_chunk(dataclasses.replace(good, payload=scales + good.payload[4 * nb :]))
     assert np.isnan(out).all()
 
 
 def _field_values() -> st.SearchStrategy[Any]:
-    ints = st.one_of(st.integers(-2, 70), st.integers(0, 2**26), st.sampled_from([2**31, 2**32, 2**64 - 1, -(2**63)]))
-    return st.one_of(ints, st.binary(max_size=64), st.none(), st.lists(st.integers(-1, 8), max_size=5),
-                     st.floats(), st.text(max_size=4))
+    ints = st.one_of(
+        st.integers(-2, 70),
+        st.integers(0, 2**26),
+        st.sampled_from([2**31, 2**32, 2**64 - 1, -(2**63)]),
+    )
+    return st.one_of(
+        ints,
+        st.binary(max_size=64),
+        st.none(),
+        st.lists(st.integers(-1, 8), max_size=5),
+        st.floats(),
+        st.text(max_size=4),
+    )
 
 
 @given(
     name=st.sampled_from(SPECS),
     changes=st.dictionaries(
-        st.sampled_from(["stages", "dtype", "offset", "numel", "kept", "block", "raw_bytes", "payload"]),
-        _field_values(), max_size=3,
+        st.sampled_from(
+            ["stages", "dtype", "offset", "numel", "kept", "block", "raw_bytes", "payload"]
+        ),
+        _field_values(),
+        max_size=3,
     ),
 )
-def test_arbitrary_field_values_give_an_array_or_a_remote_error(name: str, changes: dict[str, Any]) -> None:
+def test_arbitrary_field_values_give_an_array_or_a_remote_error(
+    name: str, changes: dict[str, Any]
+) -> None:
     decode_or_reject(with_(GOOD[name], **changes))
 
 
 @given(name=st.sampled_from(SPECS), data=st.data())
-def test_corrupted_payload_bytes_give_an_array_or_a_remote_error(name: str, data: st.DataObject) -> None:
+def test_corrupted_payload_bytes_give_an_array_or_a_remote_error(
+    name: str, data: st.DataObject
+) -> None:
     good = GOOD[name]
     payload = bytearray(good.payload)
     for _ in range(data.draw(st.integers(1, 8))):

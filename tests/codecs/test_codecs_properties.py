@@ -16,7 +16,9 @@ vectors = hnp.arrays(np.float32, st.integers(0, 300), elements=finite32)
 wild = hnp.arrays(np.float32, st.integers(0, 300), elements=any32)
 specs = st.builds(
     CodecSpec,
-    value=st.sampled_from([CodecId.NONE, CodecId.FP16, CodecId.BF16, CodecId.INT8_ABSMAX, CodecId.SIGMA8]),
+    value=st.sampled_from(
+        [CodecId.NONE, CodecId.FP16, CodecId.BF16, CodecId.INT8_ABSMAX, CodecId.SIGMA8]
+    ),
     topk_ratio=st.one_of(st.none(), st.sampled_from([0.01, 0.1, 0.5, 1.0])),
     zstd_level=st.one_of(st.none(), st.sampled_from([-3, 1, 5])),
     int8_block=st.sampled_from([8, 13, 128]),
@@ -36,7 +38,9 @@ def dense_bound(x: np.ndarray, spec: CodecSpec) -> np.ndarray | None:
     if spec.value is CodecId.NONE:
         return np.zeros_like(ax)
     if spec.value is CodecId.FP16:
-        return np.maximum(np.minimum(ax, FP16_MAX) * 2.0**-11, 2.0**-25) + np.maximum(ax - FP16_MAX, 0)
+        return np.maximum(np.minimum(ax, FP16_MAX) * 2.0**-11, 2.0**-25) + np.maximum(
+            ax - FP16_MAX, 0
+        )
     if spec.value is CodecId.BF16:
         return np.maximum(ax * 2.0**-8, 2.0**-134)
     if spec.value is CodecId.INT8_ABSMAX:
@@ -66,7 +70,9 @@ def test_finite_inputs_round_trip_within_the_bound(x: np.ndarray, spec: CodecSpe
 
 
 @given(x=wild, spec=specs, feedback=st.booleans())
-def test_any_input_encodes_and_non_finite_stays_non_finite(x: np.ndarray, spec: CodecSpec, feedback: bool) -> None:
+def test_any_input_encodes_and_non_finite_stays_non_finite(
+    x: np.ndarray, spec: CodecSpec, feedback: bool
+) -> None:
     fb = ErrorFeedback(x.size) if feedback else None
     y = decode_chunk(encode_chunk(x, spec, feedback=fb))
     assert y.shape == x.shape
@@ -85,3 +91,43 @@ def test_zstd_is_lossless(x: np.ndarray, level: int) -> None:
         plain = decode_chunk(encode_chunk(x, CodecSpec.parse(value)))
         packed = decode_chunk(encode_chunk(x, CodecSpec.parse(f"{value}+zstd:{level}")))
         np.testing.assert_array_equal(plain, packed)
+
+
+def reference_topk(x: np.ndarray, k: int) -> np.ndarray:
+    """k largest |x| (NaN largest), ties to the lower index, ascending."""
+    key = (x.view(np.uint32) & np.uint32(0x7FFFFFFF)).astype(np.int64)
+    order = np.lexsort((np.arange(x.size), -key))
+    return np.sort(order[:k])
+
+
+@given(
+    x=hnp.arrays(
+        np.float32,
+        st.integers(1, 3000),
+        elements=st.sampled_from([0.0, -0.0, 1.5, -1.5, 2.0, np.nan, np.inf]),
+    )
+    | hnp.arrays(np.float32, st.integers(1, 3000), elements=any32),
+    frac=st.floats(0.0, 1.0),
+)
+def test_topk_selection_matches_a_sort(x: np.ndarray, frac: float) -> None:
+    from protocol.tensor.registry import TOPK
+
+    k = int(frac * x.size)
+    np.testing.assert_array_equal(TOPK.select(x, k), reference_topk(x, k))
+
+
+def test_topk_selection_on_large_inputs_with_many_ties() -> None:
+    from protocol.tensor.registry import TOPK
+
+    rng = np.random.default_rng(5)
+    n = 200_000
+    rows = np.where((np.arange(n) // 192) % 8 != 0, 0, rng.standard_normal(n)).astype(np.float32)
+    cases = [
+        rows,
+        np.zeros(n, np.float32),
+        rng.integers(0, 4, n).astype(np.float32),
+        np.where(rng.random(n) < 0.9, 1.5, rng.standard_normal(n)).astype(np.float32),
+    ]
+    for x in cases:
+        for k in (1, 200, 2000, 60_000):
+            np.testing.assert_array_equal(TOPK.select(x, k), reference_topk(x, k))

@@ -41,9 +41,30 @@ def test_parse_and_name(text: str, stages: tuple[CodecId, ...], name: str) -> No
 
 @pytest.mark.parametrize(
     "text",
-    ["", "+", "gzip", "int8+fp16", "zstd+int8", "zstd+zstd", "topk:0", "topk:1.5", "topk:nan",
-     "topk:-0.1", "int8:4", "int8:x", "int8:", "fp16:3", "zstd:0", "zstd:23", "chunk", "chunk:0",
-     f"chunk:{MAX_CHUNK_ELEMENTS + 1}", "chunk:10+int8", "topk:0.9", "x" * 300],
+    [
+        "",
+        "+",
+        "gzip",
+        "int8+fp16",
+        "zstd+int8",
+        "zstd+zstd",
+        "topk:0",
+        "topk:1.5",
+        "topk:nan",
+        "topk:-0.1",
+        "int8:4",
+        "int8:x",
+        "int8:",
+        "fp16:3",
+        "zstd:0",
+        "zstd:23",
+        "chunk",
+        "chunk:0",
+        f"chunk:{MAX_CHUNK_ELEMENTS + 1}",
+        "chunk:10+int8",
+        "topk:0.9",
+        "x" * 300,
+    ],
 )
 def test_garbage_is_a_config_error(text: str) -> None:
     with pytest.raises(ConfigError):
@@ -65,8 +86,12 @@ def test_direct_construction_is_validated() -> None:
     block=st.integers(8, 1 << 16),
     chunk=st.integers(1, 1 << 20),
 )
-def test_name_round_trips(value: CodecId, ratio: float | None, level: int | None, block: int, chunk: int) -> None:
-    spec = CodecSpec(value=value, topk_ratio=ratio, zstd_level=level, int8_block=block, chunk_elements=chunk)
+def test_name_round_trips(
+    value: CodecId, ratio: float | None, level: int | None, block: int, chunk: int
+) -> None:
+    spec = CodecSpec(
+        value=value, topk_ratio=ratio, zstd_level=level, int8_block=block, chunk_elements=chunk
+    )
     again = CodecSpec.parse(spec.name)
     assert again.stages == spec.stages and again.name == spec.name
     if value is T.INT8_ABSMAX:
@@ -79,8 +104,18 @@ def test_registry_is_complete() -> None:
     assert all(s.codec_id is c for c, s in STAGES.items())
 
 
-@pytest.mark.parametrize(("n", "ratio", "k"), [(0, 0.5, 0), (1, 0.01, 1), (100, 0.01, 1), (100, 0.015, 2),
-                                               (1000, 0.01, 10), (7, 1.0, 7), (3, 0.34, 2)])
+@pytest.mark.parametrize(
+    ("n", "ratio", "k"),
+    [
+        (0, 0.5, 0),
+        (1, 0.01, 1),
+        (100, 0.01, 1),
+        (100, 0.015, 2),
+        (1000, 0.01, 10),
+        (7, 1.0, 7),
+        (3, 0.34, 2),
+    ],
+)
 def test_topk_count(n: int, ratio: float, k: int) -> None:
     assert topk_count(n, ratio) == k
 
