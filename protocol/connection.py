@@ -199,6 +199,11 @@ class Connection:
             return self._fail(exc)
         except ProtocolError as exc:  # LocalProtocolError while parsing: the peer's fault
             return self._fail(RemoteProtocolError(str(exc), code=exc.code))
+        except Exception as exc:  # a bug on our side (e.g. in a message validator): never crash the node
+            err = ProtocolError(f"internal error on received data: {type(exc).__name__}: {exc}"[:200],
+                                code=ErrorCode.INTERNAL)
+            self._queue_closing(ProtocolErrorMsg(code=int(ErrorCode.INTERNAL), reason="internal error"))
+            return self._terminate(ConnState.ERROR, err)
 
     def _allowed(self, tag: MsgType) -> bool:
         if tag in _CLOSING_TAGS:
