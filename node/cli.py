@@ -87,7 +87,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     _opt(p, "--log-level", "LOG_LEVEL", "INFO", "lowest log level printed to stderr",
          choices=LOG_LEVELS, type=str.upper)
     _opt(p, "--ready-file", "READY_FILE", None,
-         "write JSON {address, listen, node_id, pid} here once listening", metavar="PATH")
+         "write JSON {address, listen, node_id, pid, ready_at} here once listening", metavar="PATH")
     _opt(p, "--handshake-timeout", "HANDSHAKE_TIMEOUT", "5.0",
          "seconds a connection may take to finish its handshake", metavar="S")
     _opt(p, "--dial-timeout", "DIAL_TIMEOUT", "2.0",

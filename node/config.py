@@ -123,7 +123,8 @@ class NodeConfig:
     """Lowest log level printed to stderr: DEBUG, INFO, WARNING or ERROR."""
 
     ready_file: Path | None = None
-    """If set, written once listening: JSON ``{"address", "listen", "node_id", "pid"}``."""
+    """If set, written once listening and joining: JSON ``{"address", "listen", "node_id", "pid",
+    "ready_at"}`` (``ready_at``: Unix time, for benchmarks measuring from that moment)."""
 
     handshake_timeout: float = 5.0
     """Seconds a connection may take to finish its handshake before it is closed."""

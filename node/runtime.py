@@ -31,6 +31,7 @@ import os
 import random
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from types import TracebackType
 from typing import Any
@@ -187,7 +188,7 @@ class Node:
         if self.config.ready_file is not None:
             _write_json(self.config.ready_file, {
                 "address": self.address, "listen": str(bound), "node_id": self.node_id.hex(),
-                "pid": os.getpid(),
+                "pid": os.getpid(), "ready_at": time.time(),
             })
 
     async def run_until_stopped(self) -> None:

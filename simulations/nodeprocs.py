@@ -15,14 +15,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node.config import parse_address
 from node.identity import create_mesh_key, load_mesh_key
-from node.status import fetch_status, reply_to_json
+from node.status import StatusClient, fetch_status, reply_to_json
 from protocol.errors import StarmeshError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,8 @@ class NodeProcess:
     proc: subprocess.Popen[bytes] | None = None
     address: str = ""
     node_id: str = ""
+    ready_at: float = 0.0
+    """Unix time the node wrote its ready file (listening, join sent)."""
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +78,7 @@ class NodeProcess:
         except (OSError, ValueError):
             return False
         self.address, self.node_id = data["address"], data["node_id"]
+        self.ready_at = float(data.get("ready_at", 0.0))
         return True
 
     def signal(self, sig: int) -> None:
@@ -156,6 +159,63 @@ class LocalMesh:
         except StarmeshError:
             return None
         return reply_to_json(reply)
+
+
+class Observer:
+    """Persistent CLIENT links to many nodes, polled concurrently from one asyncio loop.
+
+    ``async with Observer(secret) as obs: views = await obs.views(nodes)``. A node that does
+    not answer within ``timeout`` (frozen, dead) maps to None and is re-dialed next time.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+        self._clients: dict[str, StatusClient] = {}
+        self._group = asyncio.TaskGroup()
+
+    async def __aenter__(self) -> Observer:
+        await self._group.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for client in self._clients.values():
+            client.close()
+        await self._group.__aexit__(None, None, None)  # the body's exception propagates as is
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._group.create_task(coro)
+
+    async def view(self, node: NodeProcess, timeout: float = 1.0) -> View | None:
+        if not node.address:
+            return None
+        client = self._clients.get(node.address)
+        try:
+            if client is None or not client.is_open:
+                client = await StatusClient.connect(parse_address(node.address), mesh_secret=self.secret,
+                                                    spawn=self._spawn, timeout=timeout)
+                self._clients[node.address] = client
+            return reply_to_json(await client.request(timeout=timeout))
+        except StarmeshError:
+            if client is not None:
+                client.close()
+            self._clients.pop(node.address, None)
+            return None
+
+    async def views(self, nodes: Iterable[NodeProcess], timeout: float = 1.0) -> dict[str, View | None]:
+        targets = [n for n in nodes if n.address]
+        replies = await asyncio.gather(*(self.view(n, timeout) for n in targets))
+        return {n.node_id: r for n, r in zip(targets, replies, strict=True)}
+
+
+def converged(views: dict[str, View | None], expected: Iterable[str]) -> bool:
+    """Every view answered, lists exactly ``expected`` ids all alive, and all views are equal
+    (same members, states and incarnations): one identical view."""
+    want = set(expected)
+    seen = [states(v) for v in views.values()]
+    if not seen or any(v is None for v in views.values()):
+        return False
+    first = seen[0]
+    return set(first) == want and all(s == "alive" for s, _ in first.values()) and all(v == first for v in seen)
 
 
 def states(view: View | None) -> dict[str, tuple[str, int]]:
