@@ -96,6 +96,12 @@ def build_run_parser() -> argparse.ArgumentParser:
          "seconds spent on shutdown flushing the leave announcement", metavar="S")
     _opt(p, "--max-connections", "MAX_CONNECTIONS", "512",
          "most open connections; further inbound ones are refused", metavar="N")
+    _opt(p, "--max-handshaking", "MAX_HANDSHAKING", "64",
+         "most inbound connections still in their handshake; further ones are refused", metavar="N")
+    _opt(p, "--inbox-messages", "INBOX_MESSAGES", "64",
+         "messages buffered per connection before reading it pauses (backpressure)", metavar="N")
+    _opt(p, "--write-buffer-bytes", "WRITE_BUFFER_BYTES", str(8 * 1024 * 1024),
+         "per-connection write buffer above which gossip is dropped and senders wait", metavar="N")
     _opt(p, "--loop", "LOOP", "auto",
          "event loop: uvloop when installed (auto), or plain asyncio", choices=("auto", "asyncio"))
     _opt(p, "--seed", "SEED", None,
@@ -171,6 +177,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         dial_timeout=_float(args.dial_timeout, "--dial-timeout"),
         leave_timeout=_float(args.leave_timeout, "--leave-timeout"),
         max_connections=_int(args.max_connections, "--max-connections"),
+        max_handshaking=_int(args.max_handshaking, "--max-handshaking"),
+        inbox_messages=_int(args.inbox_messages, "--inbox-messages"),
+        write_buffer_bytes=_int(args.write_buffer_bytes, "--write-buffer-bytes"),
         use_uvloop=args.loop == "auto",
         seed=None if args.seed is None else _int(args.seed, "--seed"),
     )

@@ -49,7 +49,7 @@ from node.status import build_status_reply
 from node.transport import Handler, Link, LinkSettings, Traffic
 from protocol import crypto
 from protocol.connection import Channel
-from protocol.errors import ConfigError, TransportError
+from protocol.errors import ConfigError, ErrorCode, TransportError
 from protocol.messages.gossip import NodeMeta
 from protocol.schema import Message
 from protocol.tags import MsgType
@@ -260,7 +260,8 @@ class Node:
     async def _serve_status(self, link: Link, message: Message) -> None:
         now = asyncio.get_running_loop().time()
         reply = build_status_reply(self.members(), self_id=self.node_id, now=now, uptime_s=now - self._started)
-        await link.send(reply)
+        if not link.send_nowait(reply):  # never wait on a client that does not read its replies
+            link.abort(ErrorCode.LIMIT_EXCEEDED, "status client is not reading its replies")
 
     # ---- public API -----------------------------------------------------------------
 

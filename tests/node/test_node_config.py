@@ -149,7 +149,8 @@ def test_cli_help_names_every_env_var(capsys: pytest.CaptureFixture[str]) -> Non
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for name in ("LISTEN", "ADVERTISE", "JOIN", "DATA_DIR", "MESH_KEY_FILE", "PRESET", "LOG_LEVEL",
-                 "READY_FILE", "HANDSHAKE_TIMEOUT", "DIAL_TIMEOUT", "LEAVE_TIMEOUT", "LOOP", "SEED"):
+                 "READY_FILE", "HANDSHAKE_TIMEOUT", "DIAL_TIMEOUT", "LEAVE_TIMEOUT", "LOOP", "SEED",
+                 "MAX_CONNECTIONS", "MAX_HANDSHAKING", "INBOX_MESSAGES", "WRITE_BUFFER_BYTES"):
         assert f"STARMESH_{name}" in out
     assert "mesh-key new" in out and "status" in out
 
