@@ -79,7 +79,8 @@ def build_run_parser() -> argparse.ArgumentParser:
         "--join", action="append", metavar="HOST:PORT",
         default=None,
         help="a member to join through; repeat for several seeds "
-        "[env STARMESH_JOIN, comma separated; default: none, start a new mesh]",
+        "[env STARMESH_JOIN, comma separated; default: the live members remembered in "
+        "DATA_DIR/peers from the last run, else start a new mesh]",
     )
     _add_key_options(p)
     _opt(p, "--preset", "PRESET", "lan",

@@ -111,7 +111,8 @@ class NodeConfig:
     """Holds ``identity.key`` (Ed25519, 0600), ``incarnation`` and, by default, ``mesh.key``."""
 
     seeds: tuple[Address, ...] = ()
-    """Members to join through (push/pull with the first that answers). Empty: a new mesh."""
+    """Members to join through (push/pull with the first that answers). Empty: the live
+    members remembered in ``<data_dir>/peers`` from the last run, if any, else a new mesh."""
 
     mesh_key_file: Path | None = None
     """The mesh secret file; None means ``<data_dir>/mesh.key``. Created (0600) if missing."""
@@ -179,6 +180,10 @@ class NodeConfig:
     @property
     def incarnation_path(self) -> Path:
         return self.data_dir / "incarnation"
+
+    @property
+    def peers_path(self) -> Path:
+        return self.data_dir / "peers"
 
     def advertise_for(self, bound: Address) -> Address:
         """The address to advertise once the listener is bound to ``bound``."""

@@ -3,6 +3,7 @@
 ``identity.key``  the node's Ed25519 private key (``protocol.crypto.identity_to_bytes``), 0600.
 ``mesh.key``      the mesh secret as one line of text (``mesh_secret_to_text``), 0600.
 ``incarnation``   the highest SWIM incarnation this identity has used, as decimal text.
+``peers``         addresses of live members last seen (one per line), to rejoin after a restart.
 ``node.lock``     held (``flock``) while a node runs, so two nodes never share an identity.
 
 Secrets are created with ``O_EXCL`` and mode 0600 from the first byte (no chmod race), and
@@ -126,6 +127,29 @@ def store_incarnation(path: Path, incarnation: int) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot store incarnation: {exc.strerror or exc}") from None
+
+
+#: Most remembered peer addresses (a restarted node tries them all as seeds).
+MAX_PEERS = 16
+
+
+def load_peers(path: Path) -> list[str]:
+    """Remembered peer addresses (unparsed; the caller validates). Empty when none or unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")[: MAX_PEERS * 300]
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()][:MAX_PEERS]
+
+
+def store_peers(path: Path, addresses: list[str]) -> None:
+    """Replace the remembered peer addresses (at most ``MAX_PEERS``), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text("".join(f"{a}\n" for a in addresses[:MAX_PEERS]), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot store peers: {exc.strerror or exc}") from None
 
 
 class DataDirLock:

@@ -97,12 +97,15 @@ class Membership:
         pool: Pool,
         spawn: Spawn,
         on_incarnation: Callable[[int], None],
+        on_peers: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.swim = swim
         self.node_id = node_id
         self._pool = pool
         self._spawn = spawn
         self._on_incarnation = on_incarnation
+        self._on_peers = on_peers
+        self._peers: list[str] = []
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0
@@ -168,8 +171,12 @@ class Membership:
         """After every input: send, report events, re-arm the one timer."""
         for address, message in self.swim.messages_to_send():
             self._send(address, message)
+        changed = False
         while (event := self.swim.next_event()) is not None:
             self._report(event)
+            changed = True
+        if changed and self._on_peers is not None and not self._stopped:
+            self._remember_peers()
         if self.swim.incarnation != self._incarnation:
             self._incarnation = self.swim.incarnation
             self._on_incarnation(self._incarnation)
@@ -190,6 +197,8 @@ class Membership:
         if member.node_id == self.node_id and event.kind is EventKind.UPDATED:
             return
         level, line = format_event(event, self.node_id)
+        if event.kind is EventKind.SEED_UNREACHABLE and not self._should_warn("<seeds>"):
+            level = logging.DEBUG
         log.log(level, "%s", line)
         if event.kind in (EventKind.DEAD, EventKind.LEFT) and member.node_id != self.node_id:
             self._pool.close_address(member.address)
@@ -198,6 +207,14 @@ class Membership:
                 listener(event)
             except Exception:
                 log.exception("member event listener failed")
+
+    def _remember_peers(self) -> None:
+        assert self._on_peers is not None
+        live = (MemberStatus.ALIVE, MemberStatus.SUSPECT)
+        peers = sorted(m.address for m in self.swim.members() if m.status in live and m.node_id != self.node_id)
+        if peers and peers != self._peers:
+            self._peers = peers
+            self._on_peers(peers)
 
     def _send(self, address: str, message: Message) -> None:
         link = self._pool.get_open(address, Channel.CONTROL)
@@ -222,13 +239,19 @@ class Membership:
         for message in self._pending.pop(address, ()):
             link.send_nowait(message)
 
+    def _should_warn(self, key: str) -> bool:
+        """At most one warning per ``key`` every ``WARN_EVERY_S`` seconds."""
+        now = self._loop.time()
+        if now - self._warned.get(key, -WARN_EVERY_S) < WARN_EVERY_S:
+            return False
+        if len(self._warned) > MAX_PENDING_ADDRESSES:
+            self._warned.clear()
+        self._warned[key] = now
+        return True
+
     def _unreachable(self, address: str, error: StarmeshError) -> None:
         now = self._loop.time()
-        refused = isinstance(error, RemoteProtocolError)
-        if refused and now - self._warned.get(address, -WARN_EVERY_S) >= WARN_EVERY_S:
-            if len(self._warned) > MAX_PENDING_ADDRESSES:
-                self._warned.clear()
-            self._warned[address] = now
+        if isinstance(error, RemoteProtocolError) and self._should_warn(address):
             log.warning("%s refused our handshake: %s", address, describe_error(error))
         else:
             log.debug("%s unreachable: %s", address, describe_error(error))

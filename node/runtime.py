@@ -41,7 +41,7 @@ from discovery.members import MemberView
 from discovery.swim import Swim
 from node import identity as files
 from node.allreduce.adapter import AllReduceOutcome, AllReduceService
-from node.config import Address, NodeConfig
+from node.config import Address, NodeConfig, parse_address
 from node.membership import EventListener, Membership
 from node.pool import Pool
 from node.resources import basic_meta, detect_gpus_async, torch_versions
@@ -164,15 +164,14 @@ class Node:
         )
         self._membership = Membership(
             swim=swim, node_id=self.node_id, pool=pool, spawn=self.spawn,
-            on_incarnation=self._store_incarnation,
+            on_incarnation=self._store_incarnation, on_peers=self._store_peers,
         )
         self._membership.start_above(last_incarnation)
         self._dispatch[Channel.CONTROL].update(self._membership.handlers())
         self._dispatch[Channel.CLIENT][MsgType.STATUS_REQUEST] = self._serve_status
         self._membership.add_listener(self.allreduce.member_event)
         await pool.start_serving()
-        seeds = [str(s) for s in config.seeds if str(s) != self.address]
-        self._membership.join(seeds)
+        self._membership.join(self._seeds())
         self._announce(bound)
         self.spawn(self._detect_resources())
 
@@ -250,6 +249,21 @@ class Node:
     def _link_lost(self, link: Link, error: BaseException | None) -> None:
         if self._membership is not None and not self._stopping:
             self._membership.link_lost(link, error)
+
+    def _seeds(self) -> list[str]:
+        """``--join`` seeds, else the live members remembered from the last run (rejoin)."""
+        seeds = [str(s) for s in self.config.seeds]
+        if not seeds:
+            seeds = [p for p in files.load_peers(self.config.peers_path) if _is_address(p)]
+            if seeds:
+                log.info("rejoining through %d peers remembered in %s", len(seeds), self.config.peers_path)
+        return [s for s in seeds if s != self.address]
+
+    def _store_peers(self, addresses: list[str]) -> None:
+        try:
+            files.store_peers(self.config.peers_path, addresses)
+        except ConfigError as exc:
+            log.error("%s", exc)
 
     def _store_incarnation(self, incarnation: int) -> None:
         try:
@@ -331,6 +345,14 @@ class Node:
         """
         return await self.allreduce.all_reduce(tensor, group=group, codec=codec, timeout=timeout,
                                                key=key, **options)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        parse_address(text)
+    except ConfigError:
+        return False
+    return True
 
 
 async def _logged(coro: Coroutine[Any, Any, None]) -> None:

@@ -138,3 +138,14 @@ def test_status_reply_and_json() -> None:
     assert (member["cpus"], member["memory_bytes"], member["torch_version"], member["cuda_version"]) == (
         4, 2**33, "2.3.0", "12.1")
     assert member["gpus"] == [{"name": "G", "memory_bytes": 2**30}]
+
+
+def test_peers_roundtrip_and_bounds(tmp_path: Path) -> None:
+    path = tmp_path / "peers"
+    assert files.load_peers(path) == []
+    files.store_peers(path, ["127.0.0.1:7401", "10.0.0.2:7400"])
+    assert files.load_peers(path) == ["127.0.0.1:7401", "10.0.0.2:7400"]
+    files.store_peers(path, [f"10.0.0.{i}:7400" for i in range(100)])
+    assert len(files.load_peers(path)) == files.MAX_PEERS
+    path.write_bytes(b"\xff\xfe garbage\n\n  10.0.0.9:1  \n")
+    assert files.load_peers(path) == ["\ufffd\ufffd garbage", "10.0.0.9:1"]  # the caller validates

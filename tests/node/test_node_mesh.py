@@ -63,7 +63,7 @@ def _start_mesh(mesh: LocalMesh, n: int) -> list[NodeProcess]:
 
 def test_join_kill_leave_restart(local_mesh: LocalMesh) -> None:
     nodes = _start_mesh(local_mesh, 5)
-    seed, victim, leaver, *rest = nodes
+    victim, leaver, *rest = nodes  # the victim is the seed: on restart it rejoins by itself
 
     out = subprocess.run(
         [sys.executable, "-m", "node", "status", "--json", "--connect", rest[0].address,
@@ -75,10 +75,11 @@ def test_join_kill_leave_restart(local_mesh: LocalMesh) -> None:
     assert sorted(m["id"] for m in view["members"]) == sorted(n.node_id for n in nodes)
     assert {m["state"] for m in view["members"]} == {"alive"}
     assert all(m["cpus"] >= 1 and m["address"].startswith("127.0.0.1:") for m in view["members"])
-    before = states(local_mesh.views([seed])[seed.node_id])[victim.node_id][1]
+    observer = rest[0]
+    before = states(local_mesh.views([observer])[observer.node_id])[victim.node_id][1]
 
     victim.kill()  # SIGKILL: no goodbye
-    survivors = [seed, leaver, *rest]
+    survivors = [leaver, *rest]
     _all_see(local_mesh, survivors, {victim.node_id: "dead"}, timeout=20)
 
     started = time.monotonic()
@@ -86,16 +87,17 @@ def test_join_kill_leave_restart(local_mesh: LocalMesh) -> None:
     assert leaver.proc is not None
     assert leaver.proc.wait(5) == 0
     assert time.monotonic() - started < 2.0
-    survivors = [seed, *rest]
+    survivors = rest
     _all_see(local_mesh, survivors, {leaver.node_id: "left", victim.node_id: "dead"}, timeout=10)
 
-    victim.restart()  # same data dir: same identity, new port
+    victim.restart()  # same data dir: same identity, new port, no --join: remembered peers
     local_mesh.wait_ready([victim])
-    views = _all_see(local_mesh, [*survivors, victim], {victim.node_id: "alive", seed.node_id: "alive"},
-                     timeout=20)
+    views = _all_see(local_mesh, [*survivors, victim],
+                     {victim.node_id: "alive", **{n.node_id: "alive" for n in rest}}, timeout=20)
     for v in views.values():
         assert states(v)[victim.node_id][1] > before
-    assert "member dead" in seed.log_text() and "member left" in seed.log_text()
+    assert "rejoining through" in victim.log_text()
+    assert "member dead" in observer.log_text() and "member left" in observer.log_text()
 
 
 def test_wrong_key_and_hostile_clients_do_not_disturb(local_mesh: LocalMesh, tmp_path: Path) -> None:
