@@ -19,7 +19,7 @@ Non-finite *inputs* never crash an encoder and have a defined meaning:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +31,8 @@ from protocol.tensor.spec import CodecId
 Floats = NDArray[np.float32]
 Parts = tuple[NDArray[Any], ...]
 
+#: Elements per slice in ``map_slices`` (256 KiB of float32).
+SLICE = 1 << 16
 FP16_MAX = 65504.0
 #: INT8_ABSMAX code for a non-finite input.
 INT8_NAN_CODE = -128
@@ -74,7 +76,7 @@ class Fp16Codec(ValueCodec):
     codec_id = CodecId.FP16
 
     def encode(self, values: Floats, *, block: int) -> Parts:
-        return (float_to_half(values),)
+        return (map_slices(float_to_half, values, F16),)
 
     def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
         return np.take(_HALF_TO_FLOAT, parts[0].view(np.uint16))  # 4x faster than astype
@@ -124,25 +126,44 @@ class Bf16Codec(ValueCodec):
     codec_id = CodecId.BF16
 
     def encode(self, values: Floats, *, block: int) -> Parts:
-        bits = values.view(np.uint32)
-        mag = bits & np.uint32(0x7FFFFFFF)
-        lsb = (mag >> np.uint32(16)) & np.uint32(1)
-        mag += np.uint32(0x7FFF)
-        mag += lsb
-        mag >>= np.uint32(16)
-        out = mag.astype(U16)
-        if out.size and int(out.max()) >= 0x7F80:  # Inf, NaN or a finite value rounded up to Inf
-            finite = np.isfinite(values)
-            out[np.isnan(values)] = 0x7FC0
-            out[finite & (out >= 0x7F80)] = 0x7F7F
-            out[np.isinf(values)] = 0x7F80
-        out |= (bits >> np.uint32(16)).astype(U16) & np.uint16(0x8000)
-        return (out,)
+        return (map_slices(float_to_bfloat16, values, U16),)
 
     def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
         wide = parts[0].astype(np.uint32)
         wide <<= np.uint32(16)
         return wide.view(np.float32)
+
+
+def float_to_bfloat16(values: Floats) -> NDArray[np.uint16]:
+    """float32 -> bfloat16 bits, round to nearest even; NaN quiet, finite overflow saturates."""
+    bits = values.view(np.uint32)
+    mag = bits & np.uint32(0x7FFFFFFF)
+    lsb = (mag >> np.uint32(16)) & np.uint32(1)
+    mag += np.uint32(0x7FFF)
+    mag += lsb
+    mag >>= np.uint32(16)
+    if mag.size and int(mag.max()) >= 0x7F80:  # Inf, NaN or a finite value rounded up to Inf
+        mag[(mag >= 0x7F80) & np.isfinite(values)] = 0x7F7F
+        mag[np.isnan(values)] = 0x7FC0
+        mag[np.isinf(values)] = 0x7F80
+    sign = bits >> np.uint32(16)
+    sign &= np.uint32(0x8000)
+    mag |= sign
+    return mag.astype(U16)
+
+
+def map_slices(
+    fn: Callable[[Floats], NDArray[Any]], values: Floats, dtype: np.dtype
+) -> NDArray[Any]:
+    """``fn`` applied to cache-sized slices: multi-pass elementwise numpy code runs ~3x faster
+    when its temporaries stay in L2 than when each pass streams the whole chunk from RAM."""
+    n = values.size
+    if n <= SLICE:
+        return fn(values)
+    out = np.empty(n, dtype)
+    for i in range(0, n, SLICE):
+        out[i : i + SLICE] = fn(values[i : i + SLICE])
+    return out
 
 
 class Int8AbsmaxCodec(ValueCodec):
@@ -152,24 +173,15 @@ class Int8AbsmaxCodec(ValueCodec):
 
     def encode(self, values: Floats, *, block: int) -> Parts:
         n = values.size
-        nblocks = -(-n // block)
-        padded = _padded_blocks(values, block, nblocks)
-        absmax = np.maximum(padded.max(axis=1), -padded.min(axis=1)) if n else np.zeros(0, F32)
-        bad: NDArray[np.bool_] | None = None
-        if not np.isfinite(absmax).all():
-            bad = ~np.isfinite(padded)
-            padded = np.where(bad, np.float32(0), padded)
-            absmax = np.maximum(padded.max(axis=1), -padded.min(axis=1))
-        inv = np.zeros(nblocks, F32)
-        np.divide(np.float32(127), absmax, out=inv, where=absmax >= INT8_TINY)
-        scaled = padded * inv[:, None]
-        np.rint(scaled, out=scaled)
-        codes = scaled.astype(I8).reshape(-1)[:n]
-        if bad is not None:
-            codes[bad.reshape(-1)[:n]] = INT8_NAN_CODE
-        scales = np.where(
-            inv > 0, np.minimum(absmax / np.float32(127), INT8_MAX_SCALE), np.float32(0)
-        )
+        step = block * max(1, SLICE // block)
+        if n <= step:
+            return _int8_encode(values, block)
+        scales = np.empty(-(-n // block), F32)
+        codes = np.empty(n, I8)
+        for i in range(0, n, step):
+            part_scales, part_codes = _int8_encode(values[i : i + step], block)
+            scales[i // block : i // block + part_scales.size] = part_scales
+            codes[i : i + part_codes.size] = part_codes
         return (scales, codes)
 
     def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
@@ -190,6 +202,28 @@ class Int8AbsmaxCodec(ValueCodec):
         return out
 
 
+def _int8_encode(values: Floats, block: int) -> tuple[Floats, NDArray[np.int8]]:
+    """(scales, codes) of one slice holding whole blocks (the last may be partial)."""
+    n = values.size
+    nblocks = -(-n // block)
+    padded = _padded_blocks(values, block, nblocks)
+    absmax = np.maximum(padded.max(axis=1), -padded.min(axis=1)) if n else np.zeros(0, F32)
+    bad: NDArray[np.bool_] | None = None
+    if not np.isfinite(absmax).all():
+        bad = ~np.isfinite(padded)
+        padded = np.where(bad, np.float32(0), padded)
+        absmax = np.maximum(padded.max(axis=1), -padded.min(axis=1))
+    inv = np.zeros(nblocks, F32)
+    np.divide(np.float32(127), absmax, out=inv, where=absmax >= INT8_TINY)
+    scaled = padded * inv[:, None]
+    np.rint(scaled, out=scaled)
+    codes = scaled.astype(I8).reshape(-1)[:n]
+    if bad is not None:
+        codes[bad.reshape(-1)[:n]] = INT8_NAN_CODE
+    scale = np.minimum(absmax / np.float32(127), INT8_MAX_SCALE)
+    return np.where(inv > 0, scale, np.float32(0)), codes
+
+
 class Sigma8Codec(ValueCodec):
     """6-sigma uniform 8-bit (hivemind ``Uniform8BitQuantization``, PRIME): per chunk,
     ``scale = 6 * std / 256``, ``code = clip(rint((x - mean) / scale) + 128, 0, 255)``, and a
@@ -200,33 +234,24 @@ class Sigma8Codec(ValueCodec):
     def encode(self, values: Floats, *, block: int) -> Parts:
         n = values.size
         mean = float(np.mean(values, dtype=np.float64)) if n else 0.0
-        finite: NDArray[np.bool_] | None = None
-        if not np.isfinite(mean):
-            finite = np.isfinite(values)
-            kept = values[finite]
+        finite = True
+        if not np.isfinite(mean):  # NaN/Inf present: statistics over the finite values
+            finite = False
+            kept = values[np.isfinite(values)]
             mean = float(np.mean(kept, dtype=np.float64)) if kept.size else 0.0
-        else:
-            kept = values
-        centered = kept - np.float32(mean)
-        std = _std(centered)
-        inv = (
-            np.float32(SIGMA8_BINS / (SIGMA8_RANGE * std))
-            if std > 0 and np.isfinite(SIGMA8_BINS / (SIGMA8_RANGE * std))
-            else np.float32(0)
-        )
-        centered *= inv
-        np.rint(centered, out=centered)
-        centered += np.float32(SIGMA8_BINS // 2)
-        np.clip(centered, 0, SIGMA8_BINS - 1, out=centered)
-        if finite is None:
-            codes = centered.astype(U8)
-        else:
-            codes = np.where(values == -np.inf, np.uint8(0), np.uint8(SIGMA8_BINS - 1))
-            codes[finite] = centered.astype(U8)
-        counts = np.bincount(codes, minlength=SIGMA8_BINS)
-        sums = np.bincount(codes, weights=values, minlength=SIGMA8_BINS)
-        with np.errstate(invalid="ignore"):
-            book = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(F32)
+        std = _std(values if finite else kept, np.float32(mean))
+        inv64 = SIGMA8_BINS / (SIGMA8_RANGE * std) if std > 0 else 0.0
+        inv = np.float32(inv64 if inv64 < 1e38 else 0.0)
+        codes = np.empty(n, U8)
+        counts = np.zeros(SIGMA8_BINS, np.int64)
+        sums = np.zeros(SIGMA8_BINS, np.float64)
+        for i in range(0, n, SLICE):  # cache-sized slices (see map_slices)
+            v = values[i : i + SLICE]
+            code = _sigma8_codes(v, np.float32(mean), inv, finite)
+            codes[i : i + SLICE] = code
+            counts += np.bincount(code, minlength=SIGMA8_BINS)
+            sums += np.bincount(code, weights=v, minlength=SIGMA8_BINS)
+        book = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(F32)
         return (book, codes)
 
     def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
@@ -244,15 +269,32 @@ def _padded_blocks(values: Floats, block: int, nblocks: int) -> Floats:
     return padded.reshape(nblocks, block)
 
 
-def _std(centered: Floats) -> float:
-    """Unbiased standard deviation of already-centered values (0 for fewer than 2)."""
-    n = centered.size
+def _sigma8_codes(v: Floats, mean: np.float32, inv: np.float32, finite: bool) -> NDArray[np.uint8]:
+    c = v - mean
+    c *= inv
+    np.rint(c, out=c)
+    c += np.float32(SIGMA8_BINS // 2)
+    np.clip(c, 0, SIGMA8_BINS - 1, out=c)
+    code = c.astype(U8)
+    if not finite:
+        bad = ~np.isfinite(v)
+        code[bad] = np.where(v[bad] == -np.inf, 0, SIGMA8_BINS - 1)
+    return code
+
+
+def _std(values: Floats, mean: np.float32) -> float:
+    """Unbiased standard deviation of finite ``values`` around ``mean`` (0 for fewer than 2)."""
+    n = values.size
     if n < 2:
         return 0.0
-    ss = float(np.dot(centered, centered))
-    if not np.isfinite(ss):  # float32 overflow of huge values: redo in float64
-        wide = centered.astype(np.float64)
-        ss = float(np.dot(wide, wide))
+    ss = 0.0
+    for i in range(0, n, SLICE):
+        c = values[i : i + SLICE] - mean
+        part = float(np.dot(c, c))
+        if not np.isfinite(part):  # float32 overflow of huge values: redo in float64
+            wide = values[i : i + SLICE].astype(np.float64) - float(mean)
+            part = float(np.dot(wide, wide))
+        ss += part
     return float(np.sqrt(ss / (n - 1)))
 
 

@@ -68,7 +68,7 @@ def check_bound(x: Floats, y: Floats, codec: CodecSpec) -> None:
 
 
 @pytest.mark.parametrize("name", ALL_SPECS)
-@pytest.mark.parametrize("n", [0, 1, 7, 129, 1000, 4099])
+@pytest.mark.parametrize("n", [0, 1, 7, 129, 1000, 4099, (1 << 16) + 1, 3 * (1 << 16) - 5])
 def test_random_normal_roundtrip(name: str, n: int) -> None:
     rng = np.random.default_rng(n)
     x = (rng.standard_normal(n) * 0.02).astype(np.float32)
