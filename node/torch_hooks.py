@@ -20,6 +20,7 @@ same buckets. torch is imported only by this module.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -75,6 +76,13 @@ def mesh_allreduce_hook(state: MeshHookState, bucket: Any) -> Any:
         return result
     future.add_done_callback(done)
     return result
+
+
+# DDP checks the hook's annotations against torch's own types (GradBucket, Future[Tensor]);
+# postponed (string) annotations fail that check, so the hook presents an unannotated signature.
+_P = inspect.Parameter
+mesh_allreduce_hook.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [_P("state", _P.POSITIONAL_OR_KEYWORD), _P("bucket", _P.POSITIONAL_OR_KEYWORD)])
 
 
 class MeshGradientAverager:
