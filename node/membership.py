@@ -275,7 +275,11 @@ class Membership:
         self._listeners.append(listener)
 
     def busy(self) -> bool:
-        """True while gossip is queued for dialing or still in a write buffer."""
+        """True while gossip is queued (for someone live to hear), being dialed, or still in a
+        write buffer. After ``leave()``: the announcement is not out yet."""
+        live = (MemberStatus.ALIVE, MemberStatus.SUSPECT)
+        if not any(m.status in live for m in self.swim.members() if m.node_id != self.node_id):
+            return False  # nobody left to tell
         pending = bool(self._pending) or self.swim.pending_broadcasts > 0
         return pending or not self._pool.write_buffers_empty()
 
