@@ -11,15 +11,10 @@ them with ``chunk_ranges``::
 from __future__ import annotations
 
 from protocol.tensor.chunk import TensorChunk
+from protocol.tensor.ids import CodecId, DType
 from protocol.tensor.pipeline import ErrorFeedback, chunk_ranges, decode_chunk, encode_chunk
 from protocol.tensor.registry import STAGES
-from protocol.tensor.spec import (
-    DEFAULT_CHUNK_ELEMENTS,
-    MAX_CHUNK_ELEMENTS,
-    CodecId,
-    CodecSpec,
-    DType,
-)
+from protocol.tensor.spec import DEFAULT_CHUNK_ELEMENTS, MAX_CHUNK_ELEMENTS, CodecSpec
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from protocol.limits import MAX_DECOMPRESSED_CHUNK_BYTES, MAX_TENSOR_CHUNK_BYTES
 from protocol.schema import Bytes, EnumOf, IntRange, ListOf, Struct, UInt, spec
-from protocol.tensor.spec import MAX_CHUNK_ELEMENTS, MAX_INT8_BLOCK, MAX_STAGES, CodecId, DType
+from protocol.tensor.ids import CodecId, DType
+from protocol.tensor.spec import MAX_CHUNK_ELEMENTS, MAX_INT8_BLOCK, MAX_STAGES
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

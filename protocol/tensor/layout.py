@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from protocol.tensor.spec import CodecId
+from protocol.tensor.ids import CodecId
 
 F32 = np.dtype("<f4")
 F16 = np.dtype("<f2")

@@ -32,9 +32,10 @@ from numpy.typing import NDArray
 from protocol.errors import CodecError, ErrorCode, RemoteCodecError, map_exceptions
 from protocol.limits import MAX_DECOMPRESSED_CHUNK_BYTES, MAX_TENSOR_CHUNK_BYTES
 from protocol.tensor.chunk import TensorChunk
+from protocol.tensor.ids import VALUE_CODECS, CodecId, DType
 from protocol.tensor.layout import raw_size, sections
 from protocol.tensor.registry import TOPK, VALUES, ZSTD
-from protocol.tensor.spec import VALUE_CODECS, CodecId, CodecSpec, DType, topk_count
+from protocol.tensor.spec import CodecSpec, topk_count
 from protocol.tensor.stages import split_sections
 
 Floats = NDArray[np.float32]

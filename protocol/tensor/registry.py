@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from protocol.tensor.spec import VALUE_CODECS, CodecId
+from protocol.tensor.ids import VALUE_CODECS, CodecId
 from protocol.tensor.stages import TopKStage, ZstdStage
 from protocol.tensor.values import VALUE_STRATEGIES, ValueCodec
 

@@ -20,36 +20,13 @@ e.g. ``"int8+zstd"``, ``"topk:0.01+fp16+zstd"``, ``"zstd:3"`` (= ``none+zstd:3``
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 
 from protocol.errors import ConfigError
 from protocol.limits import MAX_DECOMPRESSED_CHUNK_BYTES, MAX_TENSOR_CHUNK_BYTES
-
-
-class CodecId(enum.IntEnum):
-    """One stage of a codec chain, as carried on the wire. APPEND ONLY."""
-
-    NONE = 0
-    FP16 = 1
-    BF16 = 2
-    INT8_ABSMAX = 3
-    SIGMA8 = 4
-    TOPK = 5
-    ZSTD = 6
-
-
-class DType(enum.IntEnum):
-    """Element type of a chunk's decoded values. Version 1 defines only FLOAT32. APPEND ONLY."""
-
-    FLOAT32 = 0
-
-
-#: Value stages: exactly one per chain.
-VALUE_CODECS = frozenset(
-    {CodecId.NONE, CodecId.FP16, CodecId.BF16, CodecId.INT8_ABSMAX, CodecId.SIGMA8}
-)
+from protocol.tensor.ids import VALUE_CODECS, CodecId
+from protocol.tensor.layout import raw_size
 
 #: Most stages a chain can have (TOPK, VALUE, ZSTD).
 MAX_STAGES = 3
@@ -97,12 +74,6 @@ def topk_count(numel: int, ratio: float) -> int:
     if numel <= 0:
         return 0
     return min(numel, max(1, math.ceil(ratio * numel - 1e-9)))
-
-
-def zstd_bound(size: int) -> int:
-    """``ZSTD_COMPRESSBOUND(size)`` plus frame header room: zstd never outputs more."""
-    small = (128 * 1024 - size) >> 11 if size < 128 * 1024 else 0
-    return size + (size >> 8) + small + 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,13 +136,11 @@ class CodecSpec:
         return self.value is CodecId.NONE and self.topk_ratio is None
 
     def max_payload_bytes(self) -> int:
-        """Largest payload a full chunk can produce (before zstd, or zstd's bound)."""
-        from protocol.tensor.layout import raw_size  # layout imports this module
-
+        """Largest payload of a full chunk: its raw size (a chunk whose zstd frame would not
+        be smaller than that is sent without ZSTD)."""
         n = self.chunk_elements
         kept = n if self.topk_ratio is None else topk_count(n, self.topk_ratio)
-        raw = raw_size(self.stages, kept=kept, block=self.int8_block)
-        return raw  # a chunk whose zstd frame is not smaller than ``raw`` is sent without ZSTD
+        return raw_size(self.stages, kept=kept, block=self.int8_block)
 
     @property
     def name(self) -> str:

@@ -13,8 +13,9 @@ import zstandard
 from numpy.typing import NDArray
 
 from protocol.errors import RemoteCodecError
+from protocol.tensor.ids import CodecId
 from protocol.tensor.layout import U8, U32, Section
-from protocol.tensor.spec import MAX_ZSTD_LEVEL, CodecId
+from protocol.tensor.spec import MAX_ZSTD_LEVEL
 
 Indices = NDArray[np.int64]
 

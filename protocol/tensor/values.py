@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
+from protocol.tensor.ids import CodecId
 from protocol.tensor.layout import F16, F32, I8, SIGMA8_BINS, U8, U16
-from protocol.tensor.spec import CodecId
 
 Floats = NDArray[np.float32]
 Parts = tuple[NDArray[Any], ...]

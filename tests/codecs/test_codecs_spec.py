@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from protocol.errors import ConfigError
 from protocol.tensor import STAGES, CodecId, CodecSpec, chunk_ranges
-from protocol.tensor.spec import MAX_CHUNK_ELEMENTS, VALUE_CODECS, topk_count
+from protocol.tensor.ids import VALUE_CODECS
+from protocol.tensor.spec import MAX_CHUNK_ELEMENTS, topk_count
 
 T = CodecId
 
