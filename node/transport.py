@@ -19,10 +19,12 @@ A ``Link`` is one TCP connection and its ``Connection`` core. Bytes flow one way
 * Send. ``send_nowait`` is best effort (gossip; SWIM tolerates loss): dropped when the link
   is not open or its write buffer is above ``write_buffer_bytes``. ``await send`` waits
   for the transport to drain below the high-water mark first (``pause_writing``).
-* Termination. ``ConnectionTerminated`` (a peer violation, our timeout, or the peer's
-  goodbye), EOF, or a socket error closes the link once: pending output (an ERROR frame) is
-  written, the transport closed, the timer cancelled, the reader told to stop, and
-  ``on_close(link, error)`` called with the reason (None for a graceful goodbye).
+* Termination. ``ConnectionTerminated`` (a peer violation, our timeout, the peer's goodbye,
+  or EOF once everything before it was delivered), or a socket error closes the link once:
+  pending output (an ERROR frame) is written, the transport closed, the timer cancelled,
+  and ``on_close(link, error)`` called with the reason (None for a graceful goodbye; EOF
+  without goodbye is a ``TransportError``). Messages already in the inbox are still
+  handed to their handlers (they were valid), except after ``abort``/``force_close``.
 
 Invariants: the core is fed only from the event loop thread; a link closes exactly once;
 nothing a peer sends raises out of a callback.
@@ -180,7 +182,7 @@ class Link(asyncio.Protocol):
             self._at_eof = True
             self.core.receive_data(b"")
             self._pump()
-        return False
+        return True  # we close once the core has delivered what came before the EOF
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
@@ -297,10 +299,8 @@ class Link(asyncio.Protocol):
                     return
                 self._inbox_ready.clear()
                 await self._inbox_ready.wait()
-            message = self._inbox.popleft()
-            if self._done:
-                return
-            if self._reading_paused and len(self._inbox) <= self.settings.inbox_messages // 2:
+            message = self._inbox.popleft()  # delivered even after a close: it was valid
+            if self._reading_paused and not self._done and len(self._inbox) <= self.settings.inbox_messages // 2:
                 self._resume_reading()
             await self._handle(message)
 
@@ -315,7 +315,8 @@ class Link(asyncio.Protocol):
         except RemoteProtocolError as exc:
             self.abort(exc.code, str(exc))
         except StarmeshError as exc:
-            log.warning("%s: handler for %s failed: %s", self.describe(), message.TAG.name, exc)
+            level = logging.DEBUG if self._done else logging.WARNING  # e.g. replying on a closed link
+            log.log(level, "%s: handler for %s failed: %s", self.describe(), message.TAG.name, exc)
         except Exception:
             log.exception("%s: handler for %s crashed", self.describe(), message.TAG.name)
 
@@ -375,12 +376,16 @@ class Link(asyncio.Protocol):
         self._finish(None if code is None else LocalProtocolError(reason, code=code))
 
     def abort(self, code: ErrorCode, reason: str) -> None:
-        """Close because the peer broke the protocol: log it as a rejected peer."""
+        """Close because the peer broke the protocol: log it as a rejected peer; drop its inbox."""
+        if self._done:
+            return
+        self._inbox.clear()
         log.warning("rejected %s: %s: %s", self.describe(), code.name, reason)
         self.close(code, reason)
 
     def force_close(self) -> None:
         """Drop the socket now, discarding unsent output (shutdown after the linger time)."""
+        self._inbox.clear()
         self._finish(TransportError("aborted"))
         if self._transport is not None:
             self._transport.abort()

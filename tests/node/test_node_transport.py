@@ -201,3 +201,30 @@ async def test_lost_connection_is_reported_not_graceful() -> None:
         graceful.close()
         await until(lambda: len(a.lost) == 2)
         assert a.lost[1][1] is None
+
+
+@pytest.mark.parametrize("goodbye", [True, False])
+async def test_messages_before_close_are_delivered(goodbye: bool) -> None:
+    async with mesh(2, inbox_messages=4) as (a, b):
+        release = asyncio.Event()
+        got: list[int] = []
+
+        async def slow(link: Link, message: Message) -> None:
+            await release.wait()
+            assert isinstance(message, Ack)
+            got.append(message.seq)
+
+        b.dispatch[Channel.BULK][MsgType.ACK] = slow
+        link = await a.pool.connect(b.address, Channel.BULK)
+        for i in range(500):
+            await link.send(Ack(seq=i))
+        if goodbye:
+            link.close()  # GOODBYE after the messages
+        else:
+            link.force_close()  # bare close: FIN after the messages, no goodbye
+        await until(lambda: bool(b.lost) or b.pool.get_open(a.address, Channel.BULK) is not None)
+        release.set()
+        await until(lambda: len(got) == 500)
+        assert got == list(range(500))
+        await until(lambda: bool(b.lost))
+        assert (b.lost[0][1] is None) is goodbye
