@@ -86,7 +86,8 @@ async def _wait_ready(nodes: Sequence[NodeProcess], timeout: float = 30.0) -> No
     deadline = time.monotonic() + timeout
     while not all(n.poll_ready() for n in nodes):
         if time.monotonic() > deadline:
-            raise TimeoutError("node processes did not start: see their node.log")
+            logs = "\n".join(n.log_text()[-1500:] for n in nodes if not n.poll_ready())
+            raise TimeoutError(f"node processes did not start:\n{logs}")
         await asyncio.sleep(0.02)
 
 
