@@ -5,7 +5,10 @@ sends them (``protocol.tensor.encode_chunk`` / ``decode_chunk``):
 
 * ``normal``: i.i.d. N(0, 1) float32;
 * ``gradient``: the flattened gradient of a small transformer LM after a few AdamW steps
-  on synthetic Markov-chain tokens (built here, CPU, one thread).
+  on synthetic Markov-chain tokens (built here, CPU, one thread). Its vocabulary (4096) is
+  much larger than one batch's tokens, as in real LMs, so most token-embedding rows have an
+  all-zero gradient;
+* ``grad-dense``: the same gradient without the token embedding (almost no zeros).
 
 Per codec it prints the payload bytes as a fraction of fp32, the relative L2 error against
 the fp32 original, and encode / decode throughput in GB/s of fp32 input (single thread;
@@ -219,8 +222,9 @@ def set_flat_grad(model: Any, flat: Floats) -> None:
         pos += n
 
 
-def real_gradient(seed: int, warmup: int = 5) -> Floats:
-    """The flattened gradient of GRAD_MODEL after ``warmup`` AdamW steps."""
+def real_gradient(seed: int, warmup: int = 5) -> tuple[Floats, int]:
+    """The flattened gradient of GRAD_MODEL after ``warmup`` AdamW steps, and how many of
+    its leading elements are the token embedding's."""
     import torch
 
     cfg = GRAD_MODEL
@@ -233,7 +237,7 @@ def real_gradient(seed: int, warmup: int = 5) -> Floats:
         lm_loss(model, *data.batch(cfg, g)).backward()
         if _ < warmup:
             opt.step()
-    return flat_grad(model).copy()
+    return flat_grad(model).copy(), int(model.tok.weight.numel())
 
 
 @dataclass
@@ -318,7 +322,7 @@ def check_bars(rows: list[Row]) -> list[str]:
     """The wire-bytes bars that the rows can decide (PASS/FAIL lines)."""
     by = {(r.codec, r.data): r for r in rows}
     out = []
-    for data in ("normal", "gradient"):
+    for data in ("normal", "gradient", "grad-dense"):
         i8, s8 = by.get(("int8", data)), by.get(("sigma8", data))
         if i8 and s8:
             ok = i8.ratio <= 0.26 and i8.rel_err <= s8.rel_err
@@ -341,13 +345,17 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.codecs.split(",") if n.strip()]
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
+    grad, emb = real_gradient(args.seed)
     sets = {
         "normal": rng.standard_normal(args.elements).astype(np.float32),
-        "gradient": real_gradient(args.seed),
+        "gradient": grad,
+        "grad-dense": grad[emb:],
     }
     print(
-        f"data: normal {sets['normal'].size} elements; gradient {sets['gradient'].size} elements "
-        f"(tiny LM {GRAD_MODEL}, {time.perf_counter() - t0:.1f}s); timings single-threaded"
+        f"data: normal = {sets['normal'].size} N(0,1) values; gradient = {grad.size} values of a tiny "
+        f"LM {GRAD_MODEL} ({time.perf_counter() - t0:.1f}s to build), {np.mean(grad == 0):.1%} exact "
+        f"zeros (embedding rows of tokens absent from the batch); grad-dense = the same without "
+        f"the token embedding ({np.mean(grad[emb:] == 0):.1%} zeros). Timings: one thread."
     )
     rows = [measure(x, name, data, args.repeat) for data, x in sets.items() for name in names]
     print_table(rows)
