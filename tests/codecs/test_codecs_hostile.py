@@ -138,6 +138,20 @@ def test_zstd_bomb_with_a_lying_header_fails_fast() -> None:
         decode_chunk(chunk)
 
 
+def test_zstd_frame_whose_header_understates_its_content_is_rejected() -> None:
+    """A frame header claiming 4000 bytes whose blocks expand to 100 000: zstd stops at the
+    4000-byte output buffer (nothing larger is ever allocated)."""
+    frame = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(bytes(100_000))
+    fhd = frame[4]
+    assert fhd >> 6 == 2 and (fhd >> 5) & 1  # 4-byte content size, single segment: no window byte
+    lying = frame[:5] + (4000).to_bytes(4, "little") + frame[9:]
+    chunk = TensorChunk(
+        stages=(CodecId.NONE, CodecId.ZSTD), numel=1000, kept=1000, raw_bytes=4000, payload=lying
+    )
+    with pytest.raises(RemoteCodecError, match="decompression failed"):
+        decode_chunk(chunk)
+
+
 def test_zstd_frame_without_content_size_is_rejected() -> None:
     with pytest.raises(RemoteCodecError, match="unknown"):
         decode_chunk(_zstd_chunk(bytes(4000), numel=1000, content_size=False))
