@@ -169,8 +169,16 @@ class Membership:
 
     def step(self) -> None:
         """After every input: send, report events, re-arm the one timer."""
+        batch: list[Message] = []
+        batch_to = ""
         for address, message in self.swim.messages_to_send():
-            self._send(address, message)
+            if address != batch_to and batch:
+                self._send(batch_to, batch)
+                batch = []
+            batch_to = address
+            batch.append(message)
+        if batch:
+            self._send(batch_to, batch)
         changed = False
         while (event := self.swim.next_event()) is not None:
             self._report(event)
@@ -216,10 +224,11 @@ class Membership:
             self._peers = peers
             self._on_peers(peers)
 
-    def _send(self, address: str, message: Message) -> None:
+    def _send(self, address: str, messages: list[Message]) -> None:
+        """Write ``messages`` (consecutive ones to one address: a probe and its piggyback)."""
         link = self._pool.get_open(address, Channel.CONTROL)
         if link is not None:
-            link.send_nowait(message)
+            link.send_many_nowait(messages)
             return
         queue = self._pending.get(address)
         if queue is None:
@@ -227,7 +236,7 @@ class Membership:
                 return
             queue = self._pending[address] = collections.deque(maxlen=PENDING_PER_ADDRESS)
             self._spawn(self._dial_and_flush(address))
-        queue.append(message)
+        queue.extend(messages)
 
     async def _dial_and_flush(self, address: str) -> None:
         try:
@@ -236,8 +245,7 @@ class Membership:
             self._pending.pop(address, None)
             self._unreachable(address, exc)
             return
-        for message in self._pending.pop(address, ()):
-            link.send_nowait(message)
+        link.send_many_nowait(list(self._pending.pop(address, ())))
 
     def _should_warn(self, key: str) -> bool:
         """At most one warning per ``key`` every ``WARN_EVERY_S`` seconds."""

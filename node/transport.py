@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -342,15 +342,25 @@ class Link(asyncio.Protocol):
 
     def send_nowait(self, message: Message) -> bool:
         """Best effort: write now, or drop (returns False) if not open or the buffer is full."""
+        return self.send_many_nowait((message,))
+
+    def send_many_nowait(self, messages: Sequence[Message]) -> bool:
+        """``send_nowait`` for several messages in one write (a probe and its piggybacked gossip)."""
         transport = self._transport
         if (
             not self.is_open
             or transport is None
             or transport.get_write_buffer_size() > self.settings.write_buffer_bytes
         ):
-            self.dropped += 1
+            self.dropped += len(messages)
             return False
-        self._write(self.core.send(message))
+        try:
+            data = self.core.send_many(messages)
+        except LocalProtocolError as exc:  # a message over the size cap: our bug, not the peer's
+            log.error("%s: cannot send: %s", self.describe(), exc)
+            self.dropped += len(messages)
+            return False
+        self._write(data)
         return True
 
     async def send(self, message: Message) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import shutil
 import signal
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--dir", type=Path, default=None,
                         help="keep data dirs and node logs here (default: a temp dir, removed)")
     parser.add_argument("--json", action="store_true", help="print only the final JSON line")
+    parser.add_argument("--log-level", default="INFO", help="log level of the nodes (logs kept with --dir)")
     if name == "detect":
         parser.add_argument("--freeze-trials", type=int, default=5, help="SIGSTOP trials (default 5)")
         parser.add_argument("--freeze-s", type=float, default=3.0, help="seconds a node stays frozen")
@@ -63,7 +65,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
 
 
@@ -94,11 +96,12 @@ async def _wait_ready(nodes: Sequence[NodeProcess], timeout: float = 30.0) -> No
 async def _start_mesh(root: Path, args: argparse.Namespace) -> tuple[LocalMesh, float]:
     """Seed, then joiners all at once; returns the mesh and when the joiners were spawned."""
     mesh = LocalMesh(root, preset=args.preset)
+    extra = ("--log-level", args.log_level)
     try:
-        seed = mesh.add()
+        seed = mesh.add(extra_args=extra)
         await _wait_ready([seed])
         spawned = time.time()
-        joiners = [mesh.add(seeds=[seed.address]) for _ in range(args.nodes - 1)]
+        joiners = [mesh.add(seeds=[seed.address], extra_args=extra) for _ in range(args.nodes - 1)]
         await _wait_ready(joiners)
     except BaseException:
         mesh.close()
