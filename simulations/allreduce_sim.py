@@ -139,6 +139,9 @@ class AllReduceSim:
             getattr(self, "_ev_" + kind)(*args)
         return self.out
 
+    def _roundtrip(self, values: Floats) -> Floats:
+        return decode_chunk(encode_chunk(values, self.codec))
+
     def live(self, i: int) -> bool:
         return i in self.cores and not self.out[i].crashed
 
@@ -151,7 +154,8 @@ class AllReduceSim:
     def _ev_start(self, i: int) -> None:
         core = AllReduceRound(node_id=self.ids[i], group=self.ids, key=self.key, tensor=self.tensors[i],
                               now=self.now, config=self.config, weights=self.weights,
-                              codec_name=self.codec.name)
+                              codec_name=self.codec.name,
+                              average_roundtrip=None if self.codec.lossless else self._roundtrip)
         self.cores[i] = core
         self.out[i].started = True
         for kind, args in self._early.pop(i, []):
@@ -330,9 +334,8 @@ def run(args: argparse.Namespace) -> int:
             sim = AllReduceSim(tensors, scripts={1: script}, config=cfg, seed=seed, codec=args.codec,
                                bandwidth=args.bandwidth)
             out = sim.run()
-            survivors = [o for o in out.values() if o.result is not None]
-            ok &= bool(survivors) and all(
-                np.array_equal(o.result.average, survivors[0].result.average) for o in survivors if o.result)
+            results = [o.result for o in out.values() if o.result is not None]
+            ok &= bool(results) and all(np.array_equal(r.average, results[0].average) for r in results)
             times.append(max(o.ended_at or 0.0 for o in out.values()))
         optimum = 2 * (args.nodes - 1) / args.nodes * 4 * args.numel / args.bandwidth
         rows.append({"fault": name, "median_s": float(np.median(times)), "optimum_s": optimum, "consistent": ok})

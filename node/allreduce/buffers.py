@@ -9,16 +9,19 @@ arithmetic as ``np.stack(xs).astype(np.float64).mean(axis=0).astype(np.float32)`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from node.allreduce.events import Floats
 from node.allreduce.layout import chunk_count, chunk_span
 
+Roundtrip = Callable[[Floats], Floats]
+
 
 class SliceBuffer:
-    __slots__ = ("_chunk", "epoch", "got", "owner", "remaining", "sq_norm", "values")
+    __slots__ = ("_chunk", "_parts", "_roundtrip", "epoch", "got", "owner", "remaining", "sq_norm",
+                 "values")
 
     def __init__(self, length: int, chunk_elements: int, *, epoch: int = 0, owner: int = -1) -> None:
         self._chunk = chunk_elements
@@ -29,6 +32,34 @@ class SliceBuffer:
         self.epoch = epoch
         self.owner = owner
         self.sq_norm = 0.0
+        self._parts: Sequence[Floats] = ()
+        self._roundtrip: Roundtrip | None = None
+
+    @classmethod
+    def mean_of(cls, parts: Sequence[Floats], chunk_elements: int, *, epoch: int, owner: int,
+                roundtrip: Roundtrip | None = None) -> SliceBuffer:
+        """An average computed lazily, chunk by chunk (``ensure``), from equally long ``parts``
+        in the given order, so reducing pipelines with sending. ``roundtrip`` (a lossy
+        codec's decode(encode(x))) is applied to each chunk, so this member keeps exactly
+        what its receivers will decode."""
+        buf = cls(parts[0].size, chunk_elements, epoch=epoch, owner=owner)
+        buf._parts, buf._roundtrip = parts, roundtrip
+        return buf
+
+    def ensure(self, index: int) -> None:
+        """Compute chunk ``index`` of a lazy average if it is not there yet."""
+        if self._parts and not self.got[index]:
+            start, count = chunk_span(self.values.size, self._chunk, index)
+            mean = reduce_mean([p[start:start + count] for p in self._parts], self._chunk)
+            if self._roundtrip is not None:
+                mean = self._roundtrip(mean)
+                if mean.dtype != np.float32 or mean.shape != (count,):
+                    raise ValueError("average roundtrip must return float32 of the same length")
+            self.put(index, mean)
+
+    def ensure_all(self) -> None:
+        for index in range(len(self.got)):
+            self.ensure(index)
 
     @classmethod
     def full(cls, values: Floats, chunk_elements: int, *, epoch: int = 0, owner: int = -1) -> SliceBuffer:
@@ -59,8 +90,9 @@ class SliceBuffer:
         self.remaining -= 1
         if self.remaining:
             return False
-        self.sq_norm = sq_norm(self.values, self._chunk)
+        self.sq_norm = sq_norm(self.values, self._chunk) if not self._parts else 0.0
         self.values.flags.writeable = False
+        self._parts = ()
         return True
 
 

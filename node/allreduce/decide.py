@@ -27,10 +27,14 @@ Rules, in order:
      receiver). Then the norm rule: a candidate's norm is sqrt of the sum of its reported
      squared slice norms over the slices of unblamed reporting owners; candidates above
      ``outlier_factor`` x median are NORM_OUTLIER (>= 3 candidates needed).
-   * epoch >= 1: for each reporter missing a slice's average: if it misses more than half
-     (and >= 2) of the slices owned by others, the reporter is blamed (slow receiver);
-     else the slice's owner is blamed, unless the owner lacks contributions: then the
-     contributors it lacks are blamed (slow resend), or nobody if it waits on failed ones.
+   * epoch >= 1: a slice some reporter misses is *blocked* if its owner failed or waits
+     on a failed or non-finite contributor (nobody is blamed: removing those unblocks it);
+     if its live owner lacks live contributors' data, those contributors are blamed (slow
+     resend); otherwise the owner holds everything and *owes* the average: if no other
+     reporter has it, the owner is blamed (slow reducer), else every reporter missing it
+     is (slow receiver: the others got that owner's average).
+     Slowness is judged only at the deadline: before it (every reporter answered early,
+     e.g. blocked on a failed owner) only failures and non-finite values are acted on.
      Members reported NON_FINITE leave S. If nothing at all is blamed, the members that
      are not done are (so every commit makes progress).
 
@@ -159,6 +163,8 @@ def _next_commit(v: LeaderView, current: dict[int, ArReport], silent: set[int]) 
     else:
         contributors = _later_contributors(v, current, held, blame)
     receivers = base_r - blame.gone.keys()
+    if v.commit and (contributors, receivers) == (set(v.commit.contributors), base_r):
+        return WAIT  # nothing to change before the deadline (at it, someone is always blamed)
     if not contributors:
         return _abort(v, "no contributor left")
     if not receivers:
@@ -197,28 +203,32 @@ def _later_contributors(v: LeaderView, current: dict[int, ArReport], held: dict[
     assert v.commit is not None
     s_prev, owners = set(v.commit.contributors), v.commit.owners
     unusable = blame.gone.keys() | blame.senders.keys()
+    missing = {r: {s for s in v.nonempty if s not in rep.averages} for r, rep in current.items()}
+    missed = set().union(*missing.values())
+    ready: set[int] = set()  # slices whose live owner holds every contribution: it owes them
+    if not v.forced:
+        # Before the deadline only failures are evidence; missing data may be in flight.
+        return s_prev - unusable
+    for s in sorted(missed):
+        o = owners[s]
+        lacking = s_prev - held.get(o, {}).get(s, {}).keys() - {o}
+        if o in blame.gone or lacking & unusable:
+            continue  # waits on a failed member: removing it from S unblocks the slice
+        if lacking:
+            for m in sorted(lacking):
+                blame.senders.setdefault(m, DropReason.STALLED)
+        else:
+            ready.add(s)
     receivers: set[int] = set()
-    for r, rep in current.items():
-        missing = [s for s in v.nonempty if s not in rep.averages]
-        foreign = [s for s in v.nonempty if owners[s] != r]
-        theirs = [s for s in missing if owners[s] != r]
-        if len(theirs) >= 2 and 2 * len(theirs) > len(foreign):
-            receivers.add(r)
-            continue
-        for s in missing:
-            o = owners[s]
-            if o in blame.gone:
-                continue
-            lacking = s_prev - held.get(o, {}).get(s, {}).keys() - {o}
-            if lacking & unusable:
-                continue
-            if lacking:
-                for m in sorted(lacking):
-                    blame.senders.setdefault(m, DropReason.STALLED)
-            elif o != r:
-                blame.slow_owners.add(o)
+    for s in sorted(ready):
+        others = [r for r in missing if r != owners[s]]
+        missers = {r for r in others if s in missing[r]}
+        if len(missers) < len(others):
+            receivers |= missers  # others got this average: the missers are slow receivers
+        elif missers:
+            blame.slow_owners.add(owners[s])  # nobody got it: the owner is slow
     if not (blame.gone or blame.senders or blame.slow_owners or receivers):
-        receivers = {r for r, rep in current.items() if not is_done(rep, v.nonempty)}
+        receivers = {r for r, miss in missing.items() if miss}
     for m in sorted(receivers | blame.slow_owners):
         blame.gone.setdefault(m, DropReason.STALLED)
     return s_prev - blame.gone.keys() - blame.senders.keys()

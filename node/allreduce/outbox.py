@@ -28,6 +28,8 @@ class Job:
     """Start of the slice in the flattened tensor."""
     values: Floats
     """The whole slice (a view)."""
+    prepare: Callable[[int], None] | None = None
+    """Called with a chunk index before that chunk is emitted (a lazy average computes it)."""
     next_chunk: int = 0
 
 
@@ -91,6 +93,8 @@ class Outbox:
         flying = self._in_flight[dest]
         if flying and flying + nbytes > self._window:
             return None
+        if job.prepare is not None:
+            job.prepare(job.next_chunk)
         send = SendTensor(dest=dest, kind=job.kind, round_id=self._round_id, epoch=job.epoch,
                           slice=job.slice, chunk=job.next_chunk, offset=job.offset + start,
                           values=job.values[start:start + count])

@@ -62,7 +62,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from node.allreduce import layout
-from node.allreduce.buffers import SliceBuffer, all_finite, reduce_mean
+from node.allreduce.buffers import Roundtrip, SliceBuffer, all_finite
 from node.allreduce.config import AllReduceConfig
 from node.allreduce.decide import DecisionKind, LeaderView, decide
 from node.allreduce.events import (
@@ -112,12 +112,15 @@ class AllReduceRound:
     Feed it ``on_message`` / ``on_tensor`` / ``on_sent`` / ``peer_failed`` / ``cancel`` /
     ``handle_timer``; after each call drain ``messages_to_send()`` and ``next_event()`` and
     re-arm a timer at ``next_deadline()``. ``tensor`` (1-D, C-contiguous float32) is read,
-    never written, and must stay unchanged until the round ends.
+    never written, and must stay unchanged until the round ends. With a lossy codec pass
+    ``average_roundtrip=lambda v: decode_chunk(encode_chunk(v, codec))``: the owner of a
+    slice then keeps what its receivers decode, and every member's result is bit-identical.
     """
 
     def __init__(self, *, node_id: bytes, group: Sequence[bytes], key: bytes, tensor: Floats,
                  now: float, config: AllReduceConfig | None = None,
-                 weights: Mapping[bytes, float] | None = None, codec_name: str = "none") -> None:
+                 weights: Mapping[bytes, float] | None = None, codec_name: str = "none",
+                 average_roundtrip: Roundtrip | None = None) -> None:
         self.config = cfg = config or AllReduceConfig()
         self.members = layout.canonical_group(group)
         if node_id not in self.members:
@@ -132,10 +135,11 @@ class AllReduceRound:
         self._offsets = layout.offsets_of(self._sizes)
         self._nonempty = tuple(s for s, k in enumerate(self._sizes) if k)
         self._layout = layout.layout_digest(tensor.size, self._sizes, cfg.chunk_elements, codec_name)
+        self._roundtrip = average_roundtrip
         self._tensor: Floats = tensor.view()
         self._tensor.flags.writeable = False
         self.state = RoundState.REDUCE_SCATTER
-        self._start = now
+        self._start = self._now = now
         self._failed: dict[int, DropReason] = {}
         self._quiet: set[int] = set()
         self._bad: dict[int, DropReason] = {}
@@ -212,6 +216,7 @@ class AllReduceRound:
 
     def on_sent(self, dest: bytes, nbytes: int, *, now: float) -> None:
         """A ``SendTensor`` of ``nbytes`` to ``dest`` was written: it leaves the window."""
+        self._now = now
         self._outbox.on_sent(dest, nbytes)
 
     def peer_failed(self, node: bytes, *, now: float) -> None:
@@ -240,11 +245,19 @@ class AllReduceRound:
         return min(self._timers.values()) if self.active and self._timers else None
 
     def messages_to_send(self) -> list[Send]:
-        """Drain: control messages first, then every tensor chunk the windows allow."""
-        out: list[Send] = list(self._control)
-        self._control.clear()
-        if self.active:
+        """Drain: control messages, then every tensor chunk the windows allow (computing
+        averages chunk by chunk as they go out), then what that progress caused."""
+        out: list[Send] = []
+        for _ in range(4):
+            out.extend(self._control)
+            self._control.clear()
+            if not self.active:
+                break
+            gen = self._gen
             out.extend(self._outbox.drain())
+            if gen == self._gen:
+                break
+            self._advance(self._now)
         return out
 
     def next_event(self) -> Event | None:
@@ -382,6 +395,7 @@ class AllReduceRound:
 
     def _advance(self, now: float) -> None:
         """Run every consequence of the last input until nothing changes (bounded)."""
+        self._now = now
         for _ in range(8):
             gen = self._gen
             if not self.active:
@@ -415,18 +429,20 @@ class AllReduceRound:
         if c is None:
             return
         for s in self._nonempty:
-            if c.owners[s] != self._me or self._avg_valid(s):
+            if c.owners[s] != self._me or self._avg_valid(s, computing=True):
                 continue
             bufs = self._contrib.get(s, {})
             if any(j in self._bad or j not in bufs or not bufs[j].complete for j in c.contributors):
                 continue
-            avg = reduce_mean([bufs[j].values for j in c.contributors], self.config.chunk_elements)
-            self._averages[s] = SliceBuffer.full(avg, self.config.chunk_elements, epoch=c.epoch,
-                                                 owner=self._me)
-            for r in c.receivers:
-                if r != self._me and r not in self._failed:
-                    job = Job(TensorKind.AVERAGE, c.epoch, s, self._offsets[s], self._averages[s].values)
-                    self._outbox.add(self.members[r], job)
+            avg = SliceBuffer.mean_of([bufs[j].values for j in c.contributors], self.config.chunk_elements,
+                                      epoch=c.epoch, owner=self._me, roundtrip=self._roundtrip)
+            self._averages[s] = avg
+            receivers = [r for r in c.receivers if r != self._me and r not in self._failed]
+            for r in receivers:
+                job = Job(TensorKind.AVERAGE, c.epoch, s, self._offsets[s], avg.values, prepare=avg.ensure)
+                self._outbox.add(self.members[r], job)
+            if not receivers:
+                avg.ensure_all()
             self._gen += 1
 
     def _maybe_report(self) -> None:
@@ -481,7 +497,7 @@ class AllReduceRound:
                 self._mark_failed(m, why.get(m, DropReason.STALLED), detail=f"dropped at epoch {c.epoch}")
         receivers = set(c.receivers)
         self._outbox.cancel(lambda dest, job: job.kind is TensorKind.AVERAGE
-                            and self._index[dest] in receivers and self._avg_valid(job.slice)
+                            and self._index[dest] in receivers and self._avg_valid(job.slice, computing=True)
                             and c.owners[job.slice] == self._me)
         for r in c.resend:
             owner = c.owners[r.slice]
@@ -501,9 +517,12 @@ class AllReduceRound:
     def _ballot(self) -> tuple[int, int]:
         return (self._commit.epoch, self._commit.leader) if self._commit else (0, -1)
 
-    def _avg_valid(self, s: int) -> bool:
+    def _avg_valid(self, s: int, *, computing: bool = False) -> bool:
+        """Whether our average of slice ``s`` holds under the commit (complete, or with
+        ``computing``, being computed here)."""
         c, buf = self._commit, self._averages.get(s)
-        return (c is not None and buf is not None and buf.complete and buf.owner == c.owners[s]
+        return (c is not None and buf is not None and buf.owner == c.owners[s]
+                and (buf.complete or (computing and buf.owner == self._me))
                 and c.contributors_since <= buf.epoch <= c.epoch)
 
     def _done(self) -> bool:
