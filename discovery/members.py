@@ -30,6 +30,7 @@ class Member:
     """Mutable state of one member inside ``Swim`` (memberlist's ``nodeState``)."""
 
     __slots__ = (
+        "_state",
         "address",
         "incarnation",
         "last_heard",
@@ -59,6 +60,7 @@ class Member:
         self.state_change = now
         """When ``status`` last changed (drives gossip-to-the-dead and reaping)."""
         self.suspicion: Suspicion | None = None
+        self._state: MemberState | None = None
 
     @property
     def live(self) -> bool:
@@ -76,11 +78,21 @@ class Member:
         )
 
     def state(self) -> MemberState:
-        """This member as carried in a push/pull sync."""
-        return MemberState(
+        """This member as carried in a push/pull sync (cached while nothing changed)."""
+        c = self._state
+        if (
+            c is not None
+            and c.incarnation == self.incarnation
+            and c.status is self.status
+            and c.meta is self.meta
+            and c.address == self.address
+        ):
+            return c
+        c = self._state = MemberState(
             node=self.node_id,
             address=self.address,
             incarnation=self.incarnation,
             status=self.status,
             meta=self.meta,
         )
+        return c

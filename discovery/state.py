@@ -141,8 +141,10 @@ class MemberTable:
         *,
         now: float,
         src: bytes | None = None,
+        msg: Alive | None = None,
     ) -> None:
-        """Apply ``Alive(inc, node, address, meta)``; ``src`` is who handed it to us."""
+        """Apply ``Alive(inc, node, address, meta)``; ``src`` is who handed it to us and
+        ``msg`` the message itself, if it came as one (re-gossiped as is)."""
         if node == self.me.node_id:
             self._alive_about_me(inc, address, meta, now)
             return
@@ -150,9 +152,8 @@ class MemberTable:
         if m is None:
             m = self._add(node, inc, address, meta, now)
             if m is not None:
-                self.broadcasts.queue(
-                    node, Alive(incarnation=inc, node=node, address=address, meta=meta)
-                )
+                news = msg or Alive(incarnation=inc, node=node, address=address, meta=meta)
+                self.broadcasts.queue(node, news)
                 self.emit(EventKind.JOINED, m, now)
             return
         if inc <= m.incarnation:
@@ -166,7 +167,8 @@ class MemberTable:
             self.by_address[address] = node
         m.incarnation, m.address, m.meta = inc, address, meta
         self._set_status(m, ALIVE, now)
-        self.broadcasts.queue(node, Alive(incarnation=inc, node=node, address=address, meta=meta))
+        news = msg or Alive(incarnation=inc, node=node, address=address, meta=meta)
+        self.broadcasts.queue(node, news)
         if old_status is DEAD or old_status is LEFT:
             self.emit(EventKind.JOINED, m, now)
         elif old_status is SUSPECT:

@@ -223,7 +223,8 @@ class Swim:
         self._probe_timers(now)
         if now >= self._next_gossip:
             self._gossip(now)
-            self._next_gossip = max(self._next_gossip + self._cfg.gossip_interval, now)
+            nxt = self._next_gossip + self._cfg.gossip_interval
+            self._next_gossip = nxt if nxt > now else now + self._cfg.gossip_interval
         if self._cfg.push_pull_interval > 0 and now >= self._next_push_pull:
             self._next_push_pull = now + self._push_pull_period()
             if not self._table.left:
@@ -529,7 +530,9 @@ class Swim:
             probe.nacks += 1
 
     def _on_alive(self, src_address: str, src_node: bytes, msg: Alive, now: float) -> None:
-        self._table.alive(msg.node, msg.incarnation, msg.address, msg.meta, now=now, src=src_node)
+        self._table.alive(
+            msg.node, msg.incarnation, msg.address, msg.meta, now=now, src=src_node, msg=msg
+        )
 
     def _on_suspect(self, src_address: str, src_node: bytes, msg: Suspect, now: float) -> None:
         self._table.suspect(msg.node, msg.incarnation, msg.sender, now=now)

@@ -61,7 +61,7 @@ class Faults:
     """The fault model of the links."""
 
     loss: float = 0.0
-    """Probability that one message is lost."""
+    """Probability that one write (a message and what is piggybacked on it) is lost."""
     delay: float = 0.005
     """Mean one-way delay in seconds; each message takes ``delay * U(0.5, 1.5)``."""
     hints: bool = False
@@ -106,7 +106,8 @@ class SimNet:
         self._order = 0
         self._timer_at: list[float | None] = [None] * n
         self._timer_gen = [0] * n
-        self._encoded: dict[int, tuple[Message, bytes]] = {}
+        self._encoded: dict[Message, bytes] = {}
+        self._decoded: dict[bytes, Message] = {}
         self.traffic = Traffic(0.0, [0] * n, [0] * n)
         self.delivered = 0
         self.lost = 0
@@ -174,10 +175,12 @@ class SimNet:
                 self.current = i
                 swim.handle_timer(now=at)
             else:
-                src, body = typing.cast(tuple[int, bytes], payload)
+                src, bodies = typing.cast(tuple[int, tuple[bytes, ...]], payload)
                 self.current = i
-                self.delivered += 1
-                swim.on_message(self.addresses[src], self.ids[src], decode_body(body), now=at)
+                src_address, src_id = self.addresses[src], self.ids[src]
+                for body in bodies:
+                    self.delivered += 1
+                    swim.on_message(src_address, src_id, self._decode(body), now=at)
             self._after(i, swim)
         self.now = max(self.now, end)
         self.current = -1
@@ -189,8 +192,16 @@ class SimNet:
             out = swim.messages_to_send()
             if not out:
                 break
-            for dst_address, msg in out:
-                self._send(i, swim, dst_address, msg)
+            # Consecutive messages to one destination are one write: they travel (and are
+            # lost) together, like a probe and its piggybacked gossip in one packet.
+            k = 0
+            while k < len(out):
+                dst_address = out[k][0]
+                j = k + 1
+                while j < len(out) and out[j][0] == dst_address:
+                    j += 1
+                self._send(i, swim, dst_address, [m for _, m in out[k:j]])
+                k = j
         deadline = swim.next_deadline()
         if deadline is not None and deadline != self._timer_at[i]:
             self._timer_gen[i] += 1
@@ -198,21 +209,31 @@ class SimNet:
             self._push(max(deadline, self.now), _TIMER, i, self._timer_gen[i])
 
     def _encode(self, msg: Message) -> bytes:
-        # The same message object often goes to several peers (gossip): encode it once.
-        key = id(msg)
-        hit = self._encoded.get(key)
-        if hit is not None and hit[0] is msg:
-            return hit[1]
-        body = encode_body(msg)
-        if len(self._encoded) > 8192:
-            self._encoded.clear()
-        self._encoded[key] = (msg, body)
+        # Equal messages (one piece of news re-gossiped by many nodes) encode to the same
+        # bytes: encode each distinct message once (messages are frozen, hence hashable).
+        body = self._encoded.get(msg)
+        if body is None:
+            body = encode_body(msg)
+            if len(self._encoded) > 65_536:
+                self._encoded.clear()
+            self._encoded[msg] = body
         return body
 
-    def _send(self, i: int, swim: Swim, dst_address: str, msg: Message) -> None:
-        body = self._encode(msg)
-        self.traffic.messages[i] += 1
-        self.traffic.bytes[i] += len(body) + FRAME_OVERHEAD
+    def _decode(self, body: bytes) -> Message:
+        # Identical bodies (one gossip message sent to many peers) decode to equal,
+        # immutable messages: decode each distinct body once. Still the real decoder.
+        msg = self._decoded.get(body)
+        if msg is None:
+            msg = decode_body(body)
+            if len(self._decoded) > 65_536:
+                self._decoded.clear()
+            self._decoded[body] = msg
+        return msg
+
+    def _send(self, i: int, swim: Swim, dst_address: str, msgs: list[Message]) -> None:
+        bodies = tuple(self._encode(m) for m in msgs)
+        self.traffic.messages[i] += len(bodies)
+        self.traffic.bytes[i] += sum(len(b) for b in bodies) + FRAME_OVERHEAD * len(bodies)
         dst = self.index.get(dst_address)
         faults = self.faults
         if dst is None or self.crashed[dst]:
@@ -226,4 +247,4 @@ class SimNet:
             self.lost += 1
             return
         delay = faults.delay * (0.5 + rng.random())
-        self._push(self.now + delay, _DELIVER, dst, (i, body))
+        self._push(self.now + delay, _DELIVER, dst, (i, bodies))
