@@ -5,8 +5,8 @@ Theory of operation
 ``async with Node(config) as node`` takes the data-dir lock, loads (or creates) the identity
 and mesh secret, listens, builds ``Swim`` with the advertised address, starts serving and
 joins the seeds. It is answering status requests at that point (well under a second:
-torch is never imported; GPUs and the torch/CUDA versions are detected afterwards in the
-background and gossiped as a metadata update). Every task the node runs (one reader per
+torch is never imported; its version comes from package metadata, and GPUs are detected
+with ``nvidia-smi`` in the background and gossiped as a metadata update). Every task the node runs (one reader per
 link, dials, resource detection, and whatever other parts start with ``node.spawn``) is a
 child of the node's ``asyncio.TaskGroup``; leaving the ``async with`` block stops them all.
 
@@ -95,7 +95,8 @@ class Node:
         self._stop = asyncio.Event()
         self._pool: Pool | None = None
         self._membership: Membership | None = None
-        self._meta = basic_meta()
+        torch_version, cuda_version = torch_versions()  # package metadata: ms, torch not imported
+        self._meta = dataclasses.replace(basic_meta(), torch_version=torch_version, cuda_version=cuda_version)
         self._started = 0.0
         self._stopping = False
         self.allreduce = AllReduceService(self)
@@ -234,15 +235,10 @@ class Node:
         task.add_done_callback(self._tasks.discard)
 
     async def _detect_resources(self) -> None:
-        torch_version, cuda_version = await asyncio.to_thread(torch_versions)
+        """GPUs via ``nvidia-smi`` (slow, only where present) after we are up; gossiped as an update."""
         gpus = await detect_gpus_async(timeout=2.0)
-        meta = NodeMeta(
-            protocol_version=self._meta.protocol_version, hostname=self._meta.hostname,
-            cpus=self._meta.cpus, memory_bytes=self._meta.memory_bytes, gpus=gpus,
-            torch_version=torch_version, cuda_version=cuda_version, load=self._meta.load,
-        )
-        if meta != self._meta:
-            self.update_meta(meta)
+        if gpus and gpus != self._meta.gpus:
+            self.update_meta(dataclasses.replace(self._meta, gpus=gpus))
 
     # ---- callbacks ------------------------------------------------------------------
 
