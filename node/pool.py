@@ -174,12 +174,17 @@ class Pool:
         try:
             link = await self._open(*key)
         except StarmeshError as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here; every waiter still sees it
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved here; every waiter still sees it
         else:
-            future.set_result(link)
+            if future.done():  # the pool closed meanwhile
+                link.close()
+            else:
+                future.set_result(link)
         finally:
-            self._dials.pop(key, None)
+            if self._dials.get(key) is future:
+                del self._dials[key]
 
     async def _open(self, address: str, channel: Channel) -> Link:
         if len(self._all) >= self._max_connections:
@@ -225,6 +230,10 @@ class Pool:
         self._closing = True
         if self._server is not None:
             self._server.close()
+        for future in self._dials.values():
+            if not future.done():
+                future.set_exception(TransportError("node is shutting down"))
+                future.exception()
         links = list(self._all)
         for link in links:
             link.close(ErrorCode.SHUTTING_DOWN, "node shutting down") if link.peer is None else link.close()

@@ -99,6 +99,7 @@ class Node:
         self._meta = dataclasses.replace(basic_meta(), torch_version=torch_version, cuda_version=cuda_version)
         self._started = 0.0
         self._stopping = False
+        self._tasks_closed = False
         self.allreduce = AllReduceService(self)
         """Registers the all-reduce message handlers now, before any connection exists."""
 
@@ -111,8 +112,7 @@ class Node:
             self._stopping = True
             if self._pool is not None:
                 await self._pool.close(linger=0.0)
-            for task in list(self._tasks):
-                task.cancel()
+            self._cancel_tasks()
             await self._stack.aclose()
             raise
         return self
@@ -211,8 +211,7 @@ class Node:
             membership.stop()
         if pool is not None:
             await pool.close(linger=0.3)
-        for task in list(self._tasks):
-            task.cancel()
+        self._cancel_tasks()
 
     async def _flush_leave(self, membership: Membership) -> None:
         """Keep gossiping until the leave announcement is written out, at most leave_timeout."""
@@ -227,12 +226,19 @@ class Node:
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` as a child of the node's TaskGroup. Its exceptions are logged, so one
         connection's failure never stops the node; it is cancelled when the node stops."""
-        if self._group is None:
+        if self._group is None or self._tasks_closed:
             coro.close()
             return
         task = self._group.create_task(_logged(coro))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: coro.close())  # a task cancelled before it ran
+
+    def _cancel_tasks(self) -> None:
+        """Cancel every task and refuse new ones (the TaskGroup then exits at once)."""
+        self._tasks_closed = True
+        for task in list(self._tasks):
+            task.cancel()
 
     async def _detect_resources(self) -> None:
         """GPUs via ``nvidia-smi`` (slow, only where present) after we are up; gossiped as an update."""
