@@ -44,10 +44,11 @@ def _opt(
     env: str,
     default: str | None,
     help_: str,
+    shown: str | None = None,
     **kwargs: object,
 ) -> None:
     """Add ``flag`` whose default is ``$STARMESH_<env>`` or ``default``; the help says both."""
-    shown = "none" if default is None else default
+    shown = shown or ("none" if default is None else default)
     parser.add_argument(
         flag,
         default=env_default(env, default),
@@ -56,12 +57,13 @@ def _opt(
     )
 
 
-def _add_key_options(parser: argparse.ArgumentParser) -> None:
+def _add_key_options(parser: argparse.ArgumentParser, *, create: bool) -> None:
     _opt(parser, "--data-dir", "DATA_DIR", "~/.starmesh",
          "directory with this node's identity key, mesh key and last incarnation", metavar="DIR")
     _opt(parser, "--mesh-key-file", "MESH_KEY_FILE", None,
-         "the mesh secret file; created (0600) if it does not exist; "
-         "None means DATA_DIR/mesh.key", metavar="PATH")
+         "the mesh secret file" + ("; created (0600) if it does not exist" if create else ""),
+         shown="DATA_DIR/mesh.key",
+         metavar="PATH")
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -82,7 +84,7 @@ def build_run_parser() -> argparse.ArgumentParser:
         "[env STARMESH_JOIN, comma separated; default: the live members remembered in "
         "DATA_DIR/peers from the last run, else start a new mesh]",
     )
-    _add_key_options(p)
+    _add_key_options(p, create=True)
     _opt(p, "--preset", "PRESET", "lan",
          "SWIM timing preset: lan, wan, local (one host) or test (fast)", choices=PRESETS)
     _opt(p, "--log-level", "LOG_LEVEL", "INFO", "lowest log level printed to stderr",
@@ -118,7 +120,7 @@ def build_status_parser() -> argparse.ArgumentParser:
     )
     _opt(p, "--connect", "CONNECT", f"127.0.0.1:{DEFAULT_PORT}",
          "HOST:PORT of the node to ask", metavar="HOST:PORT")
-    _add_key_options(p)
+    _add_key_options(p, create=False)
     p.add_argument("--json", action="store_true",
                    help='print one JSON object {"self": ..., "members": [...]} instead of a table')
     _opt(p, "--timeout", "STATUS_TIMEOUT", "3.0", "seconds to wait for the answer", metavar="S")
