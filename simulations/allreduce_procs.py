@@ -8,6 +8,7 @@ once. Every process is killed on the way out, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -76,10 +77,22 @@ class Run:
 
     workers: list[Worker] = field(default_factory=list)
 
-    def wait(self, timeout: float) -> None:
-        """Wait for every worker to exit (``TimeoutError`` with their logs if they do not)."""
-        wait_for(lambda: all(w.proc is not None and w.proc.poll() is not None for w in self.workers),
-                 timeout, what="all-reduce workers to finish", detail=self.logs, interval=0.1)
+    def wait(self, timeout: float, workers: Sequence[Worker] | None = None) -> None:
+        """Wait for ``workers`` (default: all) to exit (``TimeoutError`` with the logs if not)."""
+        chosen = self.workers if workers is None else workers
+        wait_for(lambda: all(w.proc is not None and w.proc.poll() is not None for w in chosen),
+                 timeout, what="all-reduce workers to finish", detail=lambda: self._stacks(chosen),
+                 interval=0.1)
+
+    def _stacks(self, workers: Sequence[Worker]) -> str:
+        """The logs, after asking every hung worker to dump its threads' stacks (SIGUSR1)."""
+        hung = [w for w in workers if w.proc is not None and w.proc.poll() is None]
+        for w in hung:
+            with contextlib.suppress(OSError):
+                w.proc.send_signal(signal.SIGUSR1)  # type: ignore[union-attr]
+        if hung:
+            time.sleep(1.0)
+        return self.logs()
 
     def logs(self) -> str:
         return "\n".join(f"--- worker {w.index} (rc {w.proc.poll() if w.proc else None})\n{w.log_text()}"
