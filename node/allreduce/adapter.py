@@ -40,6 +40,7 @@ import asyncio
 import builtins
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import time
@@ -47,10 +48,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from discovery.events import EventKind, MemberEvent
 from node.allreduce.config import AllReduceConfig
 from node.allreduce.events import (
     AllReduceError,
+    AllReduceResult,
     PeerDropped,
     RoundFailed,
     RoundFinished,
@@ -303,6 +307,7 @@ class _Driver:
         self.codec = codec
         self.feedback = feedback
         self._fed: set[tuple[int, int]] = set()
+        self._averages: dict[tuple[int, int, int], asyncio.Future[_Encoded]] = {}
         self.deadline = deadline
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[Any] = self.loop.create_future()
@@ -353,7 +358,7 @@ class _Driver:
                 log.info("round %s: dropped %s (%s) %s", self.core.round_id.hex()[:12],
                          short_id(event.node), event.reason.name, event.detail)
             elif isinstance(event, RoundFinished):
-                self._end(event.result, None)
+                self._end(self._same_as_receivers(event.result), None)
             elif isinstance(event, RoundFailed):
                 self._end(None, self._error(event.error))
         self._arm()
@@ -365,17 +370,50 @@ class _Driver:
             self.service._node.spawn(pump.run())
         return pump
 
-    def _encode(self, send: SendTensor) -> asyncio.Future[tuple[SendTensor, TensorChunk]]:
+    def _encode(self, send: SendTensor) -> tuple[SendTensor, asyncio.Future[_Encoded]]:
+        """Submit ``send``'s encoding to the codec pool. An average chunk is encoded once for
+        all its receivers; a lossy codec's chunk is also decoded, for ``_same_as_receivers``."""
+        codec, values, offset = self.codec, send.values, send.offset
+        if send.kind is TensorKind.AVERAGE:
+            key = (send.epoch, send.slice, send.chunk)
+            future = self._averages.get(key)
+            if future is None:
+                lossy = not codec.lossless
+
+                def encode_average() -> _Encoded:
+                    chunk = encode_chunk(values, codec, offset=offset)
+                    return _Encoded(chunk, values, decode_chunk(chunk) if lossy else None)
+
+                future = self._averages[key] = self.loop.run_in_executor(self.service.executor,
+                                                                         encode_average)
+            return send, future
         feedback = None
-        first = (send.slice, send.chunk) not in self._fed  # a resend must not feed back twice
-        if self.feedback is not None and send.kind is TensorKind.PART and first:
-            self._fed.add((send.slice, send.chunk))
-            feedback = self.feedback.slice(send.offset, send.values.size)
+        if self.feedback is not None and (send.slice, send.chunk) not in self._fed:
+            self._fed.add((send.slice, send.chunk))  # a resend must not feed back twice
+            feedback = self.feedback.slice(offset, values.size)
 
-        def encode() -> tuple[SendTensor, TensorChunk]:
-            return send, encode_chunk(send.values, self.codec, feedback=feedback, offset=send.offset)
+        def encode() -> _Encoded:
+            return _Encoded(encode_chunk(values, codec, feedback=feedback, offset=offset), values)
 
-        return self.loop.run_in_executor(self.service.executor, encode)
+        return send, self.loop.run_in_executor(self.service.executor, encode)
+
+    def _same_as_receivers(self, result: AllReduceResult) -> AllReduceResult:
+        """With a lossy codec the receivers of a slice this node averaged get the decoded
+        chunks, not the exact average: use those too, so every survivor returns the same."""
+        patches = []
+        for future in self._averages.values():
+            done = future.done() and not future.cancelled() and future.exception() is None
+            enc = future.result() if done else None
+            if enc is not None and enc.decoded is not None:
+                lo, n = enc.chunk.offset, enc.values.size
+                if np.array_equal(result.average[lo:lo + n], enc.values):  # still this average
+                    patches.append((lo, enc.decoded))
+        if not patches:
+            return result
+        average = result.average if result.average.flags.writeable else result.average.copy()
+        for lo, decoded in patches:
+            average[lo:lo + decoded.size] = decoded
+        return dataclasses.replace(result, average=average)
 
     def _arm(self) -> None:
         at = self.core.next_deadline() if self.core.active else None
@@ -397,6 +435,9 @@ class _Driver:
             self._timer = self._timer_at = None
         for pump in self._tensors.values():
             pump.stop(flush=False)
+        for future in self._averages.values():
+            _discard(future)
+        self._averages.clear()
         for pump in self._control.values():
             pump.stop(flush=True)
         self.service._ended(self)
@@ -405,6 +446,15 @@ class _Driver:
                 self.done.set_exception(error)
             else:
                 self.done.set_result(result)
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """An encoded chunk, the values it encodes, and (lossy averages) what receivers decode."""
+
+    chunk: TensorChunk
+    values: Any
+    decoded: Any = None
 
 
 class _Pump:
@@ -427,8 +477,8 @@ class _Pump:
         self.stopped, self.flush = True, flush
         if not flush:
             for item in self.queue:
-                if isinstance(item, asyncio.Future):
-                    _discard(item)
+                if isinstance(item, tuple):
+                    _discard(item[1])
             self.queue.clear()
         self.ready.set()
 
@@ -463,10 +513,11 @@ class _Pump:
             self.driver.service.watch(link)
             await link.send(item)
             return
+        send, future = item
         try:
-            send, chunk = await item
+            chunk = (await asyncio.shield(future)).chunk
         except asyncio.CancelledError:
-            if item.cancelled() and self.stopped:
+            if future.cancelled() and self.stopped:
                 return  # the round ended while this chunk was being encoded
             raise
         except CodecError as exc:  # our own tensor does not encode: leave the round

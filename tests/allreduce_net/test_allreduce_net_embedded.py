@@ -74,6 +74,7 @@ def test_in_place_and_lossy_codec(meshes: tuple[MeshNode, MeshNode, list[bytes]]
     assert oa.tensor is xa
     bound = 2 * max(np.abs(x).max(), np.abs(y).max()) / 254 + 1e-6
     assert np.abs(xa - exact).max() <= bound and np.abs(yb - exact).max() <= bound
+    np.testing.assert_array_equal(xa, yb)  # both members hold the same (decoded) average
 
 
 def test_torch_tensor_in_torch_out(meshes: tuple[MeshNode, MeshNode, list[bytes]]) -> None:
