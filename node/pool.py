@@ -37,7 +37,15 @@ from node.transport import (
     handshake_failure,
 )
 from protocol.connection import Channel, Role
-from protocol.errors import ConfigError, ErrorCode, StarmeshError, TimeoutError, TransportError
+from protocol.errors import (
+    ConfigError,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StarmeshError,
+    TimeoutError,
+    TransportError,
+)
 
 log = logging.getLogger("starmesh.pool")
 
@@ -140,8 +148,11 @@ class Pool:
         self._all.discard(link)
         for key in [k for k, v in self._links.items() if v is link]:
             del self._links[key]
-        rejected = link.peer is None or not isinstance(error, TransportError)
-        if link.role is Role.RESPONDER and error is not None and rejected and not self._closing:
+        # The peer's fault (bad bytes, wrong key, too slow a handshake). Our own aborts
+        # (LocalProtocolError) were logged by ``Link.abort``; a member vanishing is not a rejection.
+        ours = isinstance(error, LocalProtocolError)
+        rejected = isinstance(error, RemoteProtocolError) or (link.peer is None and not ours)
+        if link.role is Role.RESPONDER and rejected and not self._closing:
             log.warning("rejected %s: %s", link.describe(), describe_error(error))
         self._on_lost(link, error)
 

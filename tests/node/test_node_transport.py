@@ -228,3 +228,15 @@ async def test_messages_before_close_are_delivered(goodbye: bool) -> None:
         assert got == list(range(500))
         await until(lambda: bool(b.lost))
         assert (b.lost[0][1] is None) is goodbye
+
+
+async def test_message_not_accepted_on_channel_is_rejected_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    async with mesh(2) as (a, b):
+        link = await a.pool.connect(b.address, Channel.CLIENT)
+        await link.send(Ack(seq=1))  # CLIENT links carry STATUS_REQUEST only
+        await until(lambda: not link.is_open)
+        assert isinstance(link.close_reason, RemoteProtocolError)
+        assert link.close_reason.code is ErrorCode.UNEXPECTED_MESSAGE
+        await until(lambda: bool(b.lost))
+        assert caplog.text.count("rejected") == 1 and "ACK not accepted on CLIENT" in caplog.text
