@@ -74,8 +74,8 @@ class SwimConfig:
     sync itself carries O(N) members. 0 disables periodic push/pull (joins still sync)."""
 
     join_sync_after: float = 5.0
-    """Seconds after a join completes at which one extra push/pull with a random member
-    runs (then the periodic schedule resumes). Members that joined elsewhere at the same
+    """Seconds after a join completes at which one extra push/pull with the seed that
+    answered runs (then the periodic schedule resumes). Members that joined elsewhere at the same
     time may have finished gossiping their Alive before anyone knew about us; this one
     sync picks them up without waiting a full ``push_pull_interval``. 0 disables it."""
 

@@ -142,9 +142,11 @@ class MemberTable:
         now: float,
         src: bytes | None = None,
         msg: Alive | None = None,
+        gossip: bool = True,
     ) -> None:
         """Apply ``Alive(inc, node, address, meta)``; ``src`` is who handed it to us and
-        ``msg`` the message itself, if it came as one (re-gossiped as is)."""
+        ``msg`` the message itself, if it came as one (re-gossiped as is). ``gossip=False``
+        applies it without queueing it for dissemination (state learned from a sync)."""
         if node == self.me.node_id:
             self._alive_about_me(inc, address, meta, now)
             return
@@ -152,8 +154,9 @@ class MemberTable:
         if m is None:
             m = self._add(node, inc, address, meta, now)
             if m is not None:
-                news = msg or Alive(incarnation=inc, node=node, address=address, meta=meta)
-                self.broadcasts.queue(node, news)
+                if gossip:
+                    news = msg or Alive(incarnation=inc, node=node, address=address, meta=meta)
+                    self.broadcasts.queue(node, news)
                 self.emit(EventKind.JOINED, m, now)
             return
         if inc <= m.incarnation:
@@ -167,8 +170,9 @@ class MemberTable:
             self.by_address[address] = node
         m.incarnation, m.address, m.meta = inc, address, meta
         self._set_status(m, ALIVE, now)
-        news = msg or Alive(incarnation=inc, node=node, address=address, meta=meta)
-        self.broadcasts.queue(node, news)
+        if gossip:
+            news = msg or Alive(incarnation=inc, node=node, address=address, meta=meta)
+            self.broadcasts.queue(node, news)
         if old_status is DEAD or old_status is LEFT:
             self.emit(EventKind.JOINED, m, now)
         elif old_status is SUSPECT:

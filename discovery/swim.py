@@ -36,7 +36,8 @@ and one with a random member we believe DEAD (Serf's reconnect: a healed partiti
 finds itself again); the answer has ``reply`` set. Joining is the same exchange with the seeds (``join`` set,
 and kept set on the answer: only ``join and reply`` ends a join), retried every
 ``join_retry_interval`` while no seed answers (``SEED_UNREACHABLE``); one extra sync
-follows ``join_sync_after`` seconds later.
+with the seed that answered follows ``join_sync_after`` seconds later. Alive entries a
+sync teaches us are re-gossiped only when they are few (``<= max_piggyback``).
 
 Leaving: ``leave()`` marks us LEFT and broadcasts ``Dead(node=us, sender=us)`` at once;
 after it we stop probing and syncing but keep answering pings and gossiping.
@@ -154,6 +155,7 @@ class Swim:
         self._relays: dict[int, _Relay] = {}
         self._join_seeds: tuple[str, ...] = ()
         self._join_at: float | None = None
+        self._sync_next: str | None = None
         # Stagger the periodic timers so that nodes started together do not move in step.
         self._next_probe = now + rng.random() * config.probe_interval
         self._next_gossip = now + rng.random() * config.gossip_interval
@@ -377,7 +379,8 @@ class Swim:
 
     def _probe_timers(self, now: float) -> None:
         probe = self._probe
-        if probe is not None and not probe.indirect and now >= probe.timeout_at:
+        # (If the whole period has passed, e.g. we were stalled, asking helpers is pointless.)
+        if probe is not None and not probe.indirect and probe.timeout_at <= now < probe.end_at:
             self._send_indirect(probe, now)
         if probe is not None and now >= probe.end_at:
             self._probe_failed(probe, now)
@@ -465,9 +468,13 @@ class Swim:
         )
 
     def _push_pull(self, now: float) -> None:
-        peers = self._sample(1, lambda m: m.status is ALIVE)
-        if peers:
-            self._send_state(peers[0].address, join=False, reply=False)
+        if self._sync_next is not None:  # right after a join: the seed knows the most
+            self._send_state(self._sync_next, join=False, reply=False)
+            self._sync_next = None
+        else:
+            peers = self._sample(1, lambda m: m.status is ALIVE)
+            if peers:
+                self._send_state(peers[0].address, join=False, reply=False)
         # Reconnect (Serf's reconnect_interval): also sync with one member we think is dead,
         # so two sides of a healed partition find each other before the dead are reaped.
         gone = self._sample(1, lambda m: m.status is MemberStatus.DEAD)
@@ -547,14 +554,33 @@ class Swim:
             self._join_at = None
             if self._cfg.join_sync_after > 0:
                 self._next_push_pull = min(self._next_push_pull, now + self._cfg.join_sync_after)
+                self._sync_next = src_address  # the follow-up sync goes to the same seed
         table = self._table
+        # memberlist re-gossips everything a sync taught it. That is right for a few
+        # entries (probably news to others too) but a joiner learning a mesh of N would
+        # flood everyone with N stale Alives: beyond max_piggyback new entries only the
+        # sender's own entry (how a seed spreads its joiner) is re-gossiped.
+        news = self._count_news(msg)
+        regossip_all = news <= self._cfg.max_piggyback
         for s in msg.members:
             if s.status is ALIVE:
-                table.alive(s.node, s.incarnation, s.address, s.meta, now=now)
+                gossip = regossip_all or s.node == src_node
+                table.alive(s.node, s.incarnation, s.address, s.meta, now=now, gossip=gossip)
             elif s.status is MemberStatus.LEFT:
                 table.dead(s.node, s.incarnation, s.node, now=now)
             else:  # memberlist mergeState: a remote "dead" only makes us suspect
                 table.suspect(s.node, s.incarnation, src_node, now=now)
+
+    def _count_news(self, msg: PushPull) -> int:
+        """How many ALIVE entries of a sync would change our table."""
+        members = self._table.members
+        news = 0
+        for s in msg.members:
+            if s.status is ALIVE:
+                m = members.get(s.node)
+                if m is None or s.incarnation > m.incarnation:
+                    news += 1
+        return news
 
     _handlers: ClassVar[dict[type, Callable[..., None]]] = {
         Ping: _on_ping,
