@@ -60,6 +60,10 @@ class NodeScript:
     """Extra seconds before each AR_PART chunk leaves (a slow sender)."""
     average_delay: float = 0.0
     """Extra seconds before each AR_AVERAGE chunk leaves (a slow reducer)."""
+    crash_after_message: tuple[str, int] | None = None
+    """Crash right after emitting this many control messages of this type (e.g. ("ArFinish", 1))."""
+    control_delay: float = 0.0
+    """Extra seconds before each control message leaves (a stalled process, e.g. a frozen leader)."""
     notify: bool = True
     """Whether the others learn of this node's crash (or absence) via ``peer_failed``."""
 
@@ -67,7 +71,8 @@ class NodeScript:
     def faulty(self) -> bool:
         return (self.start_at is None or self.crash_after_parts is not None
                 or self.crash_after_averages is not None or self.crash_at is not None
-                or self.cancel_at is not None or self.cancel_after_parts is not None)
+                or self.cancel_at is not None or self.cancel_after_parts is not None
+                or self.crash_after_message is not None)
 
 
 @dataclass
@@ -83,6 +88,7 @@ class NodeOutcome:
     parts_sent: int = 0
     averages_sent: int = 0
     bytes_sent: int = 0
+    control_sent: dict[str, int] = field(default_factory=dict)
 
 
 def node_ids(n: int) -> list[bytes]:
@@ -207,11 +213,11 @@ class AllReduceSim:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _crash(self, i: int) -> None:
+    def _crash(self, i: int, *, even_if_ended: bool = False) -> None:
         o = self.out[i]
-        if o.crashed or (i in self.cores and not self.cores[i].active):
+        if o.crashed or (i in self.cores and not self.cores[i].active and not even_if_ended):
             return
-        o.crashed, o.ended_at = True, self.now
+        o.crashed, o.ended_at = True, o.ended_at or self.now
         if self.scripts[i].notify:
             self._tell_others(i, self.now + self.detect_delay)
 
@@ -257,7 +263,11 @@ class AllReduceSim:
             if self.wire:
                 body = encode_body(msg)
                 size, msg = len(body), decode_body(body)
-            self._link(i, j, 0, self.now, size, "msg", (i, msg))
+            self._link(i, j, 0, self.now + sc.control_delay, size, "msg", (i, msg))
+            name = type(msg).__name__
+            o.control_sent[name] = o.control_sent.get(name, 0) + 1
+            if sc.crash_after_message is not None and sc.crash_after_message == (name, o.control_sent[name]):
+                self._crash(i, even_if_ended=True)  # e.g. a leader dying halfway through its AR_FINISH
             return
         delay = sc.part_delay if send.kind is TensorKind.PART else sc.average_delay
         chunk = encode_chunk(send.values, self.codec, offset=send.offset)

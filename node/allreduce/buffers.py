@@ -9,12 +9,13 @@ arithmetic as ``np.stack(xs).astype(np.float64).mean(axis=0).astype(np.float32)`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from node.allreduce.events import Floats
 from node.allreduce.layout import chunk_count, chunk_span
+from protocol.messages.tensor import DropReason, Holding
 
 Roundtrip = Callable[[Floats], Floats]
 
@@ -124,3 +125,15 @@ def reduce_mean(parts: Sequence[Floats], block: int) -> Floats:
         out[start:stop] = acc
     out.flags.writeable = False
     return out
+
+
+def holdings_of(contrib: Mapping[int, Mapping[int, SliceBuffer]],
+                bad: Mapping[int, DropReason]) -> tuple[Holding, ...]:
+    """What a report says we hold: per slice, the complete contributions of good senders."""
+    out = []
+    for s in sorted(contrib):
+        senders = sorted(j for j, b in contrib[s].items() if b.complete and j not in bad)
+        if senders:
+            norms = tuple(contrib[s][j].sq_norm for j in senders)
+            out.append(Holding(slice=s, senders=tuple(senders), sq_norms=norms))
+    return tuple(out)

@@ -9,11 +9,17 @@ Rules, in order:
 1. *Who must answer.* Expected reporters are the receivers R of the current commit (all
    members before the first commit) that the leader does not know to be failed. Only
    reports at the current epoch count. Before the deadline the leader waits for all of
-   them; at the deadline the missing ones are *silent* (STALLED).
-2. *Isolation.* If every other member is silent now or was failed by one of the leader's
-   own deadlines (``quiet``), the leader cannot tell its own isolation from everyone's
-   death: it aborts rather than return its own tensor. (Explicit failures, DIED or
-   CANCELLED, are evidence: a member told that everyone else died goes on alone.)
+   them. At the deadline, if some are missing, or (epoch >= 1) some last reported early
+   (blocked on a failure: no evidence of slowness) and are neither done nor past their own
+   deadline (``timed_out``), it extends the deadline once per epoch (``patient``: its
+   commit may have reached them late, so their own deadlines run later); the decision is
+   then taken when every one has a done or timed-out report, or the extension ends. The
+   missing ones are then *silent* (STALLED).
+2. *Isolation.* If every other expected member is silent, or every other member is
+   silent or was failed by the leader's own deadlines (``quiet``), the leader cannot tell
+   its own isolation from everyone's stall: it aborts rather than return its own tensor.
+   (Explicit failures, DIED or CANCELLED, are evidence: a member told that everyone else
+   died goes on alone.)
 3. *Finish.* At epoch >= 1, when every reporter holds every slice's average and no
    contributor failed or went silent, the epoch is final. A leader that took over finishes
    even if contributors died or went silent, since they may have finished under the old
@@ -31,8 +37,9 @@ Rules, in order:
      on a failed or non-finite contributor (nobody is blamed: removing those unblocks it);
      if its live owner lacks live contributors' data, those contributors are blamed (slow
      resend); otherwise the owner holds everything and *owes* the average: if no other
-     reporter has it, the owner is blamed (slow reducer), else every reporter missing it
-     is (slow receiver: the others got that owner's average).
+     reporter has it, or the owner was just blamed as a slow resender, the owner is blamed
+     (slow reducer), else every reporter missing it is (slow receiver: the others got that
+     owner's average).
      Slowness is judged only at the deadline: before it (every reporter answered early,
      e.g. blocked on a failed owner) only failures and non-finite values are acted on.
      Members reported NON_FINITE leave S. If nothing at all is blamed, the members that
@@ -65,6 +72,8 @@ class DecisionKind(enum.Enum):
     COMMIT = "commit"
     FINISH = "finish"
     ABORT = "abort"
+    EXTEND = "extend"
+    """Members are silent at the deadline: wait once more for them (``LeaderView.patient``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +84,7 @@ class Decision:
 
 
 WAIT = Decision(DecisionKind.WAIT)
+EXTEND = Decision(DecisionKind.EXTEND)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +103,10 @@ class LeaderView:
     quiet: frozenset[int] = frozenset()
     """Members this leader failed by its own deadlines (no AR_BEGIN, leader silent)."""
     takeover: bool = False
+    patient: bool = False
+    """The leader may still extend this epoch's deadline once (rule 1)."""
+    extending: bool = False
+    """The extension runs: silent members are still waited for, but slowness may be judged."""
     outlier_factor: float | None = None
     max_epochs: int = 8
     nonempty: tuple[int, ...] = field(init=False)
@@ -119,9 +133,15 @@ def decide(v: LeaderView) -> Decision:
     current = {m: v.reports[m] for m in sorted(expected)
                if m in v.reports and v.reports[m].epoch == v.epoch}
     silent = expected - current.keys()
+    # A report sent early (blocked on a failure) is no evidence of slowness: at the deadline,
+    # wait (once) for every reporter's own deadline report, as for the silent ones.
+    early = {m for m, r in current.items() if v.commit and not r.timed_out and not is_done(r, v.nonempty)}
     if silent and not v.forced:
         return WAIT
-    if v.n > 1 and set(range(v.n)) - {v.me} <= silent | v.quiet:
+    if v.forced and (silent or early) and (v.patient or v.extending):
+        return EXTEND if v.patient else WAIT
+    others = expected - {v.me}
+    if v.n > 1 and ((others and others <= silent) or set(range(v.n)) - {v.me} <= silent | v.quiet):
         return _abort(v, "isolated: no other member answered")
     if v.commit is not None:
         done = all(is_done(r, v.nonempty) for r in current.values())
@@ -223,10 +243,12 @@ def _later_contributors(v: LeaderView, current: dict[int, ArReport], held: dict[
     for s in sorted(ready):
         others = [r for r in missing if r != owners[s]]
         missers = {r for r in others if s in missing[r]}
-        if len(missers) < len(others):
+        if not missers:
+            continue
+        if len(missers) == len(others) or owners[s] in blame.senders:
+            blame.slow_owners.add(owners[s])  # nobody got it, or its owner is slow anyway
+        else:
             receivers |= missers  # others got this average: the missers are slow receivers
-        elif missers:
-            blame.slow_owners.add(owners[s])  # nobody got it: the owner is slow
     if not (blame.gone or blame.senders or blame.slow_owners or receivers):
         receivers = {r for r, miss in missing.items() if miss}
     for m in sorted(receivers | blame.slow_owners):
@@ -277,6 +299,6 @@ def _commit(v: LeaderView, contributors: set[int], receivers: set[int], owners: 
                     resend=tuple(resend), dropped=dropped)
 
 
-def _abort(v: LeaderView, detail: str) -> Decision:
+def _abort(v: LeaderView, detail: str, kind: DecisionKind = DecisionKind.ABORT) -> Decision:
     fin = ArFinish(round_id=v.round_id, epoch=v.epoch, leader=v.me, aborted=True)
-    return Decision(DecisionKind.ABORT, fin, detail)
+    return Decision(kind, fin, detail)

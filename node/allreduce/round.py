@@ -62,7 +62,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from node.allreduce import layout
-from node.allreduce.buffers import Roundtrip, SliceBuffer, all_finite
+from node.allreduce.buffers import Roundtrip, SliceBuffer, all_finite, holdings_of
 from node.allreduce.config import AllReduceConfig
 from node.allreduce.decide import DecisionKind, LeaderView, decide
 from node.allreduce.events import (
@@ -91,7 +91,6 @@ from protocol.messages.tensor import (
     ArTakeover,
     DropReason,
     Exclusion,
-    Holding,
 )
 from protocol.schema import Message
 
@@ -142,6 +141,7 @@ class AllReduceRound:
         self._start = self._now = now
         self._failed: dict[int, DropReason] = {}
         self._quiet: set[int] = set()
+        self._answered: set[int] = set()
         self._bad: dict[int, DropReason] = {}
         self._begun: dict[int, float] = {self._me: now}
         self._contrib: dict[int, dict[int, SliceBuffer]] = {}
@@ -149,7 +149,8 @@ class AllReduceRound:
         self._commit: ArCommit | None = None
         self._reports: dict[int, ArReport] = {}
         self._sent_report: tuple[int, ArReport] | None = None
-        self._report_forced = self._decide_forced = self._takeover = False
+        self._report_forced = self._decide_forced = self._takeover = self._extending = False
+        self._patient = True
         self._gen, self._report_gen, self._decided_gen = 0, -1, -1
         self._cached_report: ArReport | None = None
         self._leader = 0
@@ -163,7 +164,7 @@ class AllReduceRound:
         self._own_contribution(self._me)
         self._timers: dict[str, float] = {"round": now + cfg.round_timeout}
         if self._n == 1:
-            self._finish_alone()
+            self._finish()
             return
         self._timers.update(join=now + cfg.join_timeout, report=now + cfg.part_timeout)
         self._set_leader_timers(now + cfg.part_timeout + cfg.report_grace)
@@ -186,11 +187,17 @@ class AllReduceRound:
         return self.members[self._leader]
 
     def on_message(self, src: bytes, msg: Message, *, now: float) -> None:
-        """A control message from member ``src`` (the authenticated peer of its connection)."""
+        """A control message from member ``src`` (the authenticated peer of its connection).
+
+        Keep feeding a FINISHED round for a while (``linger`` seconds): a member still asking
+        (a report, commit or takeover) is answered with the AR_FINISH it may have missed."""
         if isinstance(msg, ArPart | ArAverage):
             raise LocalProtocolError("tensor messages go to on_tensor() with their decoded values")
         i = self._index.get(src)
-        if i is None or i == self._me or not self.active or getattr(msg, "round_id", None) != self.round_id:
+        if i is None or i == self._me or getattr(msg, "round_id", None) != self.round_id:
+            return
+        if not self.active:
+            self._answer_late(i, msg)
             return
         try:
             self._dispatch(i, msg, now)
@@ -385,7 +392,7 @@ class AllReduceRound:
             self._report_forced = True
             self._gen += 1
         elif name == "decide" and self._leader == self._me:
-            self._decide_forced = True
+            self._decide_forced, self._extending = True, False
             self._gen += 1
         elif name == "suspect" and self._leader != self._me:
             self._quiet.add(self._leader)
@@ -422,7 +429,7 @@ class AllReduceRound:
         else:
             self._sent_report = None
             self._timers["suspect"] = max(self._timers.get("suspect", now),
-                                          now + cfg.report_grace + cfg.leader_timeout)
+                                          now + cfg.report_grace + self._extension + cfg.leader_timeout)
 
     def _reduce_owned(self) -> None:
         c = self._commit
@@ -470,9 +477,14 @@ class AllReduceRound:
         view = LeaderView(round_id=self.round_id, n=self._n, me=self._me, sizes=self._sizes,
                           commit=self._commit, failed=self._failed, reports=reports,
                           forced=self._decide_forced, quiet=frozenset(self._quiet),
-                          takeover=self._takeover,
+                          takeover=self._takeover, patient=self._patient, extending=self._extending,
                           outlier_factor=self.config.outlier_factor, max_epochs=self.config.max_epochs)
         d = decide(view)
+        if d.kind is DecisionKind.EXTEND:
+            self._patient, self._extending = False, True
+            self._timers["decide"] = now + self._extension
+            self._gen += 1
+            return
         if d.kind is DecisionKind.WAIT or d.message is None:
             return
         if d.kind is DecisionKind.FINISH and not self._done():
@@ -507,7 +519,8 @@ class AllReduceRound:
             if c.owners[s] == self._me:
                 self._own_contribution(s)
         self.state = RoundState.ALL_GATHER
-        self._report_forced = self._decide_forced = self._takeover = False
+        self._report_forced = self._decide_forced = self._takeover = self._extending = False
+        self._patient = True
         cfg = self.config
         self._timers["report"] = now + cfg.gather_timeout
         self._set_leader_timers(now + cfg.gather_timeout + cfg.report_grace, reset=True)
@@ -547,21 +560,16 @@ class AllReduceRound:
         return False
 
     def _report(self) -> ArReport:
-        if self._report_gen == self._gen and self._cached_report is not None:
-            return self._cached_report
-        holdings = []
-        for s in sorted(self._contrib):
-            complete = sorted(j for j, b in self._contrib[s].items() if b.complete and j not in self._bad)
-            if complete:
-                norms = tuple(self._contrib[s][j].sq_norm for j in complete)
-                holdings.append(Holding(slice=s, senders=tuple(complete), sq_norms=norms))
-        averages = tuple(s for s in self._nonempty if self._avg_valid(s))
-        excl = {**self._bad, **self._failed}
-        rep = ArReport(round_id=self.round_id, epoch=self.epoch, leader=self._leader,
-                       holdings=tuple(holdings), averages=averages,
-                       exclusions=tuple(Exclusion(member=m, reason=r) for m, r in sorted(excl.items())))
-        self._cached_report, self._report_gen = rep, self._gen
-        return rep
+        if self._report_gen != self._gen or self._cached_report is None:
+            excl = {**self._bad, **self._failed}
+            self._cached_report = ArReport(
+                round_id=self.round_id, epoch=self.epoch, leader=self._leader,
+                holdings=holdings_of(self._contrib, self._bad),
+                averages=tuple(s for s in self._nonempty if self._avg_valid(s)),
+                exclusions=tuple(Exclusion(member=m, reason=r) for m, r in sorted(excl.items())),
+                timed_out=self._report_forced)
+            self._report_gen = self._gen
+        return self._cached_report
 
     # ------------------------------------------------------------------ helpers
 
@@ -579,11 +587,16 @@ class AllReduceRound:
             else:
                 per[self._me] = SliceBuffer.full(view, self.config.chunk_elements)
 
+    @property
+    def _extension(self) -> float:
+        """How much longer a leader missing reports at its deadline waits (once per epoch)."""
+        return self.config.report_grace + self.config.leader_timeout
+
     def _set_leader_timers(self, decide_at: float, *, reset: bool = False) -> None:
         cur = self._timers.get("decide")
         at = decide_at if reset or cur is None else max(cur, decide_at)
         self._timers["decide"] = at
-        self._timers["suspect"] = at + self.config.leader_timeout
+        self._timers["suspect"] = at + self._extension + self.config.leader_timeout
 
     def _mark_failed(self, m: int, reason: DropReason, *, detail: str = "") -> None:
         if m == self._me or m in self._failed:
@@ -601,24 +614,27 @@ class AllReduceRound:
 
     def _finish(self) -> None:
         c = self._commit
-        assert c is not None
-        average: Floats = np.empty(self._tensor.size, np.float32)
-        for s in self._nonempty:
-            lo = self._offsets[s]
-            average[lo:lo + self._sizes[s]] = self._averages[s].values
-        dropped = {self.members[e.member]: e.reason for e in c.dropped}
+        dropped: tuple[Exclusion, ...] = ()
+        if c is None:  # a group of one
+            average, epoch, contributors = self._tensor.copy(), 0, tuple(range(self._n))
+        else:
+            average, epoch, contributors, dropped = np.empty_like(self._tensor), c.epoch, c.contributors, c.dropped
+            for s in self._nonempty:
+                average[self._offsets[s]:self._offsets[s] + self._sizes[s]] = self._averages[s].values
         self.result = AllReduceResult(
-            round_id=self.round_id, average=average, epoch=c.epoch,
-            contributors=tuple(self.members[m] for m in c.contributors),
-            dropped=dropped, contributed=self._me in c.contributors)
+            round_id=self.round_id, average=average, epoch=epoch,
+            contributors=tuple(self.members[m] for m in contributors), contributed=self._me in contributors,
+            dropped={self.members[e.member]: e.reason for e in dropped})
         self._end(RoundState.FINISHED)
         self._events.append(RoundFinished(self.result))
 
-    def _finish_alone(self) -> None:
-        self.result = AllReduceResult(round_id=self.round_id, average=self._tensor.copy(), epoch=0,
-                                      contributors=self.members, dropped={}, contributed=True)
-        self._end(RoundState.FINISHED)
-        self._events.append(RoundFinished(self.result))
+    def _answer_late(self, i: int, msg: Message) -> None:
+        c = self._commit
+        if (self.state is RoundState.FINISHED and c is not None and i not in self._answered
+                and isinstance(msg, ArReport | ArCommit | ArTakeover)):
+            self._answered.add(i)
+            self._control.append(SendMessage(self.members[i], ArFinish(
+                round_id=self.round_id, epoch=c.epoch, leader=c.leader)))
 
     def _fail(self, msg: str, reason: DropReason | None) -> None:
         self.error = AllReduceError(msg, reason=reason)

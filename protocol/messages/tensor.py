@@ -159,6 +159,8 @@ class ArReport(Message):
     """Slices whose average, valid under commit ``epoch``, the sender holds completely."""
     exclusions: tuple[Exclusion, ...] = spec(ListOf(StructOf(Exclusion), max_len=MAX_GROUP))
     """Members the sender saw fail or send non-finite values."""
+    timed_out: bool = spec(Bool(), default=False)
+    """The sender's own deadline for this phase has passed: what it lacks now is late."""
 
 
 @register

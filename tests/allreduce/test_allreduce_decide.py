@@ -63,7 +63,9 @@ def test_waits_for_every_expected_reporter_until_the_deadline() -> None:
     reps = first()
     del reps[3]
     assert decide(view(reps)).kind is DecisionKind.WAIT
-    c = the_commit(view(reps, forced=True))  # at the deadline 3 is silent: out of S and R
+    assert decide(view(reps, forced=True, patient=True)).kind is DecisionKind.EXTEND  # once
+    assert decide(view(reps, forced=True, extending=True)).kind is DecisionKind.WAIT
+    c = the_commit(view(reps, forced=True))  # after it, 3 is silent: out of S and R
     assert (c.contributors, c.receivers, c.dropped) == ((0, 1, 2), (0, 1, 2), (Exclusion(member=3, reason=S),))
     assert c.owners == (0, 1, 2, 0) and c.resend == (Resend(slice=3, senders=(1, 2)),)
 
@@ -107,10 +109,11 @@ def test_non_finite_and_norm_outlier() -> None:
     assert c.dropped == (Exclusion(member=2, reason=N), Exclusion(member=4, reason=OUT))
 
 
-def test_isolated_leader_aborts_but_goes_on_alone_on_evidence() -> None:
+def test_isolated_leader_waits_once_then_aborts_but_goes_on_alone_on_evidence() -> None:
     reps = {0: report(hold=owns(0, [0]))}
     d = decide(view(reps, n=3, forced=True))
     assert d.kind is DecisionKind.ABORT and isinstance(d.message, ArFinish) and d.message.aborted
+    assert decide(view(reps, n=3, forced=True, patient=True)).kind is DecisionKind.EXTEND
     d = decide(view(reps, n=3, forced=True, quiet=frozenset({1}), failed={1: S}))
     assert d.kind is DecisionKind.ABORT
     c = the_commit(view(reps, n=3, failed={1: D, 2: C}))

@@ -176,6 +176,44 @@ def test_two_faults_at_once(f0: str, f1: str, n: int) -> None:
     assert_survivors(sim, out, tensors, list(range(2, n)))
 
 
+# ---------------------------------------------------------------------- the leader fails
+
+
+@pytest.mark.parametrize("notify", [True, False])
+@pytest.mark.parametrize("sent", [1, 2, 3])
+def test_leader_dies_halfway_through_its_finish(sent: int, notify: bool) -> None:
+    """Members that missed AR_FINISH elect a successor, which finishes the same epoch (or
+    learns from a finished member, still answering, that it is over): nobody gets other bits."""
+    tensors = inputs(5, seed=sent)
+    _sim, out = run(tensors, {0: NodeScript(crash_after_message=("ArFinish", sent), notify=notify)})
+    expected = exact_mean(tensors, list(range(5)))
+    for o in out.values():
+        assert o.result is not None and np.array_equal(o.result.average, expected)
+
+
+@pytest.mark.parametrize("notify", [True, False])
+@pytest.mark.parametrize("sent", [1, 3])
+def test_leader_dies_halfway_through_its_commit(sent: int, notify: bool) -> None:
+    tensors = inputs(5, seed=sent)
+    sim, out = run(tensors, {0: NodeScript(crash_after_message=("ArCommit", sent), notify=notify)})
+    assert_survivors(sim, out, tensors, [1, 2, 3, 4])
+
+
+def test_frozen_leader_is_superseded_and_told() -> None:
+    tensors = inputs(5, seed=7)
+    sim, out = run(tensors, {0: NodeScript(control_delay=5.0)})
+    assert_survivors(sim, out, tensors, [1, 2, 3, 4])
+    assert out[0].result is None and out[0].error is not None
+
+
+def test_successive_leaders_die() -> None:
+    tensors = inputs(6, seed=8)
+    scripts = {0: NodeScript(crash_after_parts=1), 1: NodeScript(crash_after_message=("ArCommit", 2)),
+               2: NodeScript(crash_after_averages=1, notify=False)}
+    sim, out = run(tensors, scripts)
+    assert_survivors(sim, out, tensors, [3, 4, 5])
+
+
 # ---------------------------------------------------------------------- bad values
 
 
@@ -223,7 +261,8 @@ def test_late_start_within_join_timeout_is_included() -> None:
 
 
 def _random_script(r: random.Random, tensors: list[np.ndarray], v: int) -> tuple[str, NodeScript]:
-    kind = r.choice(["before", "sending", "slowsend", "reducing", "slowred", "cancel", "crash", "nan", "outlier"])
+    kind = r.choice(["before", "sending", "slowsend", "reducing", "slowred", "cancel", "crash", "nan", "outlier",
+                     "midcommit", "midfinish", "frozen"])
     notify = r.random() < 0.7
     if kind == "nan":
         tensors[v][r.randrange(tensors[v].size)] = np.nan
@@ -237,10 +276,13 @@ def _random_script(r: random.Random, tensors: list[np.ndarray], v: int) -> tuple
         "slowred": NodeScript(average_delay=r.choice([0.5, 5.0, 60.0])),
         "cancel": NodeScript(cancel_at=r.random() * 0.05),
         "crash": NodeScript(crash_at=r.random() * 8, notify=notify),
+        "midcommit": NodeScript(crash_after_message=("ArCommit", r.randint(1, 3)), notify=notify),
+        "midfinish": NodeScript(crash_after_message=("ArFinish", r.randint(1, 3)), notify=notify),
+        "frozen": NodeScript(control_delay=r.choice([0.5, 3.0, 20.0])),
     }.get(kind, NodeScript())
 
 
-@pytest.mark.parametrize("trial", range(80))
+@pytest.mark.parametrize("trial", range(120))
 def test_random_faults_keep_the_invariants(trial: int) -> None:
     """Up to three random faults: whoever returns a result returns the same bits, the exact
     mean of the contributors it reports; bad values never count; nobody hangs."""
