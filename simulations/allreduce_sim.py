@@ -4,7 +4,9 @@ real codecs, a seeded network, scripted faults (``python -m simulations allreduc
 The network has one FIFO link per (source, destination, channel): control messages and
 tensor chunks travel on separate channels (CONTROL and BULK, as in ``node/``). A message
 leaves its link after ``size / bandwidth`` (that is when ``on_sent`` acknowledges a tensor
-chunk) and arrives ``latency + jitter`` later, jitter drawn from one seeded
+chunk; with ``shared_nic`` all of a node's links share one uplink and one downlink of that
+bandwidth, the model behind the link optimum ``2 (N-1)/N * bytes / bandwidth``) and
+arrives ``latency + jitter`` later, jitter drawn from one seeded
 ``random.Random``, so a seed fixes every arrival order. Faults are scripted per node
 (``NodeScript``): never start, crash after k part/average chunks, crash at a time, cancel,
 delay each part or average chunk (a slow sender / a slow reducer). When a node crashes,
@@ -101,7 +103,7 @@ class AllReduceSim:
                  config: AllReduceConfig | None = None, seed: int = 0, codec: str = "none",
                  latency: float = 0.001, jitter: float = 0.002, bandwidth: float = 1e8,
                  detect_delay: float = 0.05, wire: bool = False, key: bytes = b"step-1",
-                 weights: list[float] | None = None) -> None:
+                 weights: list[float] | None = None, shared_nic: bool = False) -> None:
         self.n = len(tensors)
         self.ids = node_ids(self.n)
         self.tensors = tensors
@@ -119,6 +121,10 @@ class AllReduceSim:
         self._seq = 0
         self._link_free: dict[tuple[int, int, int], float] = {}
         self._link_last: dict[tuple[int, int, int], float] = {}
+        self._queue_ready: dict[tuple[int, int, int], float] = {}
+        self.shared_nic = shared_nic
+        self._nic_up: dict[int, float] = {}
+        self._nic_down: dict[int, float] = {}
         self._early: dict[int, list[tuple[str, tuple[Any, ...]]]] = {i: [] for i in range(self.n)}
         self._timer_at: dict[int, float] = {}
         self.events_processed = 0
@@ -254,34 +260,27 @@ class AllReduceSim:
             self._push(max(at, self.now), "timer", (i,))
 
     def _transmit(self, i: int, send: SendMessage | SendTensor) -> None:
-        j = self.ids.index(send.dest)
+        """Node i emitted ``send``: it goes on the wire after the node's scripted delay, in
+        emission order per (destination, channel), as a pump per connection would write it."""
         o, sc = self.out[i], self.scripts[i]
         self.messages += 1
         if isinstance(send, SendMessage):
-            msg: Message = send.message
-            size = 64
-            if self.wire:
-                body = encode_body(msg)
-                size, msg = len(body), decode_body(body)
-            self._link(i, j, 0, self.now + sc.control_delay, size, "msg", (i, msg))
-            name = type(msg).__name__
+            delay, channel = sc.control_delay, 0
+        else:
+            delay, channel = (sc.part_delay if send.kind is TensorKind.PART else sc.average_delay), 1
+        key = (i, self.ids.index(send.dest), channel)
+        at = max(self.now + delay, self._queue_ready.get(key, 0.0))
+        self._queue_ready[key] = at
+        if at > self.now:
+            self._push(at, "wire", (i, send))
+        else:
+            self._ev_wire(i, send)
+        if isinstance(send, SendMessage):
+            name = type(send.message).__name__
             o.control_sent[name] = o.control_sent.get(name, 0) + 1
-            if sc.crash_after_message is not None and sc.crash_after_message == (name, o.control_sent[name]):
+            if sc.crash_after_message == (name, o.control_sent[name]):
                 self._crash(i, even_if_ended=True)  # e.g. a leader dying halfway through its AR_FINISH
-            return
-        delay = sc.part_delay if send.kind is TensorKind.PART else sc.average_delay
-        chunk = encode_chunk(send.values, self.codec, offset=send.offset)
-        tmsg: ArPart | ArAverage = send.to_message(chunk)
-        if self.wire:
-            decoded = decode_body(encode_body(tmsg))
-            assert isinstance(decoded, ArPart | ArAverage)
-            tmsg = decoded
-        values = decode_chunk(tmsg.data)
-        size = len(tmsg.data.payload) + 48
-        o.bytes_sent += size
-        done = self._link(i, j, 1, self.now + delay, size, "tensor", (i, tmsg, values))
-        self._push(done, "sent", (i, send.dest, send.nbytes))
-        if send.kind is TensorKind.PART:
+        elif send.kind is TensorKind.PART:
             o.parts_sent += 1
             if sc.crash_after_parts is not None and o.parts_sent >= sc.crash_after_parts:
                 self._crash(i)
@@ -290,16 +289,49 @@ class AllReduceSim:
             if sc.crash_after_averages is not None and o.averages_sent >= sc.crash_after_averages:
                 self._crash(i)
 
+    def _ev_wire(self, i: int, send: SendMessage | SendTensor) -> None:
+        if self.out[i].crashed:
+            return  # still in the crashed process's queues: lost
+        j = self.ids.index(send.dest)
+        if isinstance(send, SendMessage):
+            msg: Message = send.message
+            size = 64
+            if self.wire:
+                body = encode_body(msg)
+                size, msg = len(body), decode_body(body)
+            self._link(i, j, 0, self.now, size, "msg", (i, msg))
+            return
+        chunk = encode_chunk(send.values, self.codec, offset=send.offset)
+        tmsg: ArPart | ArAverage = send.to_message(chunk)
+        if self.wire:
+            decoded = decode_body(encode_body(tmsg))
+            assert isinstance(decoded, ArPart | ArAverage)
+            tmsg = decoded
+        size = len(tmsg.data.payload) + 48
+        self.out[i].bytes_sent += size
+        done = self._link(i, j, 1, self.now, size, "tensor", (i, tmsg, decode_chunk(tmsg.data)))
+        self._push(done, "sent", (i, send.dest, send.nbytes))
+
     def _link(self, i: int, j: int, channel: int, ready: float, size: int, kind: str,
               args: tuple[Any, ...]) -> float:
         """Queue a message on link (i, j, channel); returns when it finished leaving i."""
-        key = (i, j, channel)
-        leave = max(ready, self._link_free.get(key, 0.0)) + size / self.bandwidth
+        key, cost = (i, j, channel), size / self.bandwidth
+        leave = max(ready, self._link_free.get(key, 0.0), self._nic_up.get(i, 0.0)) + cost
+        if self.shared_nic:  # one uplink per sender, FIFO
+            self._nic_up[i] = leave
         self._link_free[key] = leave
         arrive = max(leave + self.latency + self.rng.random() * self.jitter, self._link_last.get(key, 0.0))
         self._link_last[key] = arrive
-        self._push(arrive, "deliver", (j, kind, args))
+        if self.shared_nic:  # then one downlink per receiver, served in arrival order
+            self._push(arrive, "nic_in", (j, cost, kind, args))
+        else:
+            self._push(arrive, "deliver", (j, kind, args))
         return leave
+
+    def _ev_nic_in(self, j: int, cost: float, kind: str, args: tuple[Any, ...]) -> None:
+        done = max(self.now, self._nic_down.get(j, 0.0)) + cost
+        self._nic_down[j] = done
+        self._push(done, "deliver", (j, kind, args))
 
 
 def exact_mean(tensors: list[Floats], members: list[int]) -> Floats:
@@ -318,6 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec", default="none")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--bandwidth", type=float, default=125e6, help="bytes/s per link")
+    parser.add_argument("--latency", type=float, default=0.0002, help="one-way seconds")
+    parser.add_argument("--chunk", type=int, default=16_384, help="elements per chunk (window: 4 chunks)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -334,7 +368,8 @@ FAULTS: dict[str, NodeScript] = {
 
 def run(args: argparse.Namespace) -> int:
     cfg = AllReduceConfig.for_transfer(numel=args.numel, bytes_per_s=args.bandwidth,
-                                       base=AllReduceConfig.local().replace(chunk_elements=16_384))
+                                       base=AllReduceConfig.local().replace(chunk_elements=args.chunk,
+                                                                            window_bytes=16 * args.chunk))
     rows = []
     for name, script in FAULTS.items():
         times, ok = [], True
@@ -342,16 +377,19 @@ def run(args: argparse.Namespace) -> int:
             rng = np.random.default_rng(seed)
             tensors = [rng.standard_normal(args.numel).astype(np.float32) for _ in range(args.nodes)]
             sim = AllReduceSim(tensors, scripts={1: script}, config=cfg, seed=seed, codec=args.codec,
-                               bandwidth=args.bandwidth)
+                               bandwidth=args.bandwidth, shared_nic=True, latency=args.latency,
+                               jitter=args.latency / 2)
             out = sim.run()
             results = [o.result for o in out.values() if o.result is not None]
             ok &= bool(results) and all(np.array_equal(r.average, results[0].average) for r in results)
             times.append(max(o.ended_at or 0.0 for o in out.values()))
         optimum = 2 * (args.nodes - 1) / args.nodes * 4 * args.numel / args.bandwidth
-        rows.append({"fault": name, "median_s": float(np.median(times)), "optimum_s": optimum, "consistent": ok})
-    print(f"{'fault':16} {'virtual s':>10} {'optimum s':>10} consistent")
+        median = float(np.median(times))
+        rows.append({"fault": name, "median_s": median, "optimum_s": optimum,
+                     "efficiency": optimum / median, "consistent": ok})
+    print(f"{'fault':16} {'virtual s':>10} {'optimum s':>10} {'of optimum':>10} consistent")
     for r in rows:
-        print(f"{r['fault']:16} {r['median_s']:10.3f} {r['optimum_s']:10.3f} {r['consistent']}")
+        print(f"{r['fault']:16} {r['median_s']:10.3f} {r['optimum_s']:10.3f} {r['efficiency']:10.1%} {r['consistent']}")
     if args.json:
         print(json.dumps({"scenario": "allreduce", "rows": rows}))
     return 0 if all(r["consistent"] for r in rows) else 1

@@ -27,9 +27,11 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 20
 class AllReduceConfig:
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     """Elements per AR_PART / AR_AVERAGE chunk (the codec's ``chunk_elements``)."""
-    window_bytes: int = 16 << 20
+    window_bytes: int = 8 << 20
     """Most raw (fp32) bytes of tensor chunks emitted to one destination and not yet
-    acknowledged by ``on_sent``. At least one chunk is always allowed in flight."""
+    acknowledged by ``on_sent`` (two default chunks: one on the wire, one being encoded).
+    At least one chunk is always allowed in flight. Encoded bytes held by an adapter are
+    bounded by ``window_bytes x (N - 1)``."""
     join_timeout: float = 5.0
     """Seconds after the local start: a member whose AR_BEGIN has not arrived is STALLED."""
     part_timeout: float = 30.0
