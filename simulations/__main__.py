@@ -14,6 +14,7 @@ import sys
 SCENARIOS: dict[str, tuple[str, str]] = {
     "demo": ("simulations.demo", "a local mesh on loopback: nodes join, one fails and is detected (live table)"),
     "gossip": ("simulations.gossip_sim", "in-process SWIM on virtual time: convergence, detection, traffic"),
+    "allreduce": ("simulations.allreduce_sim", "in-process all-reduce on virtual time: each fault case vs the link optimum"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "join": ("simulations.bench_membership", "real processes: time to one identical view"),
