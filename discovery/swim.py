@@ -35,8 +35,9 @@ Anti-entropy: every ``push_pull_interval`` (stretched linearly above
 and one with a random member we believe DEAD (Serf's reconnect: a healed partition
 finds itself again); the answer has ``reply`` set. Joining is the same exchange with the seeds (``join`` set,
 and kept set on the answer: only ``join and reply`` ends a join), retried every
-``join_retry_interval`` while no seed answers (``SEED_UNREACHABLE``); one extra sync
-with the seed that answered follows ``join_sync_after`` seconds later. Alive entries a
+``join_retry_interval`` while no seed answers (``SEED_UNREACHABLE``); one extra pull
+from the seed that answered (a PushPull carrying only our own entry) follows
+``join_sync_after`` seconds later. Alive entries a
 sync teaches us are re-gossiped only when they are few (``<= max_piggyback``).
 
 Leaving: ``leave()`` marks us LEFT and broadcasts ``Dead(node=us, sender=us)`` at once;
@@ -242,25 +243,29 @@ class Swim:
 
     def next_deadline(self) -> float | None:
         """The earliest ``now`` at which ``handle_timer`` has something to do."""
-        cfg = self._cfg
-        deadlines: list[float] = []
-        if self._join_at is not None:
-            deadlines.append(self._join_at)
+        table = self._table
+        best = table.next_deadline()
         probe = self._probe
         if probe is not None:
-            deadlines.append(probe.end_at if probe.indirect else probe.timeout_at)
-        elif not self._table.left:
-            deadlines.append(self._next_probe)
-        if len(self._table.broadcasts):
-            deadlines.append(self._next_gossip)
-        if cfg.push_pull_interval > 0 and not self._table.left:
-            deadlines.append(self._next_push_pull)
+            d = probe.end_at if probe.indirect else probe.timeout_at
+        elif not table.left:
+            d = self._next_probe
+        else:
+            d = None
+        if d is not None and (best is None or d < best):
+            best = d
+        if self._join_at is not None and (best is None or self._join_at < best):
+            best = self._join_at
+        if len(table.broadcasts) and (best is None or self._next_gossip < best):
+            best = self._next_gossip
+        if self._cfg.push_pull_interval > 0 and not table.left:
+            if best is None or self._next_push_pull < best:
+                best = self._next_push_pull
         if self._relays:
-            deadlines.append(next(iter(self._relays.values())).deadline)
-        table_deadline = self._table.next_deadline()
-        if table_deadline is not None:
-            deadlines.append(table_deadline)
-        return min(deadlines) if deadlines else None
+            d = next(iter(self._relays.values())).deadline
+            if best is None or d < best:
+                best = d
+        return best
 
     def messages_to_send(self) -> list[tuple[str, Message]]:
         """Drain the outgoing messages: ``(destination address, message)`` in send order."""
@@ -468,8 +473,10 @@ class Swim:
         )
 
     def _push_pull(self, now: float) -> None:
-        if self._sync_next is not None:  # right after a join: the seed knows the most
-            self._send_state(self._sync_next, join=False, reply=False)
+        if self._sync_next is not None:
+            # Right after a join: *pull* from the seed, which knows the most. The seed
+            # knows us already, so we send only our own entry; it answers with everything.
+            self._send(self._sync_next, PushPull(members=(self._me.state(),)))
             self._sync_next = None
         else:
             peers = self._sample(1, lambda m: m.status is ALIVE)

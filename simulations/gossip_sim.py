@@ -4,7 +4,7 @@ The real ``discovery.Swim`` state machines and the real message codec run on a s
 lossy, delaying discrete-event network (``simulations/simnet.py``). The scenario:
 
 1. bootstrap: node 0 starts at t=0, the others at random times in ``--join-window``, each
-   joining through one seed (a random node started before it);
+   joining through node 0 as its one seed (the usual deployment: one seed address);
 2. convergence: time (and gossip rounds since the last start) until every node sees all N
    alive; then ``--idle`` seconds of steady state to measure idle traffic;
 3. dissemination: one node updates its metadata; gossip rounds until all others see it
@@ -172,7 +172,7 @@ class Scenario:
         order = list(range(n))
         starts = [0.0, *sorted(self.rng.uniform(0.0, self.args.join_window) for _ in range(n - 1))]
         for k, i in enumerate(order):
-            seed = [] if k == 0 else [order[self.rng.randrange(k)]]
+            seed = [] if k == 0 else [order[0]]
             net.call_at(starts[k], functools.partial(self._start, i, seed))
         self.last_start = starts[-1]
         if self.args.partition:

@@ -10,6 +10,13 @@ message is encoded with the real codec (``encode_body``), passed through the fau
 Each node has one live timer entry at its ``next_deadline()``; a re-armed timer bumps a
 generation number and stale entries are skipped when popped.
 
+Codec: every message is encoded with ``encode_body`` and decoded with ``decode_body``
+(each distinct body once: a gossip message sent to many peers has one body). Large state
+syncs are unpacked and their member entries decoded one distinct entry at a time with
+the real ``MemberState`` decoder, then rebuilt into a validated ``PushPull``: a 1000-member
+sync is mostly entries decoded before, and decoding each from scratch would dominate a
+1000-node run.
+
 Determinism: ties are broken by a global insertion counter; node ``i`` decides with
 ``random.Random(f"{seed}:node:{i}")`` and its outgoing link faults (loss, delay, jitter) are
 drawn from its own stream ``random.Random(f"{seed}:net:{i}")`` (per-sender streams, so one
@@ -30,13 +37,19 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgpack
+
 from discovery.config import SwimConfig
 from discovery.events import MemberEvent
 from discovery.swim import Swim
-from protocol.messages.gossip import NodeMeta
+from protocol.messages.gossip import MemberState, NodeMeta, PushPull
 from protocol.schema import Message, decode_body, encode_body
+from protocol.tags import MsgType
 
 _TIMER, _DELIVER, _CALL = 0, 1, 2
+
+#: Bodies larger than this are state syncs, decoded entry by entry (``_decode_sync``).
+_SYNC_BODY = 4096
 
 #: Bytes a frame adds around a msgpack body on the real wire (length prefix + AEAD tag).
 FRAME_OVERHEAD = 4 + 16
@@ -106,8 +119,9 @@ class SimNet:
         self._order = 0
         self._timer_at: list[float | None] = [None] * n
         self._timer_gen = [0] * n
-        self._encoded: dict[Message, bytes] = {}
+        self._encoded: dict[int, tuple[Message, bytes]] = {}
         self._decoded: dict[bytes, Message] = {}
+        self._states: dict[bytes, MemberState] = {}
         self.traffic = Traffic(0.0, [0] * n, [0] * n)
         self.delivered = 0
         self.lost = 0
@@ -209,14 +223,16 @@ class SimNet:
             self._push(max(deadline, self.now), _TIMER, i, self._timer_gen[i])
 
     def _encode(self, msg: Message) -> bytes:
-        # Equal messages (one piece of news re-gossiped by many nodes) encode to the same
-        # bytes: encode each distinct message once (messages are frozen, hence hashable).
-        body = self._encoded.get(msg)
-        if body is None:
-            body = encode_body(msg)
-            if len(self._encoded) > 65_536:
-                self._encoded.clear()
-            self._encoded[msg] = body
+        # The same message object is sent many times (a broadcast goes to several peers,
+        # a received Alive is re-gossiped as is): encode each object once. The cache holds
+        # the object, so its id cannot be reused while the entry lives.
+        hit = self._encoded.get(id(msg))
+        if hit is not None and hit[0] is msg:
+            return hit[1]
+        body = encode_body(msg)
+        if len(self._encoded) > 65_536:
+            self._encoded.clear()
+        self._encoded[id(msg)] = (msg, body)
         return body
 
     def _decode(self, body: bytes) -> Message:
@@ -224,11 +240,32 @@ class SimNet:
         # immutable messages: decode each distinct body once. Still the real decoder.
         msg = self._decoded.get(body)
         if msg is None:
-            msg = decode_body(body)
+            msg = self._decode_sync(body) if len(body) > _SYNC_BODY else decode_body(body)
             if len(self._decoded) > 65_536:
                 self._decoded.clear()
             self._decoded[body] = msg
         return msg
+
+    def _decode_sync(self, body: bytes) -> Message:
+        """A state sync (thousands of member entries, mostly seen before): msgpack-unpack
+        it, decode each *distinct* entry once with the real ``MemberState`` decoder, and
+        build the validated ``PushPull`` from them. Anything else: ``decode_body``."""
+        raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        if type(raw) is not dict or raw.get("t") != MsgType.PUSH_PULL:
+            return decode_body(body)
+        members = []
+        for entry in raw["members"]:
+            key = msgpack.packb(entry, use_bin_type=True)
+            state = self._states.get(key)
+            if state is None:
+                state = MemberState.from_wire(entry)
+                if len(self._states) > 262_144:
+                    self._states.clear()
+                self._states[key] = state
+            members.append(state)
+        return PushPull(
+            join=raw.get("join", False), reply=raw.get("reply", False), members=tuple(members)
+        )
 
     def _send(self, i: int, swim: Swim, dst_address: str, msgs: list[Message]) -> None:
         bodies = tuple(self._encode(m) for m in msgs)
