@@ -26,19 +26,22 @@ ALL_GATHER (epoch e >= 1)
     The leader's AR_COMMIT fixes S (contributors), R (receivers), the owner of each slice,
     and who must resend which slice to a new owner. An owner, once it holds complete
     contributions from all of S, averages them (fp64, member order) and streams AR_AVERAGE
-    chunks to every receiver. A member reports when it holds every average, when it is
-    blocked on a failed member, or at ``gather_timeout``. A commit with higher
+    chunks to every receiver (computing each chunk as it first goes out, so reducing
+    pipelines with sending). A member reports when it holds every average, when it is
+    blocked on a failed member, or at ``gather_timeout`` (then ``timed_out``). A commit with higher
     (epoch, leader) replaces the current one; averages stay valid while S and their owner
     are unchanged (``contributors_since``).
 Leader
     Decides with ``decide.decide`` whenever its knowledge changes, or at its deadline
-    (``report_grace`` after the members' deadline): FINISH (AR_FINISH: everyone returns
-    this epoch's averages), the next COMMIT, or ABORT.
+    (``report_grace`` after the members' deadline, extended once while reports are
+    missing): FINISH (AR_FINISH: everyone returns this epoch's averages), the next COMMIT,
+    or ABORT. A FINISHED member answers late reports, commits and takeovers with its
+    AR_FINISH (the adapter keeps feeding it for a while), for those that missed it.
 Failures
     ``peer_failed`` (DIED), AR_CANCEL (CANCELLED), a malformed message (PROTOCOL_ERROR), a
     missing AR_BEGIN at ``join_timeout`` (STALLED) and commits dropping a member mark it
     failed here: nothing more is sent to it or awaited from it. A member that waits for the
-    leader ``leader_timeout`` past the leader's own deadline (or learns it died) fails it;
+    leader past the leader's own (possibly extended) deadline (or learns it died) fails it;
     the next member of R becomes leader, announces AR_TAKEOVER, and re-decides from the
     reports sent to it.
 
@@ -62,7 +65,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from node.allreduce import layout
-from node.allreduce.buffers import Roundtrip, SliceBuffer, all_finite, holdings_of
+from node.allreduce.buffers import Roundtrip, SliceBuffer
 from node.allreduce.config import AllReduceConfig
 from node.allreduce.decide import DecisionKind, LeaderView, decide
 from node.allreduce.events import (
@@ -78,6 +81,7 @@ from node.allreduce.events import (
     TensorKind,
 )
 from node.allreduce.outbox import Job, Outbox
+from node.allreduce.store import SliceStore
 from node.allreduce.validate import check_commit, check_report
 from protocol.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from protocol.messages.tensor import (
@@ -142,10 +146,9 @@ class AllReduceRound:
         self._failed: dict[int, DropReason] = {}
         self._quiet: set[int] = set()
         self._answered: set[int] = set()
-        self._bad: dict[int, DropReason] = {}
         self._begun: dict[int, float] = {self._me: now}
-        self._contrib: dict[int, dict[int, SliceBuffer]] = {}
-        self._averages: dict[int, SliceBuffer] = {}
+        self._store = SliceStore(self._sizes, cfg.chunk_elements)
+        self._bad = self._store.bad
         self._commit: ArCommit | None = None
         self._reports: dict[int, ArReport] = {}
         self._sent_report: tuple[int, ArReport] | None = None
@@ -207,6 +210,8 @@ class AllReduceRound:
 
     def on_tensor(self, src: bytes, msg: ArPart | ArAverage, values: Floats, *, now: float) -> None:
         """An AR_PART / AR_AVERAGE from ``src`` with ``values = decode_chunk(msg.data)``."""
+        if not isinstance(values, np.ndarray) or values.dtype != np.float32 or values.ndim != 1:
+            raise LocalProtocolError("on_tensor needs the decoded 1-D float32 values")
         i = self._index.get(src)
         if i is None or i == self._me or not self.active or msg.round_id != self.round_id:
             return
@@ -214,9 +219,12 @@ class AllReduceRound:
             return
         try:
             if isinstance(msg, ArPart):
-                self._on_part(i, msg.slice, msg.chunk, values)
+                changed = self._store.put_part(i, msg.slice, msg.chunk, values)
             else:
-                self._on_average(i, msg.epoch, msg.slice, msg.chunk, values)
+                owner = self._commit.owners[msg.slice] if self._commit and msg.slice < self._n else None
+                changed = self._store.put_average(i, msg.epoch, msg.slice, msg.chunk, values,
+                                                  committed_owner=owner)
+            self._gen += changed
         except RemoteProtocolError as exc:
             self._mark_failed(i, DropReason.PROTOCOL_ERROR, detail=str(exc))
         self._advance(now)
@@ -298,43 +306,6 @@ class AllReduceRound:
             self._outbox.add(self.members[i], self._part_job(i))
             if self._leader in (i, self._me):  # the leader decides relative to the latest start
                 self._set_leader_timers(now + self.config.part_timeout + self.config.report_grace)
-
-    def _on_part(self, i: int, s: int, index: int, values: Floats) -> None:
-        if not (0 <= s < self._n and self._sizes[s]):
-            raise RemoteProtocolError(f"AR_PART for empty or unknown slice {s}")
-        if i in self._bad:
-            return
-        buf = self._contrib.setdefault(s, {}).get(i)
-        if buf is None:
-            buf = self._contrib[s][i] = SliceBuffer(self._sizes[s], self.config.chunk_elements)
-        if not buf.expects(index, values.size):
-            raise RemoteProtocolError(f"AR_PART slice {s} chunk {index} of {values.size} elements")
-        if buf.complete or buf.got[index]:
-            return
-        if not all_finite(values):
-            self._bad[i] = DropReason.NON_FINITE
-            for per_sender in self._contrib.values():
-                per_sender.pop(i, None)
-            self._gen += 1
-            return
-        if buf.put(index, values):
-            self._gen += 1
-
-    def _on_average(self, i: int, epoch: int, s: int, index: int, values: Floats) -> None:
-        if not (0 <= s < self._n and self._sizes[s]):
-            raise RemoteProtocolError(f"AR_AVERAGE for empty or unknown slice {s}")
-        buf, c = self._averages.get(s), self._commit
-        if buf is None or (buf.epoch, buf.owner) != (epoch, i):
-            # A newer epoch replaces what we hold; at the same epoch only the committed owner does.
-            if not (buf is None or epoch > buf.epoch
-                    or (epoch == buf.epoch and c is not None and c.owners[s] == i)):
-                return
-            buf = SliceBuffer(self._sizes[s], self.config.chunk_elements, epoch=epoch, owner=i)
-        if not buf.expects(index, values.size):
-            raise RemoteProtocolError(f"AR_AVERAGE slice {s} chunk {index} of {values.size} elements")
-        self._averages[s] = buf
-        if buf.put(index, values):
-            self._gen += 1
 
     def _on_report(self, i: int, rep: ArReport) -> None:
         check_report(rep, self._n)
@@ -438,15 +409,19 @@ class AllReduceRound:
         for s in self._nonempty:
             if c.owners[s] != self._me or self._avg_valid(s, computing=True):
                 continue
-            bufs = self._contrib.get(s, {})
-            if any(j in self._bad or j not in bufs or not bufs[j].complete for j in c.contributors):
+            parts = self._store.complete_from(s, c.contributors)
+            if parts is None:
                 continue
-            avg = SliceBuffer.mean_of([bufs[j].values for j in c.contributors], self.config.chunk_elements,
-                                      epoch=c.epoch, owner=self._me, roundtrip=self._roundtrip)
-            self._averages[s] = avg
+            avg = self._store.start_average(s, parts, epoch=c.epoch, owner=self._me, roundtrip=self._roundtrip)
             receivers = [r for r in c.receivers if r != self._me and r not in self._failed]
+
+            def prepare(index: int, avg: SliceBuffer = avg) -> None:
+                if not avg.complete:
+                    avg.ensure(index)
+                    self._gen += avg.complete  # our own average is whole: we may be done
+
             for r in receivers:
-                job = Job(TensorKind.AVERAGE, c.epoch, s, self._offsets[s], avg.values, prepare=avg.ensure)
+                job = Job(TensorKind.AVERAGE, c.epoch, s, self._offsets[s], avg.values, prepare=prepare)
                 self._outbox.add(self.members[r], job)
             if not receivers:
                 avg.ensure_all()
@@ -533,7 +508,7 @@ class AllReduceRound:
     def _avg_valid(self, s: int, *, computing: bool = False) -> bool:
         """Whether our average of slice ``s`` holds under the commit (complete, or with
         ``computing``, being computed here)."""
-        c, buf = self._commit, self._averages.get(s)
+        c, buf = self._commit, self._store.averages.get(s)
         return (c is not None and buf is not None and buf.owner == c.owners[s]
                 and (buf.complete or (computing and buf.owner == self._me))
                 and c.contributors_since <= buf.epoch <= c.epoch)
@@ -545,7 +520,7 @@ class AllReduceRound:
         """Whether this member's report would be final: complete, done, or blocked."""
         c = self._commit
         if c is None:
-            have = self._contrib.get(self._me, {})
+            have = self._store.contrib.get(self._me, {})
             return not self._sizes[self._me] or all(
                 m in self._failed or m in self._bad or (m in have and have[m].complete)
                 for m in range(self._n))
@@ -564,7 +539,7 @@ class AllReduceRound:
             excl = {**self._bad, **self._failed}
             self._cached_report = ArReport(
                 round_id=self.round_id, epoch=self.epoch, leader=self._leader,
-                holdings=holdings_of(self._contrib, self._bad),
+                holdings=self._store.holdings(),
                 averages=tuple(s for s in self._nonempty if self._avg_valid(s)),
                 exclusions=tuple(Exclusion(member=m, reason=r) for m, r in sorted(excl.items())),
                 timed_out=self._report_forced)
@@ -578,14 +553,8 @@ class AllReduceRound:
         return Job(TensorKind.PART, 0, s, lo, self._tensor[lo:lo + self._sizes[s]])
 
     def _own_contribution(self, s: int) -> None:
-        per = self._contrib.setdefault(s, {})
-        if self._me not in per and self._sizes[s]:
-            lo = self._offsets[s]
-            view = self._tensor[lo:lo + self._sizes[s]]
-            if not all_finite(view):
-                self._bad[self._me] = DropReason.NON_FINITE
-            else:
-                per[self._me] = SliceBuffer.full(view, self.config.chunk_elements)
+        lo = self._offsets[s]
+        self._store.put_own(self._me, s, self._tensor[lo:lo + self._sizes[s]])
 
     @property
     def _extension(self) -> float:
@@ -620,7 +589,7 @@ class AllReduceRound:
         else:
             average, epoch, contributors, dropped = np.empty_like(self._tensor), c.epoch, c.contributors, c.dropped
             for s in self._nonempty:
-                average[self._offsets[s]:self._offsets[s] + self._sizes[s]] = self._averages[s].values
+                average[self._offsets[s]:self._offsets[s] + self._sizes[s]] = self._store.averages[s].values
         self.result = AllReduceResult(
             round_id=self.round_id, average=average, epoch=epoch,
             contributors=tuple(self.members[m] for m in contributors), contributed=self._me in contributors,
@@ -644,6 +613,5 @@ class AllReduceRound:
     def _end(self, state: RoundState) -> None:
         self.state = state
         self._outbox.clear()
-        self._contrib.clear()
-        self._averages.clear()
+        self._store.clear()
         self._timers.clear()

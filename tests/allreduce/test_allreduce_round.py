@@ -220,3 +220,35 @@ def test_group_of_one_and_bad_arguments() -> None:
     with pytest.raises(ConfigError):
         AllReduceRound(node_id=b"x" * 32, group=IDS, key=b"k", tensor=t, now=0.0)
     assert slice_sizes(NUMEL, [1, 1, 1]) == (8, 8, 8)
+
+
+def test_finished_member_answers_late_askers_once() -> None:
+    r, c = _committed(1)
+    avg = np.arange(NUMEL, dtype=np.float32)
+    for s, chunk in [(0, 0), (0, 1), (2, 0), (2, 1)]:
+        lo = 8 * s + 4 * chunk
+        msg = ArAverage(round_id=r.round_id, epoch=1, slice=s, chunk=chunk,
+                        data=encode_chunk(avg[lo:lo + 4], CodecSpec()))
+        r.on_tensor(IDS[s], msg, avg[lo:lo + 4], now=1.1)
+    r.on_tensor(IDS[2], *part(r, 1, 0, np.ones(4, np.float32)), now=1.1)
+    r.on_tensor(IDS[0], *part(r, 1, 0, np.ones(4, np.float32)), now=1.1)
+    r.on_tensor(IDS[2], *part(r, 1, 1, np.ones(4, np.float32)), now=1.1)
+    r.on_tensor(IDS[0], *part(r, 1, 1, np.ones(4, np.float32)), now=1.1)
+    msgs, tensors, _ = drain(r)  # its own slice's average goes out, computed chunk by chunk
+    assert sorted((t.dest, t.slice, t.chunk) for t in tensors) == sorted(
+        (IDS[d], 1, k) for d in (0, 2) for k in (0, 1))
+    assert [(m.dest, type(m.message)) for m in msgs] == [(IDS[0], ArReport)]  # then it is done
+    r.on_message(IDS[0], ArFinish(round_id=r.round_id, epoch=1, leader=0), now=1.3)
+    assert r.state is RoundState.FINISHED and r.result is not None and r.next_deadline() is None
+    expected = avg.copy()
+    expected[8:16] = np.float32((np.float64(1) + np.arange(8, 16) + 100 + 1) / 3)
+    assert np.array_equal(r.result.average, expected)
+    late = ArReport(round_id=r.round_id, epoch=1, leader=2, holdings=(), averages=(), exclusions=())
+    r.on_message(IDS[2], late, now=2.0)
+    r.on_message(IDS[2], late, now=2.1)
+    assert [(m.dest, m.message) for m in drain(r)[0]] == [
+        (IDS[2], ArFinish(round_id=r.round_id, epoch=1, leader=0))]
+    msg = part(r, 0, 0, np.ones(4, np.float32))[0]
+    with pytest.raises(LocalProtocolError):  # the adapter must hand over decoded float32 values
+        r.on_tensor(IDS[0], msg, np.ones(4), now=2.2)
+    assert c.epoch == 1
