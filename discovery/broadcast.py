@@ -13,6 +13,11 @@ all N members with high probability, and then dropped.
 * News about a member invalidates older news about the same member (keyed by node id):
   only the latest state of a member is worth spreading.
 * The queue is bounded: beyond ``max_size`` the items sent most often are dropped.
+* Passive feedback (Demers et al. 1987, "rumor mongering with feedback"): hearing the
+  very news we are spreading from someone else counts as one of our transmissions
+  (``heard``): the rumour is out already. Without it a mesh of N that all start at once
+  sends N * N * limit Alives (minutes of saturated gossip at N = 1000); with it, about
+  half as many, with the same reach (see the simulator).
 
 Implementation: a heap of ``[transmits, -id, key, message, live]`` entries with lazy
 deletion, so taking ``m`` items costs O(m log q).
@@ -33,7 +38,7 @@ def retransmit_limit(retransmit_mult: int, n: int) -> int:
 
 
 # Entry layout (a list so transmits can be bumped in place).
-_TX, _NEG_ID, _KEY, _MSG, _LIVE = range(5)
+_TX, _NEG_ID, _KEY, _MSG, _LIVE, _HEARD = range(6)
 
 
 class BroadcastQueue:
@@ -59,7 +64,7 @@ class BroadcastQueue:
         if old is not None:
             old[_LIVE] = False
         self._next_id += 1
-        entry: list[Any] = [0, -self._next_id, key, msg, True]
+        entry: list[Any] = [0, -self._next_id, key, msg, True, 0]
         self._by_key[key] = entry
         heapq.heappush(self._heap, entry)
         if len(self._by_key) > self.max_size:
@@ -74,11 +79,24 @@ class BroadcastQueue:
         """
         max_tx = retransmit_limit(self.retransmit_mult, n_members)
         taken: list[list[Any]] = []
+        later: list[list[Any]] = []
         heap = self._heap
         while heap and len(taken) < limit:
             entry = heapq.heappop(heap)
-            if entry[_LIVE]:
-                taken.append(entry)
+            if not entry[_LIVE]:
+                continue
+            if entry[_HEARD]:  # apply feedback now: its place in the heap changes
+                entry[_TX] += entry[_HEARD]
+                entry[_HEARD] = 0
+                if entry[_TX] >= max_tx:
+                    entry[_LIVE] = False
+                    del self._by_key[entry[_KEY]]
+                else:
+                    later.append(entry)
+                continue
+            taken.append(entry)
+        for entry in later:
+            heapq.heappush(heap, entry)
         out: list[Message] = []
         for entry in taken:
             out.append(entry[_MSG])
@@ -89,6 +107,12 @@ class BroadcastQueue:
             else:
                 heapq.heappush(heap, entry)
         return out
+
+    def heard(self, key: bytes, msg: Message) -> None:
+        """Someone sent us ``msg``, which we are spreading too: count one transmission."""
+        entry = self._by_key.get(key)
+        if entry is not None and (entry[_MSG] is msg or entry[_MSG] == msg):
+            entry[_HEARD] += 1
 
     def pending(self) -> list[Message]:
         """The queued messages in send order (for inspection and tests)."""

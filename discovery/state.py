@@ -162,6 +162,8 @@ class MemberTable:
         if inc <= m.incarnation:
             if src == node and inc < m.incarnation:
                 self._tell_stale(m)
+            elif msg is not None and inc == m.incarnation:
+                self.broadcasts.heard(node, msg)
             return
         old_status, changed = m.status, (m.meta != meta or m.address != address)
         if m.address != address:
@@ -201,14 +203,20 @@ class MemberTable:
             return
         self.refute(inc, now)  # someone speaks for us with another version of us
 
-    def suspect(self, node: bytes, inc: int, sender: bytes, *, now: float) -> None:
-        """Apply ``Suspect(inc, node, sender)``."""
+    def suspect(
+        self, node: bytes, inc: int, sender: bytes, *, now: float, msg: Suspect | None = None
+    ) -> None:
+        """Apply ``Suspect(inc, node, sender)`` (``msg``: the message, if it came as one)."""
         m = self.members.get(node)
         if m is None or inc < m.incarnation:
             return
         if m.suspicion is not None:
             if m.suspicion.confirm(sender):  # a new independent suspector: spread it too
-                self.broadcasts.queue(node, Suspect(incarnation=inc, node=node, sender=sender))
+                self.broadcasts.queue(
+                    node, msg or Suspect(incarnation=inc, node=node, sender=sender)
+                )
+            elif msg is not None:
+                self.broadcasts.heard(node, msg)
             return
         if m.status is not ALIVE:
             return
@@ -216,7 +224,7 @@ class MemberTable:
             if not self.left:
                 self.refute(inc, now)
             return
-        self.broadcasts.queue(node, Suspect(incarnation=inc, node=node, sender=sender))
+        self.broadcasts.queue(node, msg or Suspect(incarnation=inc, node=node, sender=sender))
         m.incarnation = inc
         self._set_status(m, SUSPECT, now)
         n = self.num_live
@@ -227,15 +235,21 @@ class MemberTable:
         self.suspects[node] = m
         self.emit(EventKind.SUSPECTED, m, now)
 
-    def dead(self, node: bytes, inc: int, sender: bytes, *, now: float) -> None:
+    def dead(
+        self, node: bytes, inc: int, sender: bytes, *, now: float, msg: Dead | None = None
+    ) -> None:
         """Apply ``Dead(inc, node, sender)``; ``sender == node`` means the member left."""
         m = self.members.get(node)
-        if m is None or inc < m.incarnation or not m.live:
+        if m is None or inc < m.incarnation:
+            return
+        if not m.live:
+            if msg is not None:
+                self.broadcasts.heard(node, msg)
             return
         if m is self.me and not self.left:
             self.refute(inc, now)
             return
-        self.broadcasts.queue(node, Dead(incarnation=inc, node=node, sender=sender))
+        self.broadcasts.queue(node, msg or Dead(incarnation=inc, node=node, sender=sender))
         m.incarnation = inc
         status = LEFT if sender == node else DEAD
         self._set_status(m, status, now)

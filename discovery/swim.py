@@ -80,6 +80,7 @@ _log = logging.getLogger("discovery.swim")
 ALIVE, SUSPECT = MemberStatus.ALIVE, MemberStatus.SUSPECT
 _SEQ_MOD = 1 << 32
 _MAX_SEEDS = 64
+_FOLLOW_UP_TRIES = 5
 
 
 def relay_timeout(config: SwimConfig) -> float:
@@ -157,6 +158,7 @@ class Swim:
         self._join_seeds: tuple[str, ...] = ()
         self._join_at: float | None = None
         self._sync_next: str | None = None
+        self._sync_tries = 0
         # Stagger the periodic timers so that nodes started together do not move in step.
         self._next_probe = now + rng.random() * config.probe_interval
         self._next_gossip = now + rng.random() * config.gossip_interval
@@ -476,8 +478,13 @@ class Swim:
         if self._sync_next is not None:
             # Right after a join: *pull* from the seed, which knows the most. The seed
             # knows us already, so we send only our own entry; it answers with everything.
+            # Retried (at most _FOLLOW_UP_TRIES times) until an answer arrives.
             self._send(self._sync_next, PushPull(members=(self._me.state(),)))
-            self._sync_next = None
+            self._sync_tries += 1
+            if self._sync_tries < _FOLLOW_UP_TRIES:
+                self._next_push_pull = now + self._cfg.join_retry_interval
+            else:
+                self._sync_next = None
         else:
             peers = self._sample(1, lambda m: m.status is ALIVE)
             if peers:
@@ -549,10 +556,10 @@ class Swim:
         )
 
     def _on_suspect(self, src_address: str, src_node: bytes, msg: Suspect, now: float) -> None:
-        self._table.suspect(msg.node, msg.incarnation, msg.sender, now=now)
+        self._table.suspect(msg.node, msg.incarnation, msg.sender, now=now, msg=msg)
 
     def _on_dead(self, src_address: str, src_node: bytes, msg: Dead, now: float) -> None:
-        self._table.dead(msg.node, msg.incarnation, msg.sender, now=now)
+        self._table.dead(msg.node, msg.incarnation, msg.sender, now=now, msg=msg)
 
     def _on_push_pull(self, src_address: str, src_node: bytes, msg: PushPull, now: float) -> None:
         if not msg.reply:  # answer; the answer to a join keeps ``join`` set
@@ -562,6 +569,9 @@ class Swim:
             if self._cfg.join_sync_after > 0:
                 self._next_push_pull = min(self._next_push_pull, now + self._cfg.join_sync_after)
                 self._sync_next = src_address  # the follow-up sync goes to the same seed
+                self._sync_tries = 0
+        elif self._sync_next is not None and not msg.join:  # the follow-up was answered
+            self._sync_next = None
         table = self._table
         # memberlist re-gossips everything a sync taught it. That is right for a few
         # entries (probably news to others too) but a joiner learning a mesh of N would
