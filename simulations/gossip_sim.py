@@ -198,9 +198,15 @@ class Scenario:
         res.converged_s = now
         res.convergence_after_last_start_s = now - self.last_start
         res.convergence_rounds = (now - self.last_start) / self.config.gossip_interval
-        self.net.call_at(now + 2.0, self._idle_start)
+        self.net.call_at(now + 1.0, self._idle_start)
 
     def _idle_start(self) -> None:
+        # Idle means no gossip left over from the bootstrap: wait for the queues to drain.
+        net = self.net
+        pending = sum(s.pending_broadcasts for s in net.nodes if s is not None)
+        if pending > self.n // 10 and net.now < self.res.converged_s + 120.0:  # type: ignore[operator]
+            net.call_at(net.now + 1.0, self._idle_start)
+            return
         self.idle_from = self.net.now
         self.net.reset_traffic()
         self.net.call_at(self.net.now + self.args.idle, self._idle_end)

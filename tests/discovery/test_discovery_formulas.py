@@ -181,3 +181,16 @@ def test_local_preset_meets_its_freeze_and_detection_budget() -> None:
 def test_config_rejects_nonsense(changes: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         SwimConfig.lan().replace(**changes)
+
+
+def test_hearing_our_own_news_from_someone_else_counts_as_a_transmission() -> None:
+    q = BroadcastQueue(retransmit_mult=1, max_size=10)  # n = 99: limit 1 * 2 = 2
+    q.queue(A, _alive(A))
+    q.queue(B, _alive(B))
+    q.heard(A, _alive(A, 5))  # different news about A: not ours, ignored
+    q.heard(A, _alive(A))
+    q.heard(A, _alive(A))  # two hearings: A's 2 transmissions are used up
+    assert q.get(5, n_members=99) == [_alive(B)]
+    assert len(q) == 1
+    assert q.get(5, n_members=99) == [_alive(B)]
+    assert len(q) == 0

@@ -574,3 +574,27 @@ def test_garbage_free_inputs_messages_we_do_not_handle_are_ignored() -> None:
     assert swim.messages_to_send() == []
     assert swim.next_event() is None
     assert [m.address for m in swim.members()] == [A]
+
+
+def test_a_stalled_node_suspects_without_asking_helpers_it_could_not_wait_for() -> None:
+    swim = Swim(
+        node_id=node_id_for(A), address=A, meta=meta(A), config=CFG, rng=random.Random(2), now=0.0
+    )
+    for addr in (B, C):
+        swim.on_message(
+            addr,
+            node_id_for(addr),
+            Alive(incarnation=0, node=node_id_for(addr), address=addr, meta=meta(addr)),
+            now=0.0,
+        )
+    while not any(isinstance(m, Ping) for _, m in swim.messages_to_send()):
+        deadline = swim.next_deadline()
+        assert deadline is not None
+        swim.handle_timer(now=deadline)
+    started = swim.next_deadline()
+    assert started is not None  # the direct-ack timeout
+    swim.handle_timer(now=started + 10.0)  # we were frozen past the whole probe period
+    out = swim.messages_to_send()
+    assert not [m for _, m in out if isinstance(m, PingReq)]
+    assert [m for _, m in out if isinstance(m, Suspect)][:1] != []
+    assert swim.health == 1
