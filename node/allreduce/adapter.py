@@ -335,6 +335,12 @@ class _Driver:
             self.core.peer_failed(node, now=self.loop.time())
             self.step()
 
+    def _drop_tensors(self, node: bytes) -> None:
+        """Nothing more goes to ``node`` in this round (the core dropped it)."""
+        pump = self._tensors.get(node)
+        if pump is not None:
+            pump.stop(flush=False)
+
     def cancel(self) -> None:
         self.core.cancel(now=self.loop.time())
         self.step()
@@ -355,6 +361,7 @@ class _Driver:
                 self._pump(self._tensors, send.dest, Channel.BULK).put(self._encode(send))
         while (event := self.core.next_event()) is not None:
             if isinstance(event, PeerDropped):
+                self._drop_tensors(event.node)
                 log.info("round %s: dropped %s (%s) %s", self.core.round_id.hex()[:12],
                          short_id(event.node), event.reason.name, event.detail)
             elif isinstance(event, RoundFinished):
