@@ -21,9 +21,10 @@ builds the core (which starts the round), and hands it to a ``_Driver`` that loo
   so the sender slows down via TCP. Control messages go to the core directly. Messages
   for a round this node has not started yet are held in a bounded pending inbox (at most
   ``MAX_PENDING_ROUNDS`` round ids, ``MAX_PENDING_PER_ROUND`` messages each, for
-  ``PENDING_TTL_S``) and replayed when the round starts; beyond that they are dropped (the
-  core's deadlines cope with a lost message). Tensor messages for an unknown round are
-  dropped: a member streams data only after the owner's AR_BEGIN.
+  ``PENDING_TTL_S``) and replayed when the round starts; beyond that the oldest round's
+  messages, or the newest message, are dropped (the core's deadlines cope with a loss).
+  Tensor messages for an unknown round are dropped: a member streams data only after the
+  owner's AR_BEGIN.
 * Failures. A link used by a round that closes, a send that fails, or a membership DEAD /
   LEFT event is ``peer_failed``; a chunk that does not decode fails its sender and closes
   the link (``RemoteCodecError``). One ``loop.call_at(core.next_deadline())`` timer per
@@ -163,6 +164,11 @@ class AllReduceService:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def pending_rounds(self) -> int:
+        """Round ids with messages held for a local start that has not happened yet."""
+        return len(self._pending)
+
     # ---- the call -------------------------------------------------------------------
 
     async def all_reduce(
@@ -182,12 +188,13 @@ class AllReduceService:
             raise ConfigError(f"feedback covers {feedback.numel} elements, tensor has {flat.size}")
         cfg = self._config(config, flat.size, spec, timeout)
         loop = asyncio.get_running_loop()
+        start = loop.time()
         core = AllReduceRound(node_id=self._node.node_id, group=members, key=self._key(members, key),
-                              tensor=flat, now=loop.time(), config=cfg, weights=weights,
+                              tensor=flat, now=start, config=cfg, weights=weights,
                               codec_name=spec.name)
         if core.round_id in self._rounds:
             raise ConfigError(f"round {core.round_id.hex()} is already running: use distinct keys")
-        driver = _Driver(self, core, spec, feedback, deadline=loop.time() + cfg.round_timeout)
+        driver = _Driver(self, core, spec, feedback, deadline=start + cfg.round_timeout)
         self._rounds[core.round_id] = driver
         for src, msg in self._take_pending(core.round_id):
             core.on_message(src, msg, now=loop.time())
@@ -267,10 +274,12 @@ class AllReduceService:
             del self._pending[old]
         entry = self._pending.get(rid)
         if entry is None:
-            if len(self._pending) >= MAX_PENDING_ROUNDS:
-                log.warning("dropped %s for round %s: %d rounds already pending",
-                            msg.TAG.name, rid.hex()[:12], MAX_PENDING_ROUNDS)
-                return
+            if len(self._pending) >= MAX_PENDING_ROUNDS:  # the oldest is the likeliest stale
+                oldest = min(self._pending, key=lambda r: self._pending[r][0])
+                log.warning("forgot %d message(s) of round %s that never started here: "
+                            "%d rounds pending", len(self._pending[oldest][1]), oldest.hex()[:12],
+                            MAX_PENDING_ROUNDS)
+                del self._pending[oldest]
             entry = self._pending[rid] = (now, collections.deque())
         if len(entry[1]) >= MAX_PENDING_PER_ROUND:
             log.warning("dropped %s for pending round %s: inbox full", msg.TAG.name, rid.hex()[:12])

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from node.allreduce.adapter import MAX_PENDING_ROUNDS
 from node.config import NodeConfig, parse_address
 from node.embedded import MeshNode
 from node.identity import create_mesh_key
@@ -103,6 +104,34 @@ def test_silent_member_timeout_and_dead_member(meshes: tuple[MeshNode, MeshNode,
         a.all_reduce(np.arange(3), group=group, key="bad")
     with pytest.raises(ConfigError):
         a.all_reduce(x, group=[ghost], key="bad")  # this node is not in the group
+
+
+def test_late_member_and_bounded_pending_inbox(meshes: tuple[MeshNode, MeshNode, list[bytes]]) -> None:
+    a, b, group = meshes
+    x, y = np.full(1000, 2.0, np.float32), np.zeros(1000, np.float32)
+    # a starts first; b's call comes later: b holds a's AR_BEGIN until then, then catches up
+    late = threading.Timer(0.5, lambda: None)
+    late.start()
+
+    def b_late() -> Any:
+        late.join()
+        return b.all_reduce(y, group=group, key="late")
+
+    oa, ob = _both(lambda: a.all_reduce(x, group=group, key="late"), b_late)
+    assert oa.contributors == ob.contributors == tuple(group)
+    np.testing.assert_array_equal(ob.tensor, np.full(1000, 1.0, np.float32))
+    # rounds b never joins: b holds the newest MAX_PENDING_ROUNDS of them, forgets older ones
+    # (so the rounds of the next tests, which b does join, still find their AR_BEGIN)
+    futures = [a.all_reduce_future(x, group=group, key=f"never:{i}", timeout=0.5)
+               for i in range(MAX_PENDING_ROUNDS + 8)]
+    for f in futures:
+        with pytest.raises(TimeoutError):
+            f.result(30)
+
+    async def pending() -> int:
+        return b.node.allreduce.pending_rounds
+
+    assert b.submit(pending()).result() == MAX_PENDING_ROUNDS
 
 
 def _model(seed: int) -> nn.Module:
