@@ -101,7 +101,13 @@ class Result:
     detect_max_s: float | None = None
     undetected: int = 0
     false_suspicions: int = 0
+    """Distinct (member, incarnation) suspicions of a member that was in fact alive."""
+    false_suspicion_events: int = 0
+    """SUSPECTED events about live members, over all observers."""
     false_deaths: int = 0
+    """Distinct (member, incarnation) deaths declared for a member that was in fact alive."""
+    false_death_events: int = 0
+    first_false_death_s: float | None = None
     refutations: int = 0
     msgs_per_node_s: float = 0.0
     bytes_per_node_s: float = 0.0
@@ -149,6 +155,8 @@ class Scenario:
         self.update_at = 0.0
         self.update_seen = 0
         self.idle_from: float | None = None
+        self.suspected: set[tuple[int, int]] = set()
+        self.killed: set[tuple[int, int]] = set()
         self.done_at: float | None = None
         self.series: dict[str, list[float]] = {"t": [], "full": [], "kbytes": [], "dead_frac": []}
 
@@ -266,9 +274,19 @@ class Scenario:
         res = self.res
         crashed = self.net.crashed[j]
         if kind is EventKind.SUSPECTED and not crashed:
-            res.false_suspicions += 1
+            res.false_suspicion_events += 1
+            key = (j, ev.member.incarnation)
+            if key not in self.suspected:
+                self.suspected.add(key)
+                res.false_suspicions += 1
         elif kind is EventKind.DEAD and not crashed:
-            res.false_deaths += 1
+            res.false_death_events += 1
+            key = (j, ev.member.incarnation)
+            if key not in self.killed:
+                self.killed.add(key)
+                res.false_deaths += 1
+                if res.first_false_death_s is None:
+                    res.first_false_death_s = self.net.now
         elif kind is EventKind.REFUTED:
             res.refutations += 1
         elif (
@@ -344,8 +362,9 @@ def print_result(res: Result) -> None:
         ("  dead at every survivor p50", _fmt(res.detect_p50_s, " s")),
         ("  dead at every survivor max", _fmt(res.detect_max_s, " s")),
         ("  never detected", str(res.undetected)),
-        ("false suspicions", str(res.false_suspicions)),
-        ("false deaths", str(res.false_deaths)),
+        ("false suspicions (events)", f"{res.false_suspicions} ({res.false_suspicion_events})"),
+        ("false deaths (events)", f"{res.false_deaths} ({res.false_death_events})"
+                                  + (f", first at {res.first_false_death_s:.1f} s" if res.false_deaths else "")),
         ("refutations", str(res.refutations)),
         ("idle msgs / node / s", _fmt(res.idle_msgs_per_node_s, "", 1)),
         ("idle bytes / node / s", _fmt(res.idle_bytes_per_node_s, "", 0)),
