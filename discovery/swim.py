@@ -556,10 +556,23 @@ class Swim:
         )
 
     def _on_suspect(self, src_address: str, src_node: bytes, msg: Suspect, now: float) -> None:
+        self._stale_claim_about_us(src_address, msg.node, msg.incarnation)
         self._table.suspect(msg.node, msg.incarnation, msg.sender, now=now, msg=msg)
 
     def _on_dead(self, src_address: str, src_node: bytes, msg: Dead, now: float) -> None:
+        self._stale_claim_about_us(src_address, msg.node, msg.incarnation)
         self._table.dead(msg.node, msg.incarnation, msg.sender, now=now, msg=msg)
+
+    def _stale_claim_about_us(self, src_address: str, node: bytes, inc: int) -> None:
+        """A Suspect/Dead about an incarnation of ours we already refuted: whoever sent it
+        missed our refutation (its Alive may have stopped spreading), so tell it directly.
+        Otherwise its suspicion would run out and it alone would mark us dead."""
+        me = self._me
+        if node == me.node_id and inc < me.incarnation and not self._table.left:
+            alive = Alive(
+                incarnation=me.incarnation, node=me.node_id, address=me.address, meta=me.meta
+            )
+            self._send(src_address, alive)
 
     def _on_push_pull(self, src_address: str, src_node: bytes, msg: PushPull, now: float) -> None:
         if not msg.reply:  # answer; the answer to a join keeps ``join`` set

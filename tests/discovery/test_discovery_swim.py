@@ -598,3 +598,17 @@ def test_a_stalled_node_suspects_without_asking_helpers_it_could_not_wait_for() 
     assert not [m for _, m in out if isinstance(m, PingReq)]
     assert [m for _, m in out if isinstance(m, Suspect)][:1] != []
     assert swim.health == 1
+
+
+def test_a_stale_suspicion_about_us_is_answered_with_our_current_alive() -> None:
+    mesh = mesh_of(A, B, C)
+    b = mesh.nodes[B]
+    mesh.inject(C, B, Suspect(incarnation=0, node=node_id_for(B), sender=node_id_for(C)))
+    assert b.incarnation == 1
+    mesh.run_for(1.0)
+    # A missed the refutation and still suspects incarnation 0 (the buddy ping carries it).
+    mesh.inject(A, B, Suspect(incarnation=0, node=node_id_for(B), sender=node_id_for(A)))
+    told = mesh.log[-1]
+    assert (told.src, told.dst) == (B, A)
+    assert told.msg == Alive(incarnation=1, node=node_id_for(B), address=B, meta=meta(B))
+    assert b.incarnation == 1  # nothing new to refute
