@@ -260,9 +260,9 @@ class Swim:
             best = self._join_at
         if len(table.broadcasts) and (best is None or self._next_gossip < best):
             best = self._next_gossip
-        if self._cfg.push_pull_interval > 0 and not table.left:
-            if best is None or self._next_push_pull < best:
-                best = self._next_push_pull
+        syncing = self._cfg.push_pull_interval > 0 and not table.left
+        if syncing and (best is None or self._next_push_pull < best):
+            best = self._next_push_pull
         if self._relays:
             d = next(iter(self._relays.values())).deadline
             if best is None or d < best:
