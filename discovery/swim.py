@@ -59,6 +59,7 @@ from typing import ClassVar
 from discovery.config import SwimConfig
 from discovery.events import EventKind, MemberEvent
 from discovery.members import Member, MemberView
+from discovery.probes import Probe, Relay, relay_timeout
 from discovery.state import MemberTable
 from protocol.limits import MAX_MEMBERS_PER_SYNC
 from protocol.messages.gossip import (
@@ -81,47 +82,6 @@ ALIVE, SUSPECT = MemberStatus.ALIVE, MemberStatus.SUSPECT
 _SEQ_MOD = 1 << 32
 _MAX_SEEDS = 64
 _FOLLOW_UP_TRIES = 5
-
-
-def relay_timeout(config: SwimConfig) -> float:
-    """How long a helper waits for the target's ack before answering ``Nack``.
-
-    ``min(probe_timeout, 0.8 * (probe_interval - probe_timeout))``: the requester sent its
-    PingReq ``probe_timeout`` into its probe period, so the nack must come back within the
-    rest of that period to count (memberlist waits a full probe_timeout and so often misses
-    it with its default 0.5 s / 1 s).
-    """
-    return min(config.probe_timeout, 0.8 * (config.probe_interval - config.probe_timeout))
-
-
-class _Probe:
-    """The probe in flight: one target, one sequence number."""
-
-    __slots__ = ("end_at", "expected_nacks", "indirect", "nacks", "seq", "target", "timeout_at")
-
-    def __init__(self, *, target: bytes, seq: int, timeout_at: float, end_at: float) -> None:
-        self.target = target
-        self.seq = seq
-        self.timeout_at = timeout_at
-        self.end_at = end_at
-        self.indirect = False
-        self.expected_nacks = 0
-        self.nacks = 0
-
-
-class _Relay:
-    """An indirect probe we perform for someone else (we received their PingReq)."""
-
-    __slots__ = ("deadline", "nack", "requester", "seq", "target_address")
-
-    def __init__(
-        self, *, requester: str, seq: int, nack: bool, deadline: float, target_address: str
-    ) -> None:
-        self.requester = requester
-        self.seq = seq
-        self.nack = nack
-        self.deadline = deadline
-        self.target_address = target_address
 
 
 class Swim:
@@ -150,11 +110,11 @@ class Swim:
         self._table = MemberTable(
             me=self._me, config=config, send=self._send, on_added=self._on_added
         )
-        self._probe: _Probe | None = None
+        self._probe: Probe | None = None
         self._last_probe_start = now - config.probe_interval
         self._hints: deque[bytes] = deque()
         self._seq = 0
-        self._relays: dict[int, _Relay] = {}
+        self._relays: dict[int, Relay] = {}
         self._join_seeds: tuple[str, ...] = ()
         self._join_at: float | None = None
         self._sync_next: str | None = None
@@ -403,7 +363,7 @@ class Swim:
             return
         self._last_probe_start = now
         seq = self._next_seq()
-        self._probe = _Probe(
+        self._probe = Probe(
             target=target.node_id, seq=seq, timeout_at=now + cfg.probe_timeout, end_at=now + period
         )
         buddy = None
@@ -413,7 +373,7 @@ class Swim:
             )
         self._send_with_gossip(target.address, Ping(seq=seq, target=target.node_id), first=buddy)
 
-    def _send_indirect(self, probe: _Probe, now: float) -> None:
+    def _send_indirect(self, probe: Probe, now: float) -> None:
         probe.indirect = True
         target = self._table.members.get(probe.target)
         if target is None or not target.live:
@@ -426,7 +386,7 @@ class Swim:
             req = PingReq(seq=probe.seq, target=probe.target, address=target.address, nack=True)
             self._send_with_gossip(m.address, req)
 
-    def _probe_failed(self, probe: _Probe, now: float) -> None:
+    def _probe_failed(self, probe: Probe, now: float) -> None:
         self._probe = None
         if probe.expected_nacks > 0:
             self._table.adjust_health(max(0, probe.expected_nacks - probe.nacks))
@@ -526,7 +486,7 @@ class Swim:
         if len(self._relays) >= self._cfg.max_relays:
             return
         seq = self._next_seq()
-        self._relays[seq] = _Relay(
+        self._relays[seq] = Relay(
             requester=src_address,
             seq=msg.seq,
             nack=msg.nack,

@@ -12,7 +12,8 @@ import pytest
 
 from discovery.config import SwimConfig
 from discovery.events import EventKind
-from discovery.swim import Swim, relay_timeout
+from discovery.probes import relay_timeout
+from discovery.swim import Swim
 from discovery.testing import Delivery, MemoryMesh, node_id_for
 from protocol.messages.gossip import (
     Ack,
