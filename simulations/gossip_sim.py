@@ -430,18 +430,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         sizes = [int(x) for x in args.scale.split(",")] if args.scale else [args.nodes]
         results = []
+        if args.scale:
+            print(_SCALE_HEAD, flush=True)
         for n in sizes:
             scenario = Scenario(args, n)
             handler_filter = SimTimeFilter(scenario.net)
             for h in logging.getLogger().handlers:
                 h.filters[:] = [handler_filter]
             results.append(scenario.run())
+            if args.scale:
+                print(_scale_row(results[-1]), flush=True)
     except (ConfigError, ValueError) as exc:
         print(f"gossip: {exc}", file=sys.stderr)
         return 2
-    if args.scale:
-        _print_scale(results)
-    else:
+    if not args.scale:
         print_result(results[0])
     if args.plot:
         _plot(results, args.plot, bool(args.scale))
@@ -452,14 +454,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_scale(results: list[Result]) -> None:
-    head = f"{'N':>6} {'log2N':>6} {'full view s':>11} {'rounds':>7} {'update rnds':>11} " \
-           f"{'detect p50':>10} {'idle msg/s':>10} {'idle B/s':>9} {'wall s':>7}"  # fmt: skip
-    print(head)
-    for r in results:
-        print(
-            f"{r.nodes:>6} {math.log2(r.nodes):>6.1f} {_fmt(r.convergence_after_last_start_s):>11} "
-            f"{_fmt(r.convergence_rounds, '', 1):>7} {_fmt(r.update_rounds, '', 1):>11} "
-            f"{_fmt(r.detect_p50_s):>10} {_fmt(r.idle_msgs_per_node_s, '', 1):>10} "
-            f"{_fmt(r.idle_bytes_per_node_s, '', 0):>9} {r.wall_s:>7.1f}"
-        )
+_SCALE_HEAD = (
+    f"{'N':>6} {'log2N':>6} {'full view s':>11} {'rounds':>7} {'update rnds':>11} "
+    f"{'detect p50':>10} {'idle msg/s':>10} {'idle B/s':>9} {'wall s':>7}"
+)
+
+
+def _scale_row(r: Result) -> str:
+    """One row of the ``--scale`` table: N, bootstrap and update rounds, idle traffic."""
+    return (
+        f"{r.nodes:>6} {math.log2(r.nodes):>6.1f} {_fmt(r.convergence_after_last_start_s):>11} "
+        f"{_fmt(r.convergence_rounds, '', 1):>7} {_fmt(r.update_rounds, '', 1):>11} "
+        f"{_fmt(r.detect_p50_s):>10} {_fmt(r.idle_msgs_per_node_s, '', 1):>10} "
+        f"{_fmt(r.idle_bytes_per_node_s, '', 0):>9} {r.wall_s:>7.1f}"
+    )
