@@ -69,7 +69,14 @@ from node.arrays import flatten
 from node.transport import Link
 from protocol.connection import Channel
 from protocol.crypto import short_id
-from protocol.errors import CodecError, ConfigError, RemoteCodecError, StarmeshError, TimeoutError
+from protocol.errors import (
+    CodecError,
+    ConfigError,
+    ErrorCode,
+    RemoteCodecError,
+    StarmeshError,
+    TimeoutError,
+)
 from protocol.messages.tensor import (
     ALLREDUCE_CONTROL_TYPES,
     ALLREDUCE_TENSOR_TYPES,
@@ -192,8 +199,9 @@ class AllReduceService:
         core = AllReduceRound(node_id=self._node.node_id, group=members, key=self._key(members, key),
                               tensor=flat, now=start, config=cfg, weights=weights,
                               codec_name=spec.name)
-        if core.round_id in self._rounds:
-            raise ConfigError(f"round {core.round_id.hex()} is already running: use distinct keys")
+        if core.round_id in self._rounds or core.round_id in self._recent:
+            raise ConfigError(f"round {core.round_id.hex()[:12]} already ran or is running here: "
+                              "every round of a group needs its own key")
         driver = _Driver(self, core, spec, feedback, deadline=start + cfg.round_timeout)
         self._rounds[core.round_id] = driver
         for src, msg in self._take_pending(core.round_id):
@@ -296,6 +304,12 @@ class AllReduceService:
             self._watched.add(link)
             self._node.spawn(self._watch(link))
 
+    def reject(self, node: bytes, why: str) -> None:
+        """``node`` broke the all-reduce protocol: close its connections (typed error)."""
+        for link in list(self._watched):
+            if link.peer is not None and link.peer.node_id == node:
+                link.abort(ErrorCode.SCHEMA_VIOLATION, f"all-reduce: {why}"[:200])
+
     async def _watch(self, link: Link) -> None:
         try:
             await link.closed.wait()
@@ -373,6 +387,8 @@ class _Driver:
                 self._drop_tensors(event.node)
                 log.info("round %s: dropped %s (%s) %s", self.core.round_id.hex()[:12],
                          short_id(event.node), event.reason.name, event.detail)
+                if event.reason is DropReason.PROTOCOL_ERROR:
+                    self.service.reject(event.node, event.detail)
             elif isinstance(event, RoundFinished):
                 self._end(self._same_as_receivers(event.result), None)
             elif isinstance(event, RoundFailed):
@@ -383,6 +399,8 @@ class _Driver:
         pump = table.get(dest)
         if pump is None:
             pump = table[dest] = _Pump(self, dest, channel)
+            if self.done.done():  # a message after the end (a late AR_FINISH echo): flush it
+                pump.stop(flush=True)
             self.service._node.spawn(pump.run())
         return pump
 
@@ -456,6 +474,9 @@ class _Driver:
         self._averages.clear()
         for pump in self._control.values():
             pump.stop(flush=True)
+        # Break the driver <-> pump cycles now: the round's buffers (the core, the result)
+        # must not wait for the cyclic garbage collector (hundreds of MB per round).
+        self._tensors, self._control = {}, {}
         self.service._ended(self)
         if not self.done.done():
             if error is not None:

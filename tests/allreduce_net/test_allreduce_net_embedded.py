@@ -15,13 +15,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from node.allreduce import layout
 from node.allreduce.adapter import MAX_PENDING_ROUNDS
 from node.config import NodeConfig, parse_address
 from node.embedded import MeshNode
 from node.identity import create_mesh_key
 from node.torch_hooks import MeshGradientAverager, MeshHookState, mesh_allreduce_hook
+from protocol.connection import Channel
 from protocol.errors import ConfigError, TimeoutError
-from protocol.messages.tensor import DropReason
+from protocol.messages.tensor import ArBegin, ArPart, DropReason
+from protocol.tensor import CodecSpec, encode_chunk
 from simulations.allreduce_procs import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -104,6 +107,8 @@ def test_silent_member_timeout_and_dead_member(meshes: tuple[MeshNode, MeshNode,
         a.all_reduce(np.arange(3), group=group, key="bad")
     with pytest.raises(ConfigError):
         a.all_reduce(x, group=[ghost], key="bad")  # this node is not in the group
+    with pytest.raises(ConfigError):
+        a.all_reduce(x, group=[a.node_id, ghost], timeout=30, key="ghost")  # a key is used once
 
 
 def test_late_member_and_bounded_pending_inbox(meshes: tuple[MeshNode, MeshNode, list[bytes]]) -> None:
@@ -186,3 +191,27 @@ def test_ddp_comm_hook(meshes: tuple[MeshNode, MeshNode, list[bytes]]) -> None:
         assert all(o.contributors == tuple(group) for o in states[0].outcomes.values())
     finally:
         dist.destroy_process_group()
+
+
+def test_member_breaking_the_protocol_is_dropped_and_disconnected(
+        meshes: tuple[MeshNode, MeshNode, list[bytes]]) -> None:
+    """b plays a hostile member by hand: a valid AR_BEGIN, then a chunk for a slice that does
+    not exist. a drops b (PROTOCOL_ERROR), closes its links, and returns its own mean."""
+    a, b, group = meshes
+    x = np.ones(64, np.float32)
+    rid = layout.round_id(group, b"hostile")
+    sizes = layout.slice_sizes(x.size, [1.0, 1.0])
+    digest = layout.layout_digest(x.size, sizes, CodecSpec.parse("none").chunk_elements, "none")
+    started = a.all_reduce_future(x, group=group, key="hostile", timeout=30)
+
+    async def misbehave() -> None:
+        node = b.node
+        await node.send(a.node_id, ArBegin(round_id=rid, numel=x.size, layout=digest),
+                        channel=Channel.CONTROL)
+        await node.send(a.node_id, ArPart(round_id=rid, slice=7, chunk=0,
+                                          data=encode_chunk(x[:32], CodecSpec.parse("none"))))
+
+    b.submit(misbehave()).result(10)
+    out = started.result(30)
+    assert out.contributors == (a.node_id,)
+    assert out.dropped == {b.node_id: DropReason.PROTOCOL_ERROR}
