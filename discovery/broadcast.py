@@ -13,11 +13,13 @@ all N members with high probability, and then dropped.
 * News about a member invalidates older news about the same member (keyed by node id):
   only the latest state of a member is worth spreading.
 * The queue is bounded: beyond ``max_size`` the items sent most often are dropped.
-* Passive feedback (Demers et al. 1987, "rumor mongering with feedback"): hearing the
-  very news we are spreading from someone else counts as one of our transmissions
-  (``heard``): the rumour is out already. Without it a mesh of N that all start at once
-  sends N * N * limit Alives (minutes of saturated gossip at N = 1000); with it, about
-  half as many, with the same reach (see the simulator).
+* Passive feedback under pressure (after Demers et al. 1987, "rumor mongering with
+  feedback"): while more than ``FEEDBACK_ABOVE`` items are queued, hearing the very news
+  we are spreading from someone else counts as one of our transmissions (``heard``): the
+  rumour is out already. A mesh of N that all start at once must otherwise send
+  N * N * limit Alives (minutes of saturated gossip at N = 1000); with it about half as
+  many. A short queue (the normal case: a few changes at a time) keeps the full limit,
+  so single updates keep their reach.
 
 Implementation: a heap of ``[transmits, -id, key, message, live]`` entries with lazy
 deletion, so taking ``m`` items costs O(m log q).
@@ -36,6 +38,9 @@ def retransmit_limit(retransmit_mult: int, n: int) -> int:
     """How many times one broadcast is sent: ``retransmit_mult * ceil(log10(n + 1))``."""
     return retransmit_mult * math.ceil(math.log10(n + 1))
 
+
+#: Queue length above which ``heard`` counts (below it every item gets its full limit).
+FEEDBACK_ABOVE = 64
 
 # Entry layout (a list so transmits can be bumped in place).
 _TX, _NEG_ID, _KEY, _MSG, _LIVE, _HEARD = range(6)
@@ -109,7 +114,10 @@ class BroadcastQueue:
         return out
 
     def heard(self, key: bytes, msg: Message) -> None:
-        """Someone sent us ``msg``, which we are spreading too: count one transmission."""
+        """Someone sent us ``msg``, which we are spreading too: count one transmission
+        (only while the queue is longer than ``FEEDBACK_ABOVE``)."""
+        if len(self._by_key) <= FEEDBACK_ABOVE:
+            return
         entry = self._by_key.get(key)
         if entry is not None and (entry[_MSG] is msg or entry[_MSG] == msg):
             entry[_HEARD] += 1

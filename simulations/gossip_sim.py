@@ -33,8 +33,10 @@ from typing import Any
 from discovery.config import SwimConfig
 from discovery.events import EventKind, MemberEvent
 from protocol.errors import ConfigError
-from protocol.messages.gossip import NodeMeta
-from simulations.simnet import Faults, SimNet, SimTimeFilter
+from protocol.limits import MAX_MEMBERS_PER_SYNC
+from protocol.messages.gossip import MemberState, NodeMeta, PushPull
+from protocol.schema import encode_body
+from simulations.simnet import FRAME_OVERHEAD, Faults, SimNet, SimTimeFilter
 
 PRESETS = {
     "lan": SwimConfig.lan,
@@ -113,6 +115,9 @@ class Result:
     bytes_per_node_s: float = 0.0
     idle_msgs_per_node_s: float | None = None
     idle_bytes_per_node_s: float | None = None
+    """Probes and gossip (measured) plus push/pull (computed from the table size)."""
+    idle_probe_bytes_per_node_s: float | None = None
+    idle_sync_bytes_per_node_s: float | None = None
     virtual_s: float = 0.0
     wall_s: float = 0.0
     series: dict[str, list[float]] = field(default_factory=dict)
@@ -222,7 +227,28 @@ class Scenario:
     def _idle_end(self) -> None:
         tr, span = self.net.traffic, self.net.now - self.net.traffic.since
         self.res.idle_msgs_per_node_s = sum(tr.messages) / self.n / span
-        self.res.idle_bytes_per_node_s = sum(tr.bytes) / self.n / span
+        # Push/pull runs every push_pull_interval * max(1, N / threshold) seconds: far
+        # longer than the window at large N, so its share is computed, not sampled: per
+        # period each node sends its full table once (its own sync) and once (an answer).
+        probes_gossip = (sum(tr.bytes) - sum(tr.sync_bytes)) / self.n / span
+        cfg = self.config
+        period = cfg.push_pull_interval * max(1.0, self.n / cfg.push_pull_scale_threshold)
+        node = next(s for s in self.net.nodes if s is not None)
+        table = tuple(
+            MemberState(
+                node=m.node_id,
+                address=m.address,
+                incarnation=m.incarnation,
+                status=m.status,
+                meta=m.meta,
+            )
+            for m in node.members()
+        )
+        sync = sum(len(encode_body(PushPull(members=table[k : k + MAX_MEMBERS_PER_SYNC])))
+                   for k in range(0, len(table), MAX_MEMBERS_PER_SYNC)) + FRAME_OVERHEAD  # fmt: skip
+        self.res.idle_sync_bytes_per_node_s = 2 * sync / period if period > 0 else 0.0
+        self.res.idle_probe_bytes_per_node_s = probes_gossip
+        self.res.idle_bytes_per_node_s = probes_gossip + self.res.idle_sync_bytes_per_node_s
         self.net.reset_traffic()
         self.update_node = self.rng.randrange(self.n)
         self.update_at = self.net.now
@@ -367,7 +393,9 @@ def print_result(res: Result) -> None:
                                   + (f", first at {res.first_false_death_s:.1f} s" if res.false_deaths else "")),
         ("refutations", str(res.refutations)),
         ("idle msgs / node / s", _fmt(res.idle_msgs_per_node_s, "", 1)),
-        ("idle bytes / node / s", _fmt(res.idle_bytes_per_node_s, "", 0)),
+        ("idle bytes / node / s", f"{_fmt(res.idle_bytes_per_node_s, '', 0)} = "
+                                  f"{_fmt(res.idle_probe_bytes_per_node_s, '', 0)} probes+gossip + "
+                                  f"{_fmt(res.idle_sync_bytes_per_node_s, '', 0)} push/pull"),
         ("after-idle msgs / node / s", _fmt(res.msgs_per_node_s, "", 1)),
         ("after-idle bytes / node / s", _fmt(res.bytes_per_node_s, "", 0)),
         ("virtual time / wall time", f"{res.virtual_s:.1f} s / {res.wall_s:.1f} s"),
@@ -456,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
 
 _SCALE_HEAD = (
     f"{'N':>6} {'log2N':>6} {'full view s':>11} {'rounds':>7} {'update rnds':>11} "
-    f"{'detect p50':>10} {'idle msg/s':>10} {'idle B/s':>9} {'wall s':>7}"
+    f"{'detect p50':>10} {'idle msg/s':>10} {'idle B/s':>9} {'of it sync':>10} {'wall s':>7}"
 )
 
 
@@ -466,5 +494,6 @@ def _scale_row(r: Result) -> str:
         f"{r.nodes:>6} {math.log2(r.nodes):>6.1f} {_fmt(r.convergence_after_last_start_s):>11} "
         f"{_fmt(r.convergence_rounds, '', 1):>7} {_fmt(r.update_rounds, '', 1):>11} "
         f"{_fmt(r.detect_p50_s):>10} {_fmt(r.idle_msgs_per_node_s, '', 1):>10} "
-        f"{_fmt(r.idle_bytes_per_node_s, '', 0):>9} {r.wall_s:>7.1f}"
+        f"{_fmt(r.idle_bytes_per_node_s, '', 0):>9} {_fmt(r.idle_sync_bytes_per_node_s, '', 0):>10} "
+        f"{r.wall_s:>7.1f}"
     )

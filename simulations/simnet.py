@@ -90,6 +90,8 @@ class Traffic:
     since: float
     messages: list[int]
     bytes: list[int]
+    sync_bytes: list[int]
+    """The part of ``bytes`` that was PushPull (state sync)."""
 
 
 EventHook = Callable[[int, MemberEvent], None]
@@ -122,7 +124,7 @@ class SimNet:
         self._encoded: dict[int, tuple[Message, bytes]] = {}
         self._decoded: dict[bytes, Message] = {}
         self._states: dict[bytes, MemberState] = {}
-        self.traffic = Traffic(0.0, [0] * n, [0] * n)
+        self.traffic = Traffic(0.0, [0] * n, [0] * n, [0] * n)
         self.delivered = 0
         self.lost = 0
 
@@ -166,7 +168,7 @@ class SimNet:
         self._after(i, swim)
 
     def reset_traffic(self) -> None:
-        self.traffic = Traffic(self.now, [0] * self.n, [0] * self.n)
+        self.traffic = Traffic(self.now, [0] * self.n, [0] * self.n, [0] * self.n)
 
     # ----------------------------------------------------------------- loop
 
@@ -270,7 +272,10 @@ class SimNet:
     def _send(self, i: int, swim: Swim, dst_address: str, msgs: list[Message]) -> None:
         bodies = tuple(self._encode(m) for m in msgs)
         self.traffic.messages[i] += len(bodies)
-        self.traffic.bytes[i] += sum(len(b) for b in bodies) + FRAME_OVERHEAD * len(bodies)
+        size = sum(len(b) for b in bodies) + FRAME_OVERHEAD * len(bodies)
+        self.traffic.bytes[i] += size
+        if isinstance(msgs[0], PushPull):
+            self.traffic.sync_bytes[i] += size
         dst = self.index.get(dst_address)
         faults = self.faults
         if dst is None or self.crashed[dst]:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from discovery.broadcast import BroadcastQueue, retransmit_limit
+from discovery.broadcast import FEEDBACK_ABOVE, BroadcastQueue, retransmit_limit
 from discovery.config import SwimConfig
 from discovery.suspicion import (
     Suspicion,
@@ -184,13 +184,16 @@ def test_config_rejects_nonsense(changes: dict[str, object]) -> None:
 
 
 def test_hearing_our_own_news_from_someone_else_counts_as_a_transmission() -> None:
-    q = BroadcastQueue(retransmit_mult=1, max_size=10)  # n = 99: limit 1 * 2 = 2
+    q = BroadcastQueue(retransmit_mult=1, max_size=1000)  # n = 99: limit 1 * 2 = 2
     q.queue(A, _alive(A))
     q.queue(B, _alive(B))
+    q.heard(A, _alive(A))  # a short queue: every item keeps its full limit
+    assert q.get(5, n_members=99) == [_alive(B), _alive(A)]
+    others = [bytes([9, i]) * 16 for i in range(FEEDBACK_ABOVE)]
+    for key in others:  # under pressure
+        q.queue(key, _alive(key))
     q.heard(A, _alive(A, 5))  # different news about A: not ours, ignored
-    q.heard(A, _alive(A))
-    q.heard(A, _alive(A))  # two hearings: A's 2 transmissions are used up
-    assert q.get(5, n_members=99) == [_alive(B)]
-    assert len(q) == 1
-    assert q.get(5, n_members=99) == [_alive(B)]
-    assert len(q) == 0
+    q.heard(A, _alive(A))  # A's second (last) transmission is used up
+    sent = q.get(200, n_members=99)
+    assert _alive(A) not in sent
+    assert _alive(B) in sent  # B was not heard: it gets its second transmission
