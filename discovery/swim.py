@@ -27,18 +27,27 @@ accuses less.
 
 Dissemination (SWIM section 4.1): state changes are queued in a transmit-limited
 ``BroadcastQueue`` and piggybacked, up to ``max_piggyback`` per message, on every Ping,
-Ack and PingReq we send; a gossip round every ``gossip_interval`` sends queued news to
-``gossip_nodes`` random members (dead ones too for ``gossip_to_dead`` seconds).
+Ack, PingReq and Nack we send; a gossip round sends queued news to ``gossip_nodes`` random
+members (dead ones too for ``gossip_to_dead`` seconds) every ``gossip_interval`` while
+the queue is not empty. The gossip timer is not armed while the queue is empty, so news
+reaching an idle node goes out at once, then at most one round per interval (memberlist
+ticks regardless: here a quiet mesh relays fresh news at network speed).
 
 Anti-entropy: every ``push_pull_interval`` (stretched linearly above
-``push_pull_scale_threshold`` members) a full ``PushPull`` with one random alive member,
-and one with a random member we believe DEAD (Serf's reconnect: a healed partition
-finds itself again); the answer has ``reply`` set. Joining is the same exchange with the seeds (``join`` set,
-and kept set on the answer: only ``join and reply`` ends a join), retried every
-``join_retry_interval`` while no seed answers (``SEED_UNREACHABLE``); one extra pull
-from the seed that answered (a PushPull carrying only our own entry) follows
-``join_sync_after`` seconds later. Alive entries a
-sync teaches us are re-gossiped only when they are few (``<= max_piggyback``).
+``push_pull_scale_threshold`` members, so sync bytes per node stay flat) a full
+``PushPull`` with one random alive member, and one with a random member we believe DEAD
+(Serf's reconnect: a healed partition finds itself again); the answer has ``reply`` set.
+Joining is the same exchange with the seeds (``join`` set, and kept set on the answer:
+only ``join and reply`` ends a join), retried every ``join_retry_interval`` while no seed
+answers (``SEED_UNREACHABLE``). ``join_sync_after`` seconds later we *pull* once more
+from the seed that answered (a PushPull carrying only our own entry; retried), which
+catches members that joined elsewhere meanwhile. Alive entries a sync teaches us are
+re-gossiped only when they are few (``<= max_piggyback``): a joiner must not flood the
+mesh with its whole new member list (memberlist's mergeState re-gossips all).
+
+Stale claims: a Suspect/Dead about an incarnation of ours we already refuted is answered
+with our current Alive, sent straight back to whoever handed it to us (it missed our
+refutation and would otherwise declare us dead on its own).
 
 Leaving: ``leave()`` marks us LEFT and broadcasts ``Dead(node=us, sender=us)`` at once;
 after it we stop probing and syncing but keep answering pings and gossiping.
