@@ -46,8 +46,8 @@ re-gossiped only when they are few (``<= max_piggyback``): a joiner must not flo
 mesh with its whole new member list (memberlist's mergeState re-gossips all).
 
 Stale claims: a Suspect/Dead about an incarnation of ours we already refuted is answered
-with our current Alive, sent straight back to whoever handed it to us (it missed our
-refutation and would otherwise declare us dead on its own).
+with our current Alive, sent straight back to whoever handed it to us and queued for
+gossip again (someone missed our refutation and would otherwise declare us dead alone).
 
 Leaving: ``leave()`` marks us LEFT and broadcasts ``Dead(node=us, sender=us)`` at once;
 after it we stop probing and syncing but keep answering pings and gossiping.
@@ -533,15 +533,16 @@ class Swim:
         self._table.dead(msg.node, msg.incarnation, msg.sender, now=now, msg=msg)
 
     def _stale_claim_about_us(self, src_address: str, node: bytes, inc: int) -> None:
-        """A Suspect/Dead about an incarnation of ours we already refuted: whoever sent it
-        missed our refutation (its Alive may have stopped spreading), so tell it directly.
-        Otherwise its suspicion would run out and it alone would mark us dead."""
+        """A Suspect/Dead about an incarnation of ours we already refuted: some members
+        missed our refutation (its Alive may have stopped spreading) and would declare us
+        dead when their timers run out. Tell the sender directly and gossip it again."""
         me = self._me
         if node == me.node_id and inc < me.incarnation and not self._table.left:
             alive = Alive(
                 incarnation=me.incarnation, node=me.node_id, address=me.address, meta=me.meta
             )
             self._send(src_address, alive)
+            self._table.broadcasts.queue(me.node_id, alive)
 
     def _on_push_pull(self, src_address: str, src_node: bytes, msg: PushPull, now: float) -> None:
         if not msg.reply:  # answer; the answer to a join keeps ``join`` set

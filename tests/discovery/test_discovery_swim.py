@@ -613,3 +613,4 @@ def test_a_stale_suspicion_about_us_is_answered_with_our_current_alive() -> None
     assert (told.src, told.dst) == (B, A)
     assert told.msg == Alive(incarnation=1, node=node_id_for(B), address=B, meta=meta(B))
     assert b.incarnation == 1  # nothing new to refute
+    assert b._table.broadcasts.pending()[0] == told.msg  # and it is gossiped again
