@@ -89,7 +89,7 @@ class TransportError(StarmeshError):
     """The byte stream under a connection failed."""
 
 
-class TimeoutError(StarmeshError, builtins.TimeoutError):  # noqa: A001 - the tree's own name
+class TimeoutError(StarmeshError, builtins.TimeoutError):
     """A deadline passed. Also an ``builtins.TimeoutError`` so generic handlers catch it."""
 
 
