@@ -9,7 +9,10 @@ acks) and to a small gossip round every ``gossip_interval`` (SWIM section 4.1,
 ``retransmit_limit(retransmit_mult, N)`` times, which is enough for an epidemic to reach
 all N members with high probability, and then dropped.
 
-* Items sent fewer times go first; among equals the newest goes first.
+* *Urgent* items (suspicions, deaths, refutations: news that starts or stops a timer
+  somewhere) go before all others; then items sent fewer times; among equals the newest.
+  Without the urgent class a refutation queued during a join storm is starved by the
+  stream of fresh joins (fewest-sent first) and a suspicion elsewhere can outlive it.
 * News about a member invalidates older news about the same member (keyed by node id):
   only the latest state of a member is worth spreading.
 * The queue is bounded: beyond ``max_size`` the items sent most often are dropped.
@@ -21,7 +24,7 @@ all N members with high probability, and then dropped.
   many. A short queue (the normal case: a few changes at a time) keeps the full limit,
   so single updates keep their reach.
 
-Implementation: a heap of ``[transmits, -id, key, message, live]`` entries with lazy
+Implementation: a heap of ``[class, transmits, -id, key, message, live, heard]`` entries with lazy
 deletion, so taking ``m`` items costs O(m log q).
 """
 
@@ -43,7 +46,7 @@ def retransmit_limit(retransmit_mult: int, n: int) -> int:
 FEEDBACK_ABOVE = 64
 
 # Entry layout (a list so transmits can be bumped in place).
-_TX, _NEG_ID, _KEY, _MSG, _LIVE, _HEARD = range(6)
+_PRIO, _TX, _NEG_ID, _KEY, _MSG, _LIVE, _HEARD = range(7)
 
 
 class BroadcastQueue:
@@ -63,13 +66,13 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def queue(self, key: bytes, msg: Message) -> None:
+    def queue(self, key: bytes, msg: Message, *, urgent: bool = False) -> None:
         """Add ``msg`` about member ``key``, replacing any older item about it."""
         old = self._by_key.get(key)
         if old is not None:
             old[_LIVE] = False
         self._next_id += 1
-        entry: list[Any] = [0, -self._next_id, key, msg, True, 0]
+        entry: list[Any] = [0 if urgent else 1, 0, -self._next_id, key, msg, True, 0]
         self._by_key[key] = entry
         heapq.heappush(self._heap, entry)
         if len(self._by_key) > self.max_size:

@@ -174,7 +174,7 @@ class MemberTable:
         self._set_status(m, ALIVE, now)
         if gossip:
             news = msg or Alive(incarnation=inc, node=node, address=address, meta=meta)
-            self.broadcasts.queue(node, news)
+            self.broadcasts.queue(node, news, urgent=old_status is not ALIVE)  # a refutation
         if old_status is DEAD or old_status is LEFT:
             self.emit(EventKind.JOINED, m, now)
         elif old_status is SUSPECT:
@@ -212,9 +212,8 @@ class MemberTable:
             return
         if m.suspicion is not None:
             if m.suspicion.confirm(sender):  # a new independent suspector: spread it too
-                self.broadcasts.queue(
-                    node, msg or Suspect(incarnation=inc, node=node, sender=sender)
-                )
+                news = msg or Suspect(incarnation=inc, node=node, sender=sender)
+                self.broadcasts.queue(node, news, urgent=True)
             elif msg is not None:
                 self.broadcasts.heard(node, msg)
             return
@@ -224,7 +223,8 @@ class MemberTable:
             if not self.left:
                 self.refute(inc, now)
             return
-        self.broadcasts.queue(node, msg or Suspect(incarnation=inc, node=node, sender=sender))
+        news = msg or Suspect(incarnation=inc, node=node, sender=sender)
+        self.broadcasts.queue(node, news, urgent=True)
         m.incarnation = inc
         self._set_status(m, SUSPECT, now)
         n = self.num_live
@@ -249,7 +249,9 @@ class MemberTable:
         if m is self.me and not self.left:
             self.refute(inc, now)
             return
-        self.broadcasts.queue(node, msg or Dead(incarnation=inc, node=node, sender=sender))
+        self.broadcasts.queue(
+            node, msg or Dead(incarnation=inc, node=node, sender=sender), urgent=True
+        )
         m.incarnation = inc
         status = LEFT if sender == node else DEAD
         self._set_status(m, status, now)
@@ -263,6 +265,7 @@ class MemberTable:
         self.broadcasts.queue(
             me.node_id,
             Alive(incarnation=me.incarnation, node=me.node_id, address=me.address, meta=me.meta),
+            urgent=True,
         )
         self.emit(EventKind.REFUTED, me, now)
 

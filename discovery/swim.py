@@ -542,7 +542,7 @@ class Swim:
                 incarnation=me.incarnation, node=me.node_id, address=me.address, meta=me.meta
             )
             self._send(src_address, alive)
-            self._table.broadcasts.queue(me.node_id, alive)
+            self._table.broadcasts.queue(me.node_id, alive, urgent=True)
 
     def _on_push_pull(self, src_address: str, src_node: bytes, msg: PushPull, now: float) -> None:
         if not msg.reply:  # answer; the answer to a join keeps ``join`` set

@@ -197,3 +197,13 @@ def test_hearing_our_own_news_from_someone_else_counts_as_a_transmission() -> No
     sent = q.get(200, n_members=99)
     assert _alive(A) not in sent
     assert _alive(B) in sent  # B was not heard: it gets its second transmission
+
+
+def test_urgent_news_goes_before_everything_else() -> None:
+    q = BroadcastQueue(retransmit_mult=3, max_size=10)
+    suspect = Suspect(incarnation=0, node=A, sender=B)
+    q.queue(A, suspect, urgent=True)
+    q.get(1, n_members=9)  # sent once already
+    q.queue(C, _alive(C))
+    q.queue(D, _alive(D))
+    assert q.get(2, n_members=9) == [suspect, _alive(D)]
