@@ -63,6 +63,7 @@ class MemoryMesh:
         self.events: list[tuple[float, str, MemberEvent]] = []
         self._drop_rules: list[DropRule] = []
         self._groups: list[frozenset[str]] = []
+        self._frozen: dict[str, float] = {}
         self._queue: list[tuple[float, int, str, str, bytes]] = []
         self._counter = 0
 
@@ -86,7 +87,19 @@ class MemoryMesh:
         return node
 
     def crash(self, address: str) -> None:
+        """kill -9: the node stops. With ``hints``, every peer's connection to it drops now
+        (``on_unreachable``), as the TCP transport reports a reset."""
         self.crashed.add(address)
+        if self.hints:
+            for other, node in self.nodes.items():
+                if other not in self.crashed:
+                    node.on_unreachable(address, now=self.now)
+                    self._collect(other)
+
+    def freeze(self, address: str, seconds: float) -> None:
+        """SIGSTOP for ``seconds``: no timers run and arriving messages wait (in order) in
+        its socket buffers; at the thaw they are read first, then its timers fire."""
+        self._frozen[address] = self.now + seconds
 
     def partition(self, *groups: Iterable[str]) -> None:
         """Drop every message between members of different groups (unlisted nodes: own group)."""
@@ -162,6 +175,9 @@ class MemoryMesh:
             if address in self.crashed:
                 continue
             d = node.next_deadline()
+            thaw = self._frozen.get(address)
+            if d is not None and thaw is not None and d <= thaw:
+                d = thaw + self.latency / 2  # after the buffered messages are read
             if d is not None and (best is None or d < best):
                 best, best_addr = d, address
         return best, best_addr
@@ -204,6 +220,11 @@ class MemoryMesh:
         at, _, src, dst, body = heapq.heappop(self._queue)
         self.now = max(self.now, at)
         if dst in self.crashed:
+            return
+        thaw = self._frozen.get(dst)
+        if thaw is not None and at < thaw:  # held in the socket buffer until the thaw
+            self._counter += 1
+            heapq.heappush(self._queue, (thaw, self._counter, src, dst, body))
             return
         self.nodes[dst].on_message(src, node_id_for(src), decode_body(body), now=self.now)
         self._collect(dst)

@@ -156,8 +156,15 @@ class SimNet:
         self._after(i, swim)
 
     def crash(self, i: int) -> None:
-        """Node ``i`` stops: no timers, incoming messages vanish."""
+        """Node ``i`` stops: no timers, incoming messages vanish. With ``hints`` its peers
+        hear at once that their connection to it dropped (``on_unreachable``)."""
         self.crashed[i] = True
+        if self.faults.hints:
+            for j, swim in enumerate(self.nodes):
+                if swim is not None and not self.crashed[j]:
+                    self.current = j
+                    swim.on_unreachable(self.addresses[i], now=self.now)
+                    self._after(j, swim)
 
     def poke(self, i: int, fn: Callable[[Swim], None]) -> None:
         """Call ``fn(node)`` now (e.g. ``update_meta``) and process its outputs."""

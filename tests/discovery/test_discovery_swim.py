@@ -614,3 +614,48 @@ def test_a_stale_suspicion_about_us_is_answered_with_our_current_alive() -> None
     assert told.msg == Alive(incarnation=1, node=node_id_for(B), address=B, meta=meta(B))
     assert b.incarnation == 1  # nothing new to refute
     assert b._table.broadcasts.pending()[0] == told.msg  # and it is gossiped again
+
+
+# ------------------------------------------------- the local preset's budget
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_local_preset_a_member_frozen_for_3s_is_never_declared_dead(seed: int) -> None:
+    cfg = SwimConfig.local()
+    addresses = [f"n{i}:7000" for i in range(8)]
+    mesh = mesh_of(*addresses, seed=seed, config=cfg, settle=4.0)
+    victim = addresses[3]
+    mesh.run_for(0.137 * seed)  # freeze at a different probe phase each time
+    t = mesh.now
+    mesh.freeze(victim, 3.0)
+    mesh.run_for(12.0)
+    deaths = [(addr, k) for at, addr, e in mesh.events if at >= t for k, who in [(e.kind.name, e.member.address)]
+              if who == victim and k in ("DEAD", "LEFT")]  # fmt: skip
+    assert deaths == []
+    suspected = [
+        at
+        for at, _, e in mesh.events
+        if at >= t and e.member.address == victim and e.kind is EventKind.SUSPECTED
+    ]
+    assert suspected and min(suspected) < t + 3.0  # it was suspected while frozen...
+    assert mesh.nodes[victim].incarnation == 1  # ...and refuted once it thawed
+    assert mesh.converged()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_local_preset_a_killed_member_is_dead_everywhere_within_6s(seed: int) -> None:
+    cfg = SwimConfig.local()
+    addresses = [f"n{i}:7000" for i in range(8)]
+    mesh = mesh_of(*addresses, seed=seed, config=cfg, settle=4.0)
+    victim = addresses[5]
+    mesh.run_for(0.113 * seed)
+    t = mesh.now
+    mesh.crash(victim)  # connections drop: the transport reports it (hints)
+    mesh.run_for(8.0)
+    seen_dead = {
+        addr: at
+        for at, addr, e in mesh.events
+        if at >= t and e.member.address == victim and e.kind is EventKind.DEAD
+    }
+    assert sorted(seen_dead) == sorted(set(addresses) - {victim})
+    assert max(seen_dead.values()) - t < 6.0
