@@ -15,6 +15,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "demo": ("simulations.demo", "a local mesh on loopback: nodes join, one fails and is detected (live table)"),
     "gossip": ("simulations.gossip_sim", "in-process SWIM on virtual time: convergence, detection, traffic"),
     "allreduce": ("simulations.allreduce_sim", "in-process all-reduce on virtual time: each fault case vs the link optimum"),
+    "train": ("simulations.train", "real processes: a local mesh trains an MLP data-parallel, vs one process"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "join": ("simulations.bench_membership", "real processes: time to one identical view"),
