@@ -261,7 +261,7 @@ class Link(asyncio.Protocol):
             self.core.handle_timer(now=self._loop.time())
             self._pump()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         if data and self._transport is not None and not self._transport.is_closing():
             self.settings.traffic.sent[self._channel()] += len(data)
             self._transport.write(data)

@@ -157,7 +157,7 @@ class Connection:
                              token_bytes=token_bytes)
         self._frames = FrameDecoder()
         self._packer = _new_packer()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._tx: RecordCipher | None = None
         self._rx: RecordCipher | None = None
         self._deadline = now + handshake_timeout
@@ -274,7 +274,7 @@ class Connection:
         self._out.clear()
         return out
 
-    def send(self, msg: Message) -> bytes:
+    def send(self, msg: Message) -> bytes | bytearray:
         """The bytes to write for ``msg`` (one encrypted frame, preceded by any pending output
         such as the handshake's FINISH, so that writing exactly this keeps the stream in order).
         Only when OPEN; ``LocalProtocolError`` otherwise or if ``msg`` is a handshake/closing message."""
@@ -290,7 +290,7 @@ class Connection:
             self._out.append(self._seal(msg))
         return self.data_to_send()
 
-    def _seal(self, msg: Message) -> bytes:
+    def _seal(self, msg: Message) -> bytes | bytearray:
         if self.state is not ConnState.OPEN or self._tx is None:
             raise LocalProtocolError(f"cannot send in state {self.state.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
         if msg.TAG in _HANDSHAKE_TAGS or msg.TAG in _CLOSING_TAGS:
@@ -306,10 +306,14 @@ class Connection:
             if size > MAX_MESSAGE_BYTES:
                 raise LocalProtocolError(f"{msg.TAG.name} encodes to {size} bytes, over the "
                                          f"{MAX_MESSAGE_BYTES}-byte message cap", code=ErrorCode.FRAME_TOO_LARGE)
-            sealed = self._tx.seal(body)
+            # Length prefix and sealed body in one fresh buffer (written once, never copied
+            # again: the transport may hold it until the socket takes it).
+            frame = bytearray(HEADER.size + size + TAG_BYTES)
+            HEADER.pack_into(frame, 0, size + TAG_BYTES)
+            self._tx.seal_into(body, memoryview(frame)[HEADER.size:])
         if size > _SHRINK_PACKER_ABOVE and self.peer is not None and self.peer.channel is not Channel.BULK:
             self._packer = _new_packer()  # a rare big message on a small-message channel: give the memory back
-        return HEADER.pack(len(sealed)) + sealed
+        return frame
 
     def close(self, code: ErrorCode | None = None, reason: str = "") -> bytes:
         """Say goodbye (``code`` None) or report an error, and move to CLOSED. Returns the bytes

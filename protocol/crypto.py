@@ -199,6 +199,15 @@ class RecordCipher:
         self.counter = n + 1
         return self._aead.encrypt(n.to_bytes(NONCE_BYTES, "big"), plaintext, None)
 
+    def seal_into(self, plaintext: bytes | bytearray | memoryview, out: memoryview) -> None:
+        """Like ``seal`` but writes the sealed body (``len(plaintext) + TAG_BYTES`` bytes, the
+        exact size of ``out``) into ``out``: a caller framing it saves a multi-MiB copy."""
+        n = self.counter
+        if n >= MAX_COUNTER:
+            raise LocalProtocolError("AEAD counter exhausted; reconnect", code=ErrorCode.LIMIT_EXCEEDED)
+        self._aead.encrypt_into(n.to_bytes(NONCE_BYTES, "big"), plaintext, None, out)
+        self.counter = n + 1
+
     def open(self, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """Decrypt the next frame body; ``RemoteProtocolError(DECRYPT_FAILED)`` if it does not authenticate."""
         n = self.counter

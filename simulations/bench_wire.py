@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a final JSON line")
 
 
-def _feed(conn_receive: Callable[[memoryview], None], data: bytes, step: int) -> None:
+def _feed(conn_receive: Callable[[memoryview], None], data: bytes | bytearray, step: int) -> None:
     view = memoryview(data)
     for k in range(0, len(data), step):
         conn_receive(view[k : k + step])
