@@ -31,6 +31,7 @@ from simulations.train_worker import (
     make_dataset,
     params_digest,
     shard_batches,
+    warm_up,
 )
 
 #: The loss counts as decreased when the final training loss is below this fraction of the
@@ -40,7 +41,7 @@ DECREASE_FRACTION = 0.7
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=3, help="worker processes (mesh nodes)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=32, help="examples per worker per step")
     parser.add_argument("--codec", default="int8+zstd", help="gradient codec (none, fp16, int8+zstd, ...)")
     parser.add_argument("--seed", type=int, default=0, help="data, batch order and initial weights")
@@ -53,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.steps < 1 or args.batch < 1:
         raise SystemExit("--nodes, --steps and --batch must be positive")
+    from protocol.errors import ConfigError
+    from protocol.tensor import CodecSpec
+
+    try:
+        CodecSpec.parse(args.codec)
+    except ConfigError as exc:
+        raise SystemExit(f"--codec: {exc}") from None
     if args.out_dir:
         return _run_in(Path(args.out_dir), args)
     with tempfile.TemporaryDirectory(prefix="starmesh-train-") as tmp:
@@ -146,8 +154,13 @@ class _Progress:
 def _show_progress(progress: _Progress, args: argparse.Namespace, t0: float) -> None:
     """Print a line every ``--every`` steps until the last step, a worker exits or time's up."""
     every, shown, workers = args.every or max(1, args.steps // 10), 0, progress.mesh.workers
+    started = False
     while shown < args.steps:
         progress.poll()
+        if not started and progress.done(1):
+            started = True
+            print(f"  {len(workers)} nodes up and joined; training started "
+                  f"{time.monotonic() - t0:.1f}s after launch", flush=True)
         while shown < args.steps and progress.done(min(shown + every, args.steps)):
             shown = min(shown + every, args.steps)
             print(_progress_line(shown, args.steps, progress.steps[shown]), flush=True)
@@ -174,8 +187,9 @@ def train_reference(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
     data = make_dataset(args.seed)
+    warm_up(data)
+    t0 = time.perf_counter()
     model = build_model(args.seed)
     optimizer = build_optimizer(model)
     streams = [shard_batches(args.seed, r, args.nodes, args.batch) for r in range(args.nodes)]
@@ -215,7 +229,8 @@ def summarize(args: argparse.Namespace, results: list[dict[str, Any]], reference
         "reference": {k: reference[k] for k in ("final_loss", "accuracy", "seconds")},
         "chance_accuracy": 1.0 / _classes(),
         "wire_bytes": sum(r["sent_bytes"] for r in results),
-        "partial_rounds": sum(r["partial_rounds"] for r in results),
+        # every member of a round gets the same report: worker 0's stands for all
+        "partial_rounds": results[0]["partial_rounds"], "dropped": results[0]["dropped"],
         "train_seconds": train_s, "seconds_per_step": train_s / args.steps, "wall_seconds": wall,
     }
 
@@ -234,7 +249,8 @@ def _print_result(s: dict[str, Any]) -> None:
     print(f"{'train time':14}{s['train_seconds']:11.2f}s{ref['seconds']:11.2f}s   "
           f"({s['seconds_per_step'] * 1e3:.1f} ms/step; wall {s['wall_seconds']:.1f}s with startup)")
     print(f"wire: {s['wire_bytes'] / 2**20:.2f} MiB sent by {s['nodes']} nodes "
-          f"({s['parameters']} parameters, codec {s['codec']}); rounds missing a worker: {s['partial_rounds']}")
+          f"({s['parameters']} parameters, codec {s['codec']}); rounds missing a worker: {s['partial_rounds']}"
+          f"{' ' + str(s['dropped']) if s['dropped'] else ''}")
     same = "bit-identical" if s["params_identical"] else f"DIVERGED ({len(s['params_sha256'])} distinct)"
     print(f"workers' parameters: {same} (sha256 {s['params_sha256'][0][:16]}...)"
           f"{'; equal to the 1-process model' if s['same_as_reference'] else ''}")

@@ -51,7 +51,7 @@ _REFERENCE = {"final_loss": 0.2, "accuracy": 0.9, "seconds": 1.0, "params_sha256
 
 def _worker_result(digest: str, final_loss: float) -> dict[str, Any]:
     return {"params_sha256": digest, "final_loss": final_loss, "accuracy": 0.9, "seconds": 1.0,
-            "sent_bytes": 100, "partial_rounds": 0, "parameters": 10}
+            "sent_bytes": 100, "partial_rounds": 0, "dropped": {}, "parameters": 10}
 
 
 def test_summary_accepts_identical_workers_whose_loss_fell() -> None:
