@@ -105,11 +105,14 @@ class Swim:
         config: SwimConfig,
         rng: random.Random,
         now: float,
+        incarnation: int = 0,
     ) -> None:
+        """``incarnation``: where our own incarnation starts. A restarted node passes one more
+        than the last it used, so its Alive beats every claim others hold about its last run."""
         self._cfg = config
         self._rng = rng
         self._me = Member(
-            node_id=node_id, address=address, incarnation=0, meta=meta, status=ALIVE, now=now
+            node_id=node_id, address=address, incarnation=incarnation, meta=meta, status=ALIVE, now=now
         )
         self._outbox: list[tuple[str, Message]] = []
         self.dropped_messages = 0
@@ -133,7 +136,7 @@ class Swim:
         self._next_gossip = now + rng.random() * config.gossip_interval
         self._next_push_pull = now + (1.0 + rng.random()) * self._push_pull_period()
         self._table.broadcasts.queue(
-            node_id, Alive(incarnation=0, node=node_id, address=address, meta=meta)
+            node_id, Alive(incarnation=incarnation, node=node_id, address=address, meta=meta)
         )
 
     # ------------------------------------------------------------ public API

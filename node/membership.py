@@ -15,7 +15,7 @@ Theory of operation
   address is unreachable — the probe it was carrying then fails the SWIM way.
 
 Our own incarnation is persisted (``on_incarnation``) whenever it changed after an input, and
-a restarted node starts one above the persisted value (``start_above``), so its Alive beats
+a restarted node starts one above the persisted value (``Swim(incarnation=...)``), so its Alive beats
 every claim the others still hold about its previous run.
 """
 
@@ -56,8 +56,8 @@ GOSSIP_TAGS = (
 PENDING_PER_ADDRESS = 64
 #: Addresses with a dial in progress at once; messages to further ones are dropped.
 MAX_PENDING_ADDRESSES = 256
-#: Highest persisted incarnation a node restarts above (each step is one ``update_meta``).
-MAX_START_INCARNATION = 100_000
+#: Highest persisted incarnation a node restarts above (anything larger is a corrupt file).
+MAX_START_INCARNATION = 1 << 62
 #: Seconds between two warnings about the same unreachable address.
 WARN_EVERY_S = 30.0
 
@@ -84,6 +84,13 @@ def format_event(event: MemberEvent, self_id: bytes | None = None) -> tuple[int,
     if self_id is not None and m.node_id == self_id:
         return level, f"this node {what}: {short_id(m.node_id)} (incarnation {m.incarnation})"
     return level, f"member {what}: {short_id(m.node_id)} at {m.address} (incarnation {m.incarnation})"
+
+
+def start_incarnation(last_incarnation: int) -> int:
+    """The incarnation a (re)started node begins at: one above the last one it persisted."""
+    if not 0 <= last_incarnation <= MAX_START_INCARNATION:
+        raise ConfigError(f"persisted incarnation {last_incarnation} is implausible; delete the incarnation file")
+    return last_incarnation + 1
 
 
 class Membership:
@@ -129,17 +136,8 @@ class Membership:
         self.swim.on_message(peer.listen_address or link.remote, peer.node_id, message, now=self._loop.time())
         self.step()
 
-    def start_above(self, last_incarnation: int) -> None:
-        """Before joining: make our incarnation ``last_incarnation + 1`` (and persist it), so a
-        restarted node's Alive beats every claim others still hold about its previous run.
-        Swim takes no initial incarnation; each ``update_meta`` raises it by exactly one."""
-        meta = self.swim.member(self.node_id)
-        assert meta is not None
-        if last_incarnation > MAX_START_INCARNATION:
-            raise ConfigError(f"persisted incarnation {last_incarnation} is implausibly high "
-                              f"(> {MAX_START_INCARNATION}); delete the incarnation file")
-        while self.swim.incarnation <= last_incarnation:
-            self.swim.update_meta(meta.meta, now=self._loop.time())
+    def start(self) -> None:
+        """Before joining: persist the incarnation Swim starts at (one above the last run's)."""
         self.step()
 
     def join(self, seeds: Sequence[str]) -> None:

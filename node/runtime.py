@@ -42,7 +42,7 @@ from discovery.swim import Swim
 from node import identity as files
 from node.allreduce.adapter import AllReduceOutcome, AllReduceService
 from node.config import Address, NodeConfig, parse_address
-from node.membership import EventListener, Membership
+from node.membership import EventListener, Membership, start_incarnation
 from node.pool import Pool
 from node.resources import basic_meta, detect_gpus_async, torch_versions
 from node.status import build_status_reply
@@ -162,12 +162,13 @@ class Node:
         swim = Swim(
             node_id=self.node_id, address=self.address, meta=self._meta,
             config=PRESETS[config.preset](), rng=random.Random(config.seed), now=loop.time(),
+            incarnation=start_incarnation(last_incarnation),
         )
         self._membership = Membership(
             swim=swim, node_id=self.node_id, pool=pool, spawn=self.spawn,
             on_incarnation=self._store_incarnation, on_peers=self._store_peers,
         )
-        self._membership.start_above(last_incarnation)
+        self._membership.start()
         self._dispatch[Channel.CONTROL].update(self._membership.handlers())
         self._dispatch[Channel.CLIENT][MsgType.STATUS_REQUEST] = self._serve_status
         self._membership.add_listener(self.allreduce.member_event)
