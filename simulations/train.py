@@ -74,7 +74,7 @@ def _run_in(root: Path, args: argparse.Namespace) -> int:
     mesh = start_workers(root, args)
     progress = _Progress(mesh)
     try:
-        _show_progress(progress, args, t0)
+        startup = _show_progress(progress, args, t0)
         results = finish(mesh, args.timeout)
     except (RuntimeError, TimeoutError) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
@@ -86,6 +86,7 @@ def _run_in(root: Path, args: argparse.Namespace) -> int:
     wall = time.monotonic() - t0
     reference = train_reference(args)
     summary = summarize(args, results, reference, wall, progress.first_losses())
+    summary["startup_seconds"] = startup
     _print_result(summary)
     if args.json:
         print(json.dumps(summary))
@@ -151,24 +152,26 @@ class _Progress:
         return [r["loss"] for r in self.steps.get(1, [])]
 
 
-def _show_progress(progress: _Progress, args: argparse.Namespace, t0: float) -> None:
-    """Print a line every ``--every`` steps until the last step, a worker exits or time's up."""
+def _show_progress(progress: _Progress, args: argparse.Namespace, t0: float) -> float | None:
+    """Print a line every ``--every`` steps until the last step, a worker exits or time's up;
+    returns the seconds from launch to the first step (None if it never came)."""
     every, shown, workers = args.every or max(1, args.steps // 10), 0, progress.mesh.workers
-    started = False
+    started: float | None = None
     while shown < args.steps:
         progress.poll()
-        if not started and progress.done(1):
-            started = True
-            print(f"  {len(workers)} nodes up and joined; training started "
-                  f"{time.monotonic() - t0:.1f}s after launch", flush=True)
+        if started is None and progress.done(1):
+            started = time.monotonic() - t0
+            print(f"  {len(workers)} nodes up and joined; training started {started:.1f}s after launch",
+                  flush=True)
         while shown < args.steps and progress.done(min(shown + every, args.steps)):
             shown = min(shown + every, args.steps)
             print(_progress_line(shown, args.steps, progress.steps[shown]), flush=True)
         if any(w.proc is not None and w.proc.poll() is not None for w in workers):
-            return  # finish() reports a failure; a clean exit means the files are complete
+            return started  # finish() reports a failure; a clean exit means the files are complete
         if time.monotonic() - t0 > args.timeout:
-            return
+            return started
         time.sleep(0.05)
+    return started
 
 
 def _progress_line(step: int, steps: int, records: list[dict[str, Any]]) -> str:
