@@ -21,37 +21,49 @@ Roundtrip = Callable[[Floats], Floats]
 
 
 class SliceBuffer:
-    __slots__ = ("_chunk", "_parts", "_roundtrip", "epoch", "got", "owner", "remaining", "sq_norm",
-                 "values")
+    """One slice's chunks. A buffer filled by ``put`` keeps each received chunk by reference
+    (the decoded array, made read-only): no copy on the event loop; ``values`` joins them on
+    first use and ``copy_into`` writes them straight into a result. A lazy average (``mean_of``)
+    and a ``full`` buffer are one contiguous array (``values``), sliced per chunk."""
+
+    __slots__ = ("_chunk", "_chunks", "_length", "_parts", "_roundtrip", "_values", "epoch", "got",
+                 "owner", "remaining", "sq_norm")
 
     def __init__(self, length: int, chunk_elements: int, *, epoch: int = 0, owner: int = -1) -> None:
         self._chunk = chunk_elements
-        self.values: Floats = np.empty(length, np.float32)
+        self._length = length
+        self._values: Floats | None = None
         n = chunk_count(length, chunk_elements)
+        self._chunks: list[Floats | None] = [None] * n
         self.got = bytearray(n)
         self.remaining = n
         self.epoch = epoch
         self.owner = owner
         self.sq_norm = 0.0
-        self._parts: Sequence[Floats] = ()
+        self._parts: Sequence[Floats | SliceBuffer] = ()
         self._roundtrip: Roundtrip | None = None
 
     @classmethod
-    def mean_of(cls, parts: Sequence[Floats], chunk_elements: int, *, epoch: int, owner: int,
-                roundtrip: Roundtrip | None = None) -> SliceBuffer:
+    def mean_of(cls, parts: Sequence[Floats | SliceBuffer], chunk_elements: int, *, epoch: int,
+                owner: int, roundtrip: Roundtrip | None = None) -> SliceBuffer:
         """An average computed lazily, chunk by chunk (``ensure``), from equally long ``parts``
         in the given order, so reducing pipelines with sending. ``roundtrip`` (a lossy
         codec's decode(encode(x))) is applied to each chunk, so this member keeps exactly
         what its receivers will decode."""
-        buf = cls(parts[0].size, chunk_elements, epoch=epoch, owner=owner)
+        first = parts[0]
+        length = first.size if isinstance(first, np.ndarray) else first._length
+        buf = cls(length, chunk_elements, epoch=epoch, owner=owner)
+        buf._values = np.empty(length, np.float32)
         buf._parts, buf._roundtrip = parts, roundtrip
         return buf
 
     def ensure(self, index: int) -> None:
         """Compute chunk ``index`` of a lazy average if it is not there yet."""
         if self._parts and not self.got[index]:
-            start, count = chunk_span(self.values.size, self._chunk, index)
-            mean = reduce_mean([p[start:start + count] for p in self._parts], self._chunk)
+            start, count = chunk_span(self._length, self._chunk, index)
+            chunks = [p.chunk(index) if isinstance(p, SliceBuffer) else p[start:start + count]
+                      for p in self._parts]
+            mean = reduce_mean(chunks, self._chunk)
             if self._roundtrip is not None:
                 mean = self._roundtrip(mean)
                 if mean.dtype != np.float32 or mean.shape != (count,):
@@ -68,9 +80,42 @@ class SliceBuffer:
         buf = cls(0, chunk_elements, epoch=epoch, owner=owner)
         view = values.view()
         view.flags.writeable = False
-        buf.values = view
+        buf._values, buf._length = view, view.size
+        buf._chunks = []
         buf.sq_norm = sq_norm(view, chunk_elements)
         return buf
+
+    @property
+    def size(self) -> int:
+        return self._length
+
+    @property
+    def values(self) -> Floats:
+        """The whole slice as one read-only array (joined from the chunks on first use)."""
+        if self._values is None:
+            out: Floats = np.empty(self._length, np.float32)
+            self.copy_into(out)
+            out.flags.writeable = False
+            self._values, self._chunks = out, []
+        return self._values
+
+    def chunk(self, index: int) -> Floats:
+        """Chunk ``index`` (it must be there)."""
+        if self._values is not None:
+            start, count = chunk_span(self._length, self._chunk, index)
+            return self._values[start:start + count]
+        data = self._chunks[index]
+        assert data is not None, "chunk not received"
+        return data
+
+    def copy_into(self, out: Floats) -> None:
+        """Write the (complete) slice into ``out``, chunk by chunk."""
+        if self._values is not None:
+            out[:] = self._values
+            return
+        for index, data in enumerate(self._chunks):
+            start, count = chunk_span(self._length, self._chunk, index)
+            out[start:start + count] = data
 
     @property
     def complete(self) -> bool:
@@ -79,30 +124,43 @@ class SliceBuffer:
     def expects(self, index: int, count: int) -> bool:
         """Whether chunk ``index`` exists and has ``count`` elements."""
         n = len(self.got)
-        return 0 <= index < n and chunk_span(self.values.size, self._chunk, index)[1] == count
+        return 0 <= index < n and chunk_span(self._length, self._chunk, index)[1] == count
 
     def put(self, index: int, data: Floats) -> bool:
-        """Store chunk ``index`` (checked with ``expects``); True if this completed the buffer."""
+        """Store chunk ``index`` (checked with ``expects``); True if this completed the buffer.
+        Outside a lazy average ``data`` is kept, not copied: the caller must not change it."""
         if self.got[index]:
             return False
-        start, count = chunk_span(self.values.size, self._chunk, index)
-        self.values[start:start + count] = data
+        if self._values is not None:
+            start, count = chunk_span(self._length, self._chunk, index)
+            self._values[start:start + count] = data
+        else:
+            view = data.view()
+            view.flags.writeable = False
+            self._chunks[index] = view
         self.got[index] = 1
         self.remaining -= 1
         if self.remaining:
             return False
-        self.sq_norm = sq_norm(self.values, self._chunk) if not self._parts else 0.0
-        self.values.flags.writeable = False
+        if not self._parts:
+            # The same blocks, in the same order, as ``sq_norm(values, chunk)``: bit-identical.
+            self.sq_norm = sum((_sq(self.chunk(i)) for i in range(len(self.got))), 0.0)
+        if self._values is not None:
+            self._values.flags.writeable = False
         self._parts = ()
         return True
+
+
+def _sq(part: Floats) -> float:
+    wide = part.astype(np.float64)
+    return float(np.dot(wide, wide))
 
 
 def sq_norm(values: Floats, block: int) -> float:
     """Sum of squares in fp64, block by block (bounded temporary memory)."""
     total = 0.0
     for start in range(0, values.size, block):
-        part = values[start:start + block].astype(np.float64)
-        total += float(np.dot(part, part))
+        total += _sq(values[start:start + block])
     return total
 
 

@@ -589,7 +589,7 @@ class AllReduceRound:
         else:
             average, epoch, contributors, dropped = np.empty_like(self._tensor), c.epoch, c.contributors, c.dropped
             for s in self._nonempty:
-                average[self._offsets[s]:self._offsets[s] + self._sizes[s]] = self._store.averages[s].values
+                self._store.averages[s].copy_into(average[self._offsets[s]:self._offsets[s] + self._sizes[s]])
         self.result = AllReduceResult(
             round_id=self.round_id, average=average, epoch=epoch,
             contributors=tuple(self.members[m] for m in contributors), contributed=self._me in contributors,

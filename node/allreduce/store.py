@@ -73,14 +73,14 @@ class SliceStore:
         else:
             self.bad[me] = DropReason.NON_FINITE
 
-    def complete_from(self, s: int, senders: tuple[int, ...]) -> list[Floats] | None:
+    def complete_from(self, s: int, senders: tuple[int, ...]) -> list[SliceBuffer] | None:
         """The contributions of ``senders`` to slice ``s`` in that order, if all complete."""
         per = self.contrib.get(s, {})
         if any(j in self.bad or j not in per or not per[j].complete for j in senders):
             return None
-        return [per[j].values for j in senders]
+        return [per[j] for j in senders]
 
-    def start_average(self, s: int, parts: list[Floats], *, epoch: int, owner: int,
+    def start_average(self, s: int, parts: list[SliceBuffer], *, epoch: int, owner: int,
                       roundtrip: Roundtrip | None) -> SliceBuffer:
         avg = SliceBuffer.mean_of(parts, self.chunk, epoch=epoch, owner=owner, roundtrip=roundtrip)
         self.averages[s] = avg
