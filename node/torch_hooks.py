@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.allreduce.adapter import AllReduceOutcome
+from node.allreduce.config import AllReduceConfig
 from node.embedded import GroupSpec, MeshNode
 from protocol.tensor import ErrorFeedback
 
@@ -40,6 +41,8 @@ class MeshHookState:
     codec: str = "none"
     timeout: float | None = None
     """Seconds per bucket all-reduce (None: the all-reduce's default deadlines)."""
+    config: AllReduceConfig | None = None
+    """Deadlines and exclusion rules of each round (e.g. ``outlier_factor``); None: defaults."""
     iteration: int = 0
     """Backward passes so far (advanced after each iteration's last bucket)."""
     outcomes: dict[int, AllReduceOutcome] = field(default_factory=dict)
@@ -70,7 +73,7 @@ def mesh_allreduce_hook(state: MeshHookState, bucket: Any) -> Any:
 
     try:
         future = state.mesh.all_reduce_future(bucket.buffer(), group=state.group, codec=state.codec,
-                                              timeout=state.timeout, key=key)
+                                              timeout=state.timeout, key=key, config=state.config)
     except BaseException as exc:
         result.set_exception(exc)  # type: ignore[arg-type]
         return result
@@ -95,7 +98,7 @@ class MeshGradientAverager:
 
     def __init__(self, parameters: Iterable[Any], mesh: MeshNode, *, group: GroupSpec,
                  codec: str = "none", timeout: float | None = None,
-                 error_feedback: bool = False) -> None:
+                 error_feedback: bool = False, config: AllReduceConfig | None = None) -> None:
         import torch
 
         self.params = [p for p in parameters if p.requires_grad]
@@ -103,6 +106,7 @@ class MeshGradientAverager:
         self.group = group
         self.codec = codec
         self.timeout = timeout
+        self.config = config
         self.numel = sum(p.numel() for p in self.params)
         self._flat = torch.zeros(self.numel, dtype=torch.float32)
         self.feedback = ErrorFeedback(self.numel) if error_feedback else None
@@ -124,7 +128,7 @@ class MeshGradientAverager:
                 pos += n
             outcome = self.mesh.all_reduce(flat, group=self.group, codec=self.codec,
                                            timeout=self.timeout, key=f"avg:{self.steps}",
-                                           feedback=self.feedback, in_place=True)
+                                           feedback=self.feedback, in_place=True, config=self.config)
             pos = 0
             for p in self.params:
                 n = p.numel()
