@@ -1,11 +1,15 @@
-"""``python -m simulations demo``: a local mesh on loopback, shown as a live table.
+"""``python -m simulations demo``: a local mesh on loopback, shown as a live table, then training.
 
-Starts ``--nodes`` real ``python -m node`` processes (one seed, the rest join through it),
+Part one starts ``--nodes`` real ``python -m node`` processes (one seed, the rest join through it),
 waits until every node sees every other alive, then ``kill -9``s one node and waits until
 every survivor has marked it dead, then stops one more with SIGTERM and waits until the
 rest show it as *left*. The table has one row per member and one column per observing
 node, so disagreement between views is visible as it happens. Ends with a summary of how
-long each phase took; exits non-zero if a phase missed its deadline.
+long each phase took. Part two (skip it with ``--no-train``) is ``python -m simulations
+train`` on its defaults: a fresh mesh of worker processes trains a small classifier
+data-parallel, averaging int8+zstd-compressed gradients over the mesh each step, with
+progress lines and a result compared against the same model trained in one process.
+Exits non-zero if a phase missed its deadline or training failed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per phase")
     parser.add_argument("--dir", type=Path, default=None, help="where nodes keep data dirs and logs (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print a final JSON line with the phase times")
+    parser.add_argument("--no-train", action="store_true", help="skip part two (data-parallel training over a mesh)")
 
 
 def render(mesh: LocalMesh, views: dict[str, View | None], phase: str) -> Group:
@@ -131,4 +136,16 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(results))
-    return 0
+    if args.no_train:
+        return 0
+    return _train(console)
+
+
+def _train(console: Console) -> int:
+    from simulations import train
+
+    console.print()
+    console.rule("[bold]Part two: data-parallel training over a fresh local mesh")
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return train.run(parser.parse_args([]))
