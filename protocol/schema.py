@@ -23,6 +23,7 @@ Defining a message::
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 import math
@@ -50,12 +51,14 @@ class SchemaViolation(Exception):
     """Internal: a value does not fit its spec. Converted to Local/RemoteProtocolError."""
 
 
-class Spec:
+class Spec(abc.ABC):
     """How one field is typed, bounded, and put on / taken off the wire."""
 
+    __slots__ = ()
+
+    @abc.abstractmethod
     def check(self, value: Any, where: str) -> None:
         """Raise ``SchemaViolation`` unless ``value`` (a Python-side value) fits."""
-        raise NotImplementedError
 
     def to_wire(self, value: Any) -> Any:
         return value
