@@ -32,7 +32,9 @@ builds the core (which starts the round), and hands it to a ``_Driver`` that loo
   a round never hangs; a failure past that time is ``protocol.errors.TimeoutError``.
 * End. On ``RoundFinished`` / ``RoundFailed`` the round is forgotten (its id kept a while,
   so late messages are dropped, not held), tensor pumps stop at once, control pumps flush
-  what is queued (the leader's AR_FINISH, an AR_CANCEL) and exit.
+  what is queued (the leader's AR_FINISH, an AR_CANCEL) and exit. A finished round's result
+  (a copy of every average, 100 MB for 25M elements) is assembled in the codec pool, so the
+  leader's AR_FINISH goes out first and the event loop keeps serving links meanwhile.
 """
 
 from __future__ import annotations
@@ -338,6 +340,7 @@ class _Driver:
         self._timer_at: float | None = None
         self._control: dict[bytes, _Pump] = {}
         self._tensors: dict[bytes, _Pump] = {}
+        self._over = False
 
     # ---- inputs (each followed by ``step``) ---------------------------------------------
 
@@ -382,7 +385,7 @@ class _Driver:
                 self._pump(self._control, send.dest, Channel.CONTROL).put(send.message)
             else:
                 self._pump(self._tensors, send.dest, Channel.BULK).put(self._encode(send))
-        while (event := self.core.next_event()) is not None:
+        while (event := self.core.next_event(assemble=False)) is not None:
             if isinstance(event, PeerDropped):
                 self._drop_tensors(event.node)
                 log.info("round %s: dropped %s (%s) %s", self.core.round_id.hex()[:12],
@@ -390,7 +393,7 @@ class _Driver:
                 if event.reason is DropReason.PROTOCOL_ERROR:
                     self.service.reject(event.node, event.detail)
             elif isinstance(event, RoundFinished):
-                self._end(self._same_as_receivers(event.result), None)
+                self._finish(event.result)
             elif isinstance(event, RoundFailed):
                 self._end(None, self._error(event.error))
         self._arm()
@@ -399,7 +402,7 @@ class _Driver:
         pump = table.get(dest)
         if pump is None:
             pump = table[dest] = _Pump(self, dest, channel)
-            if self.done.done():  # a message after the end (a late AR_FINISH echo): flush it
+            if self._over:  # a message after the end (a late AR_FINISH echo): flush it
                 pump.stop(flush=True)
             self.service._node.spawn(pump.run())
         return pump
@@ -431,23 +434,27 @@ class _Driver:
 
         return send, self.loop.run_in_executor(self.service.executor, encode)
 
-    def _same_as_receivers(self, result: AllReduceResult) -> AllReduceResult:
-        """With a lossy codec the receivers of a slice this node averaged get the decoded
-        chunks, not the exact average: use those too, so every survivor returns the same."""
-        patches = []
+    def _finish(self, result: AllReduceResult) -> None:
+        """The round finished: end it now (the leader's AR_FINISH is already queued, and goes
+        out while the result is assembled), assemble the result in the codec pool, then return it."""
+        lossy = []
         for future in self._averages.values():
             done = future.done() and not future.cancelled() and future.exception() is None
             enc = future.result() if done else None
             if enc is not None and enc.decoded is not None:
-                lo, n = enc.chunk.offset, enc.values.size
-                if np.array_equal(result.average[lo:lo + n], enc.values):  # still this average
-                    patches.append((lo, enc.decoded))
-        if not patches:
-            return result
-        average = result.average if result.average.flags.writeable else result.average.copy()
-        for lo, decoded in patches:
-            average[lo:lo + decoded.size] = decoded
-        return dataclasses.replace(result, average=average)
+                lossy.append(enc)
+        core = self.core
+
+        def assemble() -> AllReduceResult:
+            core.assemble()
+            return _same_as_receivers(result, lossy)
+
+        try:
+            pending = self.loop.run_in_executor(self.service.executor, assemble)
+        except RuntimeError:  # the pool is shut down (node closing)
+            self._end(None, AllReduceError("the node is shutting down"))
+            return
+        self._end(None, None, pending=pending)
 
     def _arm(self) -> None:
         at = self.core.next_deadline() if self.core.active else None
@@ -463,7 +470,9 @@ class _Driver:
             return TimeoutError(f"all-reduce round {self.core.round_id.hex()[:12]}: {error}")
         return error
 
-    def _end(self, result: Any, error: BaseException | None) -> None:
+    def _end(self, result: Any, error: BaseException | None, *,
+             pending: asyncio.Future[AllReduceResult] | None = None) -> None:
+        self._over = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = self._timer_at = None
@@ -478,11 +487,23 @@ class _Driver:
         # must not wait for the cyclic garbage collector (hundreds of MB per round).
         self._tensors, self._control = {}, {}
         self.service._ended(self)
-        if not self.done.done():
+        if pending is not None:
+            pending.add_done_callback(self._settle)
+        elif not self.done.done():
             if error is not None:
                 self.done.set_exception(error)
             else:
                 self.done.set_result(result)
+
+    def _settle(self, pending: asyncio.Future[AllReduceResult]) -> None:
+        if self.done.done():
+            _discard(pending)
+        elif pending.cancelled():
+            self.done.set_exception(AllReduceError("the node is shutting down"))
+        elif (exc := pending.exception()) is not None:
+            self.done.set_exception(exc)
+        else:
+            self.done.set_result(pending.result())
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,6 +592,22 @@ class _Pump:
         self.driver.on_sent(self.dest, send.nbytes)
 
 
+
+
+def _same_as_receivers(result: AllReduceResult, lossy: Sequence[_Encoded]) -> AllReduceResult:
+    """With a lossy codec the receivers of a slice this node averaged get the decoded chunks,
+    not the exact average: use those too, so every survivor returns the same."""
+    patches = []
+    for enc in lossy:
+        lo, n = enc.chunk.offset, enc.values.size
+        if np.array_equal(result.average[lo:lo + n], enc.values):  # still this average
+            patches.append((lo, enc.decoded))
+    if not patches:
+        return result
+    average = result.average if result.average.flags.writeable else result.average.copy()
+    for lo, decoded in patches:
+        average[lo:lo + decoded.size] = decoded
+    return dataclasses.replace(result, average=average)
 
 
 def _discard(future: asyncio.Future[Any]) -> None:

@@ -162,7 +162,8 @@ class AllReduceRound:
         self._outbox = Outbox(round_id=self.round_id, order=order, window_bytes=cfg.window_bytes,
                               chunk_elements=cfg.chunk_elements)
         self._events: deque[Event] = deque()
-        self.result: AllReduceResult | None = None
+        self._result: AllReduceResult | None = None
+        self._assembly: list[tuple[Floats, SliceBuffer]] = []
         self.error: AllReduceError | None = None
         self._own_contribution(self._me)
         self._timers: dict[str, float] = {"round": now + cfg.round_timeout}
@@ -275,8 +276,27 @@ class AllReduceRound:
             self._advance(self._now)
         return out
 
-    def next_event(self) -> Event | None:
-        return self._events.popleft() if self._events else None
+    def next_event(self, *, assemble: bool = True) -> Event | None:
+        """Drain one event. A ``RoundFinished`` result's average is filled in here, unless
+        ``assemble`` is false: then call ``assemble()`` (e.g. in a worker thread, after the
+        leader's AR_FINISH went out) before reading it."""
+        event = self._events.popleft() if self._events else None
+        if assemble and isinstance(event, RoundFinished):
+            self.assemble()
+        return event
+
+    @property
+    def result(self) -> AllReduceResult | None:
+        """The result once FINISHED (its average assembled on first access)."""
+        self.assemble()
+        return self._result
+
+    def assemble(self) -> None:
+        """Copy the averages into the result (once; a 100 MB copy for a 25M tensor). Touches
+        nothing but the result and the averages it holds, so a worker thread may run it."""
+        parts, self._assembly = self._assembly, []
+        for out, buf in parts:
+            buf.copy_into(out)
 
     # ------------------------------------------------------------------ inputs
 
@@ -588,14 +608,14 @@ class AllReduceRound:
             average, epoch, contributors = self._tensor.copy(), 0, tuple(range(self._n))
         else:
             average, epoch, contributors, dropped = np.empty_like(self._tensor), c.epoch, c.contributors, c.dropped
-            for s in self._nonempty:
-                self._store.averages[s].copy_into(average[self._offsets[s]:self._offsets[s] + self._sizes[s]])
-        self.result = AllReduceResult(
+            self._assembly = [(average[self._offsets[s]:self._offsets[s] + self._sizes[s]], self._store.averages[s])
+                              for s in self._nonempty]  # filled by ``assemble``: AR_FINISH goes out first
+        self._result = AllReduceResult(
             round_id=self.round_id, average=average, epoch=epoch,
             contributors=tuple(self.members[m] for m in contributors), contributed=self._me in contributors,
             dropped={self.members[e.member]: e.reason for e in dropped})
         self._end(RoundState.FINISHED)
-        self._events.append(RoundFinished(self.result))
+        self._events.append(RoundFinished(self._result))
 
     def _answer_late(self, i: int, msg: Message) -> None:
         c = self._commit
