@@ -152,8 +152,9 @@ class SliceBuffer:
 
 
 def _sq(part: Floats) -> float:
-    wide = part.astype(np.float64)
-    return float(np.dot(wide, wide))
+    # fp64 products and sum without an fp64 copy, and without BLAS (whose threads would
+    # fight the node's own for the cores; np.dot was ~10x slower than this under load).
+    return float(np.einsum("i,i->", part, part, dtype=np.float64))
 
 
 def sq_norm(values: Floats, block: int) -> float:
