@@ -173,6 +173,10 @@ class AllReduceService:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def has_round(self, round_id: bytes) -> bool:
+        """Whether the round ``round_id`` is running on this node now."""
+        return round_id in self._rounds
+
     @property
     def pending_rounds(self) -> int:
         """Round ids with messages held for a local start that has not happened yet."""

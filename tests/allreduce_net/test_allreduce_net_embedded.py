@@ -3,6 +3,7 @@ real nodes on loopback in this process (each on its own thread and event loop)."
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable, Iterator
@@ -203,6 +204,12 @@ def test_member_breaking_the_protocol_is_dropped_and_disconnected(
     sizes = layout.slice_sizes(x.size, [1.0, 1.0])
     digest = layout.layout_digest(x.size, sizes, CodecSpec.parse("none").chunk_elements, "none")
     started = a.all_reduce_future(x, group=group, key="hostile", timeout=30)
+
+    async def round_started() -> None:  # data for a round not started here yet is dropped
+        while not a.node.allreduce.has_round(rid):
+            await asyncio.sleep(0.005)
+
+    a.submit(asyncio.wait_for(round_started(), 10)).result(15)
 
     async def misbehave() -> None:
         node = b.node
