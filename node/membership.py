@@ -136,10 +136,6 @@ class Membership:
         self.swim.on_message(peer.listen_address or link.remote, peer.node_id, message, now=self._loop.time())
         self.step()
 
-    def start(self) -> None:
-        """Before joining: persist the incarnation Swim starts at (one above the last run's)."""
-        self.step()
-
     def join(self, seeds: Sequence[str]) -> None:
         self.swim.join(list(seeds), now=self._loop.time())
         self.step()

@@ -168,7 +168,6 @@ class Node:
             swim=swim, node_id=self.node_id, pool=pool, spawn=self.spawn,
             on_incarnation=self._store_incarnation, on_peers=self._store_peers,
         )
-        self._membership.start()
         self._dispatch[Channel.CONTROL].update(self._membership.handlers())
         self._dispatch[Channel.CLIENT][MsgType.STATUS_REQUEST] = self._serve_status
         self._membership.add_listener(self.allreduce.member_event)
