@@ -39,7 +39,8 @@ class Restore:
             return _restore_torch(self.original, average, in_place=in_place)
         x: NDArray[Any] = self.original
         if in_place:
-            np.copyto(x, average.reshape(self.shape), casting="unsafe")
+            if not _same_memory(x, average):  # the round wrote the input's own memory already
+                np.copyto(x, average.reshape(self.shape), casting="unsafe")
             return x
         if average.dtype == x.dtype:
             return _writable(average).reshape(self.shape)
@@ -58,6 +59,12 @@ def flatten(tensor: object) -> tuple[Floats, Restore]:
         raise ConfigError("all_reduce needs a non-empty tensor")
     flat = np.ascontiguousarray(tensor, dtype=np.float32).reshape(-1)
     return flat, Restore(tensor, tuple(tensor.shape), False)
+
+
+def _same_memory(x: NDArray[Any], average: Floats) -> bool:
+    """Whether ``x`` is laid out exactly over ``average`` (the average was written in place)."""
+    return (x.dtype == average.dtype and x.flags.c_contiguous and x.nbytes == average.nbytes
+            and x.__array_interface__["data"][0] == average.__array_interface__["data"][0])
 
 
 def _writable(a: Floats) -> Floats:
@@ -88,9 +95,12 @@ def _flatten_torch(t: Any) -> Floats:
 def _restore_torch(original: Any, average: Floats, *, in_place: bool) -> Any:
     import torch
 
-    result = torch.from_numpy(_writable(average)).view(tuple(original.shape))
     if in_place:
-        with torch.no_grad():
-            original.copy_(result)
+        same = (original.device.type == "cpu" and original.dtype == torch.float32 and original.is_contiguous()
+                and original.data_ptr() == average.__array_interface__["data"][0])
+        if not same:  # else the round wrote the input's own memory already
+            with torch.no_grad():
+                original.copy_(torch.from_numpy(_writable(average)).view(tuple(original.shape)))
         return original
+    result = torch.from_numpy(_writable(average)).view(tuple(original.shape))
     return result.to(device=original.device, dtype=original.dtype)

@@ -8,7 +8,8 @@ node's counters, contributors, dropped) and the last output per codec as ``<code
 The results file is rewritten after every codec, so a crash leaves what was measured.
 
 ``python -m simulations.allreduce_worker gloo ...`` is the reference: the same input,
-``torch.distributed.all_reduce`` (SUM, gloo) then ``/ world``, timed the same way.
+``torch.distributed.all_reduce`` (SUM, gloo) then ``/ world``, timed the same way. Both
+average in place into a copy of the input made before the clock starts.
 
 Inputs: ``normal:SEED`` (``--size`` standard normal float32 values) or ``npy:PATH``.
 Test hooks (real failures, no mocks): ``--die-after-chunks K`` makes the node SIGKILL
@@ -107,14 +108,16 @@ async def _run_codec(node: Any, group: list[bytes], x: Floats, codec: str, args:
     from protocol.connection import Channel
 
     rounds, out = [], None
+    y = np.empty_like(x)  # averaged in place, like gloo's all_reduce; refilled before the clock starts
     for r in range(args.rounds):
         if first and r == 0 and (args.die_after_chunks or args.stall_after_chunks):
             sig = signal.SIGKILL if args.die_after_chunks else signal.SIGSTOP
             node.allreduce.observer = _self_signal_after(args.die_after_chunks or args.stall_after_chunks, sig)
+        np.copyto(y, x)
         sent0, recv0 = dict(node.traffic.sent), dict(node.traffic.received)
         cpu0, t0 = cpu_seconds(), time.perf_counter()
-        res = await node.all_reduce(x, group=group, codec=codec, timeout=args.timeout,
-                                    key=f"{codec}:{r}")
+        res = await node.all_reduce(y, group=group, codec=codec, timeout=args.timeout,
+                                    key=f"{codec}:{r}", in_place=True)
         seconds = time.perf_counter() - t0
         cpu = cpu_seconds() - cpu0
         sent = {c: node.traffic.sent[c] - sent0[c] for c in Channel}

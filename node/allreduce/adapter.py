@@ -204,7 +204,7 @@ class AllReduceService:
         start = loop.time()
         core = AllReduceRound(node_id=self._node.node_id, group=members, key=self._key(members, key),
                               tensor=flat, now=start, config=cfg, weights=weights,
-                              codec_name=spec.name)
+                              codec_name=spec.name, out=flat if in_place and flat.flags.writeable else None)
         if core.round_id in self._rounds or core.round_id in self._recent:
             raise ConfigError(f"round {core.round_id.hex()[:12]} already ran or is running here: "
                               "every round of a group needs its own key")

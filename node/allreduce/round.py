@@ -118,12 +118,14 @@ class AllReduceRound:
     never written, and must stay unchanged until the round ends. With a lossy codec pass
     ``average_roundtrip=lambda v: decode_chunk(encode_chunk(v, codec))``: the owner of a
     slice then keeps what its receivers decode, and every member's result is bit-identical.
+    ``out`` is where the result's average is written (it may be ``tensor`` itself: an in-place
+    call; it is written only after the round finished), else a new array.
     """
 
     def __init__(self, *, node_id: bytes, group: Sequence[bytes], key: bytes, tensor: Floats,
                  now: float, config: AllReduceConfig | None = None,
                  weights: Mapping[bytes, float] | None = None, codec_name: str = "none",
-                 average_roundtrip: Roundtrip | None = None) -> None:
+                 average_roundtrip: Roundtrip | None = None, out: Floats | None = None) -> None:
         self.config = cfg = config or AllReduceConfig()
         self.members = layout.canonical_group(group)
         if node_id not in self.members:
@@ -139,6 +141,11 @@ class AllReduceRound:
         self._nonempty = tuple(s for s, k in enumerate(self._sizes) if k)
         self._layout = layout.layout_digest(tensor.size, self._sizes, cfg.chunk_elements, codec_name)
         self._roundtrip = average_roundtrip
+        if out is not None and not (isinstance(out, np.ndarray) and out.dtype == np.float32
+                                    and out.shape == tensor.shape and out.flags.c_contiguous
+                                    and out.flags.writeable):
+            raise ConfigError("all-reduce out must be a writable C-contiguous float32 array like tensor")
+        self._out = out
         self._tensor: Floats = tensor.view()
         self._tensor.flags.writeable = False
         self.state = RoundState.REDUCE_SCATTER
@@ -606,8 +613,12 @@ class AllReduceRound:
         dropped: tuple[Exclusion, ...] = ()
         if c is None:  # a group of one
             average, epoch, contributors = self._tensor.copy(), 0, tuple(range(self._n))
+            if self._out is not None:
+                np.copyto(self._out, average)
+                average = self._out
         else:
-            average, epoch, contributors, dropped = np.empty_like(self._tensor), c.epoch, c.contributors, c.dropped
+            average = np.empty_like(self._tensor) if self._out is None else self._out
+            epoch, contributors, dropped = c.epoch, c.contributors, c.dropped
             self._assembly = [(average[self._offsets[s]:self._offsets[s] + self._sizes[s]], self._store.averages[s])
                               for s in self._nonempty]  # filled by ``assemble``: AR_FINISH goes out first
         self._result = AllReduceResult(

@@ -8,7 +8,9 @@ one buffer per (slice, sender) and one average per slice.
 
 from __future__ import annotations
 
-from node.allreduce.buffers import Roundtrip, SliceBuffer, all_finite, holdings_of
+import math
+
+from node.allreduce.buffers import Roundtrip, SliceBuffer, chunk_sq, holdings_of
 from node.allreduce.events import Floats
 from protocol.errors import RemoteProtocolError
 from protocol.messages.tensor import DropReason, Holding
@@ -35,18 +37,19 @@ class SliceStore:
         if sender in self.bad:
             return False
         per = self.contrib.setdefault(s, {})
-        buf = per.get(sender) or SliceBuffer(self.sizes[s], self.chunk)
+        buf = per.get(sender) or SliceBuffer(self.sizes[s], self.chunk, norms=True)
         if not buf.expects(index, values.size):
             raise RemoteProtocolError(f"AR_PART slice {s} chunk {index} of {values.size} elements")
         per[sender] = buf
         if buf.complete or buf.got[index]:
             return False
-        if not all_finite(values):
+        sq = chunk_sq(values)
+        if not math.isfinite(sq):
             self.bad[sender] = DropReason.NON_FINITE
             for p in self.contrib.values():
                 p.pop(sender, None)
             return True
-        return buf.put(index, values)
+        return buf.put(index, values, sq=sq)
 
     def put_average(self, owner: int, epoch: int, s: int, index: int, values: Floats, *,
                     committed_owner: int | None) -> bool:
@@ -68,8 +71,9 @@ class SliceStore:
         per = self.contrib.setdefault(s, {})
         if me in per or not self.sizes[s]:
             return
-        if all_finite(values):
-            per[me] = SliceBuffer.full(values, self.chunk)
+        buf = SliceBuffer.full(values, self.chunk)
+        if math.isfinite(buf.sq_norm):
+            per[me] = buf
         else:
             self.bad[me] = DropReason.NON_FINITE
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from node.allreduce.buffers import SliceBuffer, all_finite, reduce_mean, sq_norm
+from node.allreduce.buffers import SliceBuffer, all_finite, chunk_sq, reduce_mean, sq_norm
 from node.allreduce.config import AllReduceConfig
 from node.allreduce.events import TensorKind
 from node.allreduce.layout import (
@@ -132,12 +133,13 @@ def test_reduce_mean_is_numpy_fp64_mean_bit_for_bit(parts: list[np.ndarray]) -> 
 
 def test_slice_buffer_any_order_and_duplicates() -> None:
     values = np.arange(10, dtype=np.float32)
-    buf = SliceBuffer(10, 4)
+    buf = SliceBuffer(10, 4, norms=True)
     assert buf.expects(2, 2) and not buf.expects(2, 4) and not buf.expects(3, 1)
-    assert not buf.put(2, values[8:]) and not buf.put(0, values[:4])
-    assert not buf.put(0, values[:4] + 100)  # a duplicate is ignored
-    assert buf.put(1, values[4:8]) and buf.complete
+    assert not buf.put(2, values[8:], sq=chunk_sq(values[8:])) and not buf.put(0, values[:4], sq=chunk_sq(values[:4]))
+    assert not buf.put(0, values[:4] + 100, sq=1e9)  # a duplicate is ignored
+    assert buf.put(1, values[4:8], sq=chunk_sq(values[4:8])) and buf.complete
     assert np.array_equal(buf.values, values) and buf.sq_norm == float(np.dot(values, values))
+    assert buf.sq_norm == SliceBuffer.full(values, 4).sq_norm  # same sum as the sender's own
     lazy = SliceBuffer.mean_of([values, 3 * values], 4, epoch=1, owner=0)
     lazy.ensure(1)
     assert lazy.remaining == 2 and np.array_equal(lazy.values[4:8], 2 * values[4:8])
@@ -145,6 +147,20 @@ def test_slice_buffer_any_order_and_duplicates() -> None:
     assert lazy.complete and np.array_equal(lazy.values, 2 * values)
     assert all_finite(values) and not all_finite(np.array([1, np.inf], np.float32))
     assert sq_norm(np.array([3, 4], np.float32), 1) == 25.0
+
+
+@pytest.mark.parametrize("n", [1, 4095, 4096, 4097, 3 * 4096 + 17])
+def test_chunk_sq_is_close_to_fp64_and_finite_iff_values_are(n: int) -> None:
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    exact = float(np.sum(x.astype(np.float64) ** 2))
+    assert chunk_sq(x) == pytest.approx(exact, rel=1e-6)
+    huge = x.copy()
+    huge[n // 2] = 3e38  # finite, but its fp32 square overflows: the exact sum decides
+    assert math.isfinite(chunk_sq(huge)) and all_finite(huge)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[-1] = bad
+        assert not math.isfinite(chunk_sq(y)) and not all_finite(y)
 
 
 def _job(n: int, slice_: int = 0) -> Job:
