@@ -115,12 +115,21 @@ class Bool(Spec):
 
 @dataclass(frozen=True, slots=True)
 class Bytes(Spec):
-    """Binary string with ``min_len <= len <= max_len``."""
+    """Binary string with ``min_len <= len <= max_len``. With ``views`` a sender may also give
+    a read-only, C-contiguous byte ``memoryview`` (packed as is: no copy of a large payload);
+    a receiver always gets ``bytes``."""
 
     max_len: int
     min_len: int = 0
+    views: bool = False
 
     def check(self, value: Any, where: str) -> None:
+        if self.views and type(value) is memoryview:
+            if not (value.readonly and value.c_contiguous and value.format == "B"
+                    and self.min_len <= value.nbytes <= self.max_len):
+                raise SchemaViolation(f"{where}: expected a read-only contiguous byte view of "
+                                      f"{self.min_len}..{self.max_len} bytes")
+            return
         if type(value) is not bytes or not self.min_len <= len(value) <= self.max_len:
             n = len(value) if isinstance(value, bytes | bytearray | memoryview) else "?"
             raise SchemaViolation(f"{where}: expected {self.min_len}..{self.max_len} bytes, got {type(value).__name__}[{n}]")

@@ -33,8 +33,9 @@ class TensorChunk(Struct):
     """INT8_ABSMAX block size; 0 for every other value stage."""
     raw_bytes: int = spec(IntRange(0, MAX_DECOMPRESSED_CHUNK_BYTES))
     """Size of the payload before ZSTD (== len(payload) without ZSTD)."""
-    payload: bytes = spec(Bytes(MAX_TENSOR_CHUNK_BYTES))
-    """The encoded bytes (PROTOCOL.md §10.3-§10.6)."""
+    payload: bytes | memoryview = spec(Bytes(MAX_TENSOR_CHUNK_BYTES, views=True))
+    """The encoded bytes (PROTOCOL.md §10.3-§10.6); on the sending side possibly a read-only
+    view of the values (``none``: no copy before the wire)."""
 
     @property
     def wire_bytes(self) -> int:

@@ -24,6 +24,7 @@ size, so a bomb fails before any large allocation. Every structural problem is a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,8 @@ def encode_chunk(
     With ``feedback`` (exactly ``values.size`` long) the residual is added first and
     updated after. ``offset`` is recorded in the chunk. Raises ``CodecError`` on bad input;
     NaN/Inf/huge values are encoded as documented in ``values`` (no floating-point warnings).
+    An uncompressed single-section chunk (``none`` without feedback) carries a read-only
+    view of ``values`` as its payload, not a copy: keep ``values`` unchanged until it is sent.
     """
     with np.errstate(all="ignore"):
         return _encode(values, codec, feedback, offset)
@@ -129,7 +132,7 @@ def _encode(
         if len(payload) >= raw:  # incompressible: send the raw sections instead
             payload, stages = None, stages[:-1]
     if payload is None:
-        payload = b"".join([p.data for p in parts])
+        payload = _raw_payload(parts)
     if len(payload) > MAX_TENSOR_CHUNK_BYTES:
         raise CodecError(f"chunk payload {len(payload)} bytes exceeds {MAX_TENSOR_CHUNK_BYTES}")
     if feedback is not None:
@@ -144,6 +147,14 @@ def _encode(
         raw_bytes=raw,
         payload=payload,
     )
+
+
+def _raw_payload(parts: Sequence[NDArray[Any]]) -> bytes | memoryview:
+    """The sections back to back: a read-only view of a single contiguous section (``none``
+    sends the caller's values without a copy), else one joined ``bytes``."""
+    if len(parts) == 1 and parts[0].flags.c_contiguous:
+        return memoryview(parts[0]).toreadonly().cast("B")
+    return b"".join([p.data for p in parts])
 
 
 def _check_input(values: NDArray[Any], codec: CodecSpec) -> Floats:
@@ -189,7 +200,8 @@ def _update_feedback(
 
 
 def decode_chunk(chunk: TensorChunk) -> Floats:
-    """Decode to a new, writable 1-D float32 array of ``chunk.numel`` elements.
+    """Decode to a 1-D float32 array of ``chunk.numel`` elements: new and writable, except
+    for an uncompressed ``none`` chunk, which gives a read-only view of the payload.
 
     ``RemoteCodecError`` on any structural problem (chain shape, sizes, zstd frame, indices).
     """

@@ -55,7 +55,8 @@ class ValueCodec(ABC):
 
     @abstractmethod
     def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
-        """A new writable float32 array from sections of the right types and sizes."""
+        """A float32 array from sections of the right types and sizes: new, or (``none``) a
+        read-only view of the payload."""
 
 
 class NoneCodec(ValueCodec):
@@ -67,7 +68,8 @@ class NoneCodec(ValueCodec):
         return (values,)
 
     def decode(self, parts: Sequence[NDArray[Any]], *, block: int) -> Floats:
-        return np.array(parts[0], dtype=np.float32, copy=True)
+        values: Floats = parts[0]  # the read-only view of the payload: no copy
+        return values
 
 
 class Fp16Codec(ValueCodec):
