@@ -126,7 +126,7 @@ def _encode(
     kept = int(kept_vals.size)
     stages = codec.stages
     raw = raw_size(stages, kept=kept, block=block)
-    payload = None
+    payload: bytes | memoryview | None = None
     if codec.zstd_level is not None:
         payload = ZSTD.compress(parts, raw, level=codec.zstd_level)
         if len(payload) >= raw:  # incompressible: send the raw sections instead
@@ -153,7 +153,7 @@ def _raw_payload(parts: Sequence[NDArray[Any]]) -> bytes | memoryview:
     """The sections back to back: a read-only view of a single contiguous section (``none``
     sends the caller's values without a copy), else one joined ``bytes``."""
     if len(parts) == 1 and parts[0].flags.c_contiguous:
-        return memoryview(parts[0]).toreadonly().cast("B")
+        return memoryview(parts[0].data).toreadonly().cast("B")
     return b"".join([p.data for p in parts])
 
 
@@ -212,6 +212,7 @@ def decode_chunk(chunk: TensorChunk) -> Floats:
 def _decode(chunk: TensorChunk) -> Floats:
     value, topk, zstd = _check_structure(chunk)
     layout = sections(chunk.stages, kept=chunk.kept, block=chunk.block)
+    raw: bytes | memoryview
     if zstd:
         raw = ZSTD.decompress(chunk.payload, chunk.raw_bytes)
     else:

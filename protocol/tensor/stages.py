@@ -113,7 +113,7 @@ class ZstdStage:
         cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
         return cctx.compress(buf.data)
 
-    def decompress(self, payload: bytes, raw_size: int) -> bytes:
+    def decompress(self, payload: bytes | memoryview, raw_size: int) -> bytes:
         """The raw (still shuffled) bytes; exactly ``raw_size`` of them or ``RemoteCodecError``.
 
         The frame must declare its content size, and it must equal ``raw_size`` (which the
@@ -138,7 +138,7 @@ class ZstdStage:
         return out
 
 
-def split_sections(raw: bytes, layout: Sequence[Section], *, shuffled: bool) -> list[NDArray[Any]]:
+def split_sections(raw: bytes | memoryview, layout: Sequence[Section], *, shuffled: bool) -> list[NDArray[Any]]:
     """Cut a raw payload (already size-checked) into typed arrays; unshuffle if needed.
 
     Unshuffled sections are read-only views of ``raw``; shuffled ones are unshuffled into fresh arrays.
