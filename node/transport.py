@@ -158,6 +158,8 @@ class Link(asyncio.Protocol):
         self._done = False
         self._at_eof = False
         self.dropped = 0
+        self.last_active = self._loop.time()
+        """Event-loop time of the last bytes read or written (the pool's idle rule)."""
 
     # ---- asyncio.Protocol callbacks -------------------------------------------------
 
@@ -172,6 +174,7 @@ class Link(asyncio.Protocol):
         self._pump()
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = self._loop.time()
         self.settings.traffic.received[self._channel()] += len(data)
         if not self._done:
             self.core.receive_data(data)
@@ -261,9 +264,10 @@ class Link(asyncio.Protocol):
             self.core.handle_timer(now=self._loop.time())
             self._pump()
 
-    def _write(self, data: bytes | bytearray) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         if data and self._transport is not None and not self._transport.is_closing():
             self.settings.traffic.sent[self._channel()] += len(data)
+            self.last_active = self._loop.time()
             self._transport.write(data)
 
     def _channel(self) -> Channel:

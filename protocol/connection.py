@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 import msgpack
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import protocol.wire  # noqa: F401  (binds every message tag before anything is decoded)
@@ -56,7 +57,7 @@ from protocol.handshake import (
     Role,
 )
 from protocol.limits import MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES
-from protocol.schema import Message, decode_body, encode_body
+from protocol.schema import Message, decode_body, encode_body, encode_split
 from protocol.tags import MsgType
 
 __all__ = [
@@ -129,6 +130,9 @@ def _new_packer() -> msgpack.Packer:
     return msgpack.Packer(autoreset=False, use_bin_type=True, buf_size=4096)
 
 
+#: A message whose ``BLOB`` payload is at least this large is sealed from the payload itself.
+_SPLIT_AT_LEAST = 64 * 1024
+
 #: A non-BULK connection drops its msgpack buffer after packing a message larger than this.
 _SHRINK_PACKER_ABOVE = 256 * 1024
 
@@ -157,7 +161,7 @@ class Connection:
                              token_bytes=token_bytes)
         self._frames = FrameDecoder()
         self._packer = _new_packer()
-        self._out: list[bytes | bytearray] = []
+        self._out: list[bytes | bytearray | memoryview] = []
         self._tx: RecordCipher | None = None
         self._rx: RecordCipher | None = None
         self._deadline = now + handshake_timeout
@@ -274,7 +278,7 @@ class Connection:
         self._out.clear()
         return out
 
-    def send(self, msg: Message) -> bytes | bytearray:
+    def send(self, msg: Message) -> bytes | bytearray | memoryview:
         """The bytes to write for ``msg`` (one encrypted frame, preceded by any pending output
         such as the handshake's FINISH, so that writing exactly this keeps the stream in order).
         Only when OPEN; ``LocalProtocolError`` otherwise or if ``msg`` is a handshake/closing message."""
@@ -290,12 +294,15 @@ class Connection:
             self._out.append(self._seal(msg))
         return self.data_to_send()
 
-    def _seal(self, msg: Message) -> bytes | bytearray:
+    def _seal(self, msg: Message) -> bytes | bytearray | memoryview:
         if self.state is not ConnState.OPEN or self._tx is None:
             raise LocalProtocolError(f"cannot send in state {self.state.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
         if msg.TAG in _HANDSHAKE_TAGS or msg.TAG in _CLOSING_TAGS:
             raise LocalProtocolError(f"{msg.TAG.name} is sent by the connection itself (see close())",
                                      code=ErrorCode.UNEXPECTED_MESSAGE)
+        split = encode_split(msg) if msg.BLOB else None
+        if split is not None and len(split[1]) >= _SPLIT_AT_LEAST:
+            return self._seal_split(msg, *split)
         # One reusable msgpack buffer per connection: a multi-MiB message costs one pack into
         # warm memory and one seal, instead of a fresh allocation per step.
         packer = self._packer
@@ -313,6 +320,19 @@ class Connection:
             self._tx.seal_into(body, memoryview(frame)[HEADER.size:])
         if size > _SHRINK_PACKER_ABOVE and self.peer is not None and self.peer.channel is not Channel.BULK:
             self._packer = _new_packer()  # a rare big message on a small-message channel: give the memory back
+        return frame
+
+    def _seal_split(self, msg: Message, head: bytes, blob: bytes | memoryview) -> memoryview:
+        """Seal a message with a large trailing payload straight from the payload's memory
+        (no msgpack copy) into an uninitialized frame buffer (no zero-fill)."""
+        assert self._tx is not None
+        size = len(head) + len(blob)
+        if size > MAX_MESSAGE_BYTES:
+            raise LocalProtocolError(f"{msg.TAG.name} encodes to {size} bytes, over the "
+                                     f"{MAX_MESSAGE_BYTES}-byte message cap", code=ErrorCode.FRAME_TOO_LARGE)
+        frame = memoryview(np.empty(HEADER.size + size + TAG_BYTES, np.uint8).data).cast("B")
+        HEADER.pack_into(frame, 0, size + TAG_BYTES)
+        self._tx.seal_parts_into((head, blob), frame[HEADER.size:])
         return frame
 
     def close(self, code: ErrorCode | None = None, reason: str = "") -> bytes:

@@ -19,11 +19,13 @@ import enum
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers import Cipher as CipherContext
+from cryptography.hazmat.primitives.ciphers import algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -183,11 +185,13 @@ class RecordCipher:
     tampered with, replayed, dropped or reordered fails authentication.
     """
 
-    __slots__ = ("_aead", "_scratch", "cipher", "counter")
+    __slots__ = ("_aead", "_aes", "_scratch", "cipher", "counter")
 
     def __init__(self, cipher: Cipher, key: bytes) -> None:
         self.cipher = cipher
         self._aead = make_aead(cipher, key)
+        # AES-GCM also as a streaming cipher: a frame sealed from several buffers needs no join.
+        self._aes = algorithms.AES(key) if cipher is Cipher.AES_256_GCM else None
         self.counter = 0
         self._scratch = bytearray()
 
@@ -206,6 +210,26 @@ class RecordCipher:
         if n >= MAX_COUNTER:
             raise LocalProtocolError("AEAD counter exhausted; reconnect", code=ErrorCode.LIMIT_EXCEEDED)
         self._aead.encrypt_into(n.to_bytes(NONCE_BYTES, "big"), plaintext, None, out)
+        self.counter = n + 1
+
+    def seal_parts_into(self, parts: Sequence[bytes | bytearray | memoryview], out: memoryview) -> None:
+        """``seal_into`` of the concatenation of ``parts`` (the same bytes on the wire), without
+        joining them first: AES-GCM streams each part into ``out``; ChaCha20-Poly1305 has no
+        streaming interface in ``cryptography``, so its parts are joined."""
+        if self._aes is None:
+            self.seal_into(b"".join(parts), out)
+            return
+        n = self.counter
+        if n >= MAX_COUNTER:
+            raise LocalProtocolError("AEAD counter exhausted; reconnect", code=ErrorCode.LIMIT_EXCEEDED)
+        encryptor = CipherContext(self._aes, modes.GCM(n.to_bytes(NONCE_BYTES, "big"))).encryptor()
+        pos = 0
+        for part in parts:  # GCM output is as long as its input; ``out`` has room for the tag after
+            pos += encryptor.update_into(part, out[pos:])
+        encryptor.finalize()
+        if pos + TAG_BYTES != len(out):
+            raise LocalProtocolError(f"sealed {pos} bytes into a {len(out)}-byte frame", code=ErrorCode.INTERNAL)
+        out[pos:] = encryptor.tag
         self.counter = n + 1
 
     def open(self, ciphertext: bytes | bytearray | memoryview) -> bytes:

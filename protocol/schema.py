@@ -289,10 +289,13 @@ class Message(Struct):
 
     __slots__ = ()
     TAG: ClassVar[MsgType]
+    BLOB: ClassVar[tuple[str, ...]] = ()
+    """Field path of a large ``Bytes`` field that encodes last (each step the last field of
+    its struct), e.g. ``("data", "payload")``; see ``encode_split``. Empty: none."""
 
     def to_wire(self) -> dict[str, Any]:
-        out = Struct.to_wire(self)
-        out["t"] = int(self.TAG)
+        out: dict[str, Any] = {"t": int(self.TAG)}  # the tag first, then the fields in order
+        out.update(Struct.to_wire(self))
         return out
 
 
@@ -346,6 +349,37 @@ def _unpack(body: bytes) -> Any:
 def encode_body(msg: Message) -> bytes:
     """Serialize a (valid by construction) message to its msgpack body."""
     return msgpack.packb(msg.to_wire(), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+_EMPTY_BIN = b"\xc4\x00"
+
+
+def bin_header(n: int) -> bytes:
+    """The shortest msgpack bin header for ``n`` bytes."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def encode_split(msg: Message) -> tuple[bytes, bytes | memoryview] | None:
+    """``(head, blob)`` with ``head + blob == encode_body(msg)`` for a message whose ``BLOB``
+    field encodes last (None otherwise): a sender can seal the two back to back and never copy
+    a multi-MiB payload into a msgpack buffer."""
+    path = type(msg).BLOB
+    if not path:
+        return None
+    wire = msg.to_wire()
+    parent = wire
+    for name in path[:-1]:
+        parent = parent[name]
+    blob = parent[path[-1]]
+    parent[path[-1]] = b""
+    packed: bytes = msgpack.packb(wire, use_bin_type=True)
+    if not packed.endswith(_EMPTY_BIN):  # pragma: no cover - BLOB names a field that is not last
+        return None
+    return packed[: -len(_EMPTY_BIN)] + bin_header(len(blob)), blob
 
 
 def decode_body(body: bytes, *, allowed: Callable[[MsgType], bool] | None = None) -> Message:

@@ -125,6 +125,7 @@ class ArPart(Message):
     """Chunk ``chunk`` of the sender's contribution to slice ``slice``, to the slice's owner."""
 
     TAG: ClassVar[MsgType] = MsgType.AR_PART
+    BLOB: ClassVar[tuple[str, ...]] = ("data", "payload")
     round_id: bytes = spec(ROUND_ID)
     slice: int = spec(MEMBER)
     chunk: int = spec(CHUNK_INDEX)
@@ -137,6 +138,7 @@ class ArAverage(Message):
     """Chunk ``chunk`` of slice ``slice``'s average over the contributors of epoch ``epoch``."""
 
     TAG: ClassVar[MsgType] = MsgType.AR_AVERAGE
+    BLOB: ClassVar[tuple[str, ...]] = ("data", "payload")
     round_id: bytes = spec(ROUND_ID)
     epoch: int = spec(IntRange(1, MAX_EPOCHS))
     slice: int = spec(MEMBER)

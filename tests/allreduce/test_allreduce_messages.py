@@ -27,7 +27,7 @@ from protocol.messages.tensor import (
     Holding,
     Resend,
 )
-from protocol.schema import decode_body, encode_body
+from protocol.schema import decode_body, encode_body, encode_split
 from protocol.tags import MsgType
 from protocol.tensor import CodecSpec, encode_chunk
 
@@ -55,6 +55,22 @@ MESSAGES = [
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: object) -> None:
     assert decode_body(encode_body(msg)) == msg  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_tensor_messages_split_at_their_payload(msg: object) -> None:
+    split = encode_split(msg)  # type: ignore[arg-type]
+    if not isinstance(msg, ArPart | ArAverage):
+        assert split is None
+        return
+    assert split is not None
+    head, blob = split
+    assert head + bytes(blob) == encode_body(msg) and bytes(blob) == bytes(msg.data.payload)
+    for size in (0, 255, 256, 65535, 65536, 70000):  # every bin header width
+        values = np.arange(size // 4, dtype=np.float32)
+        big = dataclasses.replace(msg, data=encode_chunk(values, CodecSpec.parse("none")))
+        head, blob = encode_split(big)  # type: ignore[misc]
+        assert head + bytes(blob) == encode_body(big) and decode_body(head + bytes(blob)) == big
 
 
 def test_tags_are_in_the_all_reduce_range() -> None:
