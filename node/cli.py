@@ -105,6 +105,9 @@ def build_run_parser() -> argparse.ArgumentParser:
          "messages buffered per connection before reading it pauses (backpressure)", metavar="N")
     _opt(p, "--write-buffer-bytes", "WRITE_BUFFER_BYTES", str(8 * 1024 * 1024),
          "per-connection write buffer above which gossip is dropped and senders wait", metavar="N")
+    _opt(p, "--idle-timeout", "IDLE_TIMEOUT", "300",
+         "seconds without traffic after which a connection is closed (redialed when needed); "
+         "0 keeps connections open", metavar="S")
     _opt(p, "--loop", "LOOP", "auto",
          "event loop: uvloop when installed (auto), or plain asyncio", choices=("auto", "asyncio"))
     _opt(p, "--seed", "SEED", None,
@@ -183,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_handshaking=_int(args.max_handshaking, "--max-handshaking"),
         inbox_messages=_int(args.inbox_messages, "--inbox-messages"),
         write_buffer_bytes=_int(args.write_buffer_bytes, "--write-buffer-bytes"),
+        idle_timeout=_float(args.idle_timeout, "--idle-timeout"),
         use_uvloop=args.loop == "auto",
         seed=None if args.seed is None else _int(args.seed, "--seed"),
     )

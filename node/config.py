@@ -148,6 +148,11 @@ class NodeConfig:
     write_buffer_bytes: int = 8 * 1024 * 1024
     """Per-connection write buffer above which best-effort gossip is dropped and senders wait."""
 
+    idle_timeout: float = 300.0
+    """Seconds a connection to a peer (or a status client) may carry no bytes in either
+    direction, with nothing left to write, before it is closed with a goodbye; it is dialed
+    again when next needed. 0 disables idle closing."""
+
     use_uvloop: bool = True
     """Run on uvloop when it is installed."""
 
@@ -163,6 +168,8 @@ class NodeConfig:
             value = getattr(self, name)
             if not 0.0 < value <= 600.0:
                 raise ConfigError(f"{name.replace('_', ' ')} {value!r}: expected seconds in (0, 600]")
+        if not 0.0 <= self.idle_timeout <= 86400.0:
+            raise ConfigError(f"idle timeout {self.idle_timeout!r}: expected seconds in [0, 86400] (0: off)")
         for name in ("max_connections", "max_handshaking", "inbox_messages", "write_buffer_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1")

@@ -5,12 +5,35 @@ Theory of operation
 The pool owns every ``Link`` of the node. Outbound links are dialed on demand by
 ``connect(address, channel)``; concurrent callers for the same key share one dial (a
 future resolved by a dial task in the node's ``TaskGroup``). A link is usable for sending
-once its handshake completed; it is then stored under ``(address, channel)``:
+once its handshake completed; the table maps ``(address, channel)`` to the link to send on:
 
 * outbound: under the address we dialed;
 * inbound: under the listen address the peer announced in its (authenticated) handshake,
   unless a link is already stored there — so a member that dialed us is answered on its
   own connection, and we do not dial back. CLIENT links (status tools) are never stored.
+
+Duplicate links. Two members that dial each other at the same moment get two links for one
+(peer, channel), one initiated by each side. When the second one completes its handshake,
+both sides pick the same *preferred* link by one rule, ``prefer``: the link initiated by
+the member with the smaller node id (of two links dialed by the same side, e.g. an address
+alias, the older one). Every table entry that pointed at the other link is re-pointed at the
+preferred one, so from then on both sides send on one connection. The other link is
+*retired*: nothing new is sent on it, what was already written on it is still read and
+delivered, and it is closed with a goodbye together with the preferred link once the pair is
+idle (below). It is not closed at once on purpose: at the start of an all-reduce round every
+pair of members dials each other, both links carry the round's first chunks, and the
+all-reduce fails a peer in every running round when a link that carried the round closes
+(``AllReduceService._watch``), so closing the retired half mid-round would drop members.
+When a preferred link closes, a still open retired link to that peer takes its place.
+
+Idle reaping. With ``idle_timeout > 0`` one sweep task wakes every ``sweep_interval``
+(``idle_timeout / 4``, clamped to [0.05, 30] s) and closes gracefully (GOODBYE) the links of
+every (peer, channel) whose links all moved no byte in either direction for ``idle_timeout``
+seconds, have nothing buffered for writing and nothing unhandled in their inbox (CLIENT links
+are judged one by one). Both sides see a goodbye, i.e. ``on_lost(link, None)``: membership
+treats it as a graceful close (no suspicion, no ``on_unreachable``), and the next ``connect``
+dials again. An all-reduce round writes every few ms, so links in use are never idle; a
+message a peer writes in the same instant as our goodbye is lost, which gossip tolerates.
 
 Limits: at most ``max_connections`` links in all and ``max_handshaking`` inbound links
 still in their handshake; an inbound connection beyond either is closed at once and logged.
@@ -36,6 +59,7 @@ from node.transport import (
     describe_error,
     handshake_failure,
 )
+from protocol import crypto
 from protocol.connection import Channel, Role
 from protocol.errors import (
     ConfigError,
@@ -50,6 +74,30 @@ from protocol.errors import (
 log = logging.getLogger("starmesh.pool")
 
 Key = tuple[str, Channel]
+PeerKey = tuple[bytes, Channel]
+
+#: Bounds of the idle sweep period (seconds).
+SWEEP_MIN_S = 0.05
+SWEEP_MAX_S = 30.0
+
+
+def sweep_interval(idle_timeout: float) -> float:
+    """Seconds between two idle sweeps: a quarter of ``idle_timeout``, clamped to
+    [``SWEEP_MIN_S``, ``SWEEP_MAX_S``]."""
+    return min(SWEEP_MAX_S, max(SWEEP_MIN_S, idle_timeout / 4))
+
+
+def initiator_id(link: Link, self_id: bytes) -> bytes:
+    """Node id of the member that dialed ``link`` (an open link: its peer is known)."""
+    assert link.peer is not None
+    return self_id if link.role is Role.INITIATOR else link.peer.node_id
+
+
+def prefer(older: Link, newer: Link, self_id: bytes) -> Link:
+    """Of two open links to one (peer, channel), the one both sides keep sending on: the link
+    dialed by the smaller node id; of two dialed by the same side, the older one."""
+    first, second = initiator_id(older, self_id), initiator_id(newer, self_id)
+    return newer if second < first else older
 
 
 class _Refused(asyncio.Protocol):
@@ -76,6 +124,7 @@ class Pool:
         max_connections: int,
         max_handshaking: int,
         on_lost: Callable[[Link, BaseException | None], None],
+        idle_timeout: float = 0.0,
     ) -> None:
         self.settings = settings
         self._dispatch = dispatch
@@ -84,11 +133,16 @@ class Pool:
         self._max_connections = max_connections
         self._max_handshaking = max_handshaking
         self._on_lost = on_lost
+        self._idle_timeout = idle_timeout
+        self._self_id = crypto.node_id_of(settings.identity)
         self._links: dict[Key, Link] = {}
-        self._all: set[Link] = set()
+        self._preferred: dict[PeerKey, Link] = {}
+        self._all: dict[Link, None] = {}  # insertion order = age
         self._dials: dict[Key, asyncio.Future[Link]] = {}
         self._server: asyncio.Server | None = None
         self._closing = False
+        self._closed_event = asyncio.Event()
+        self._sweeping = False
 
     # ---- listening ------------------------------------------------------------------
 
@@ -113,6 +167,9 @@ class Pool:
         """Accept connections (``listen`` binds without accepting, so settings can be fixed)."""
         if self._server is not None:
             await self._server.start_serving()
+        if self._idle_timeout > 0 and not self._sweeping and not self._closing:
+            self._sweeping = True
+            self._spawn(self._sweep())
 
     def _accept(self) -> asyncio.Protocol:
         if self._closing:
@@ -134,20 +191,58 @@ class Pool:
             on_open=self._opened,
             on_close=self._closed,
         )
-        self._all.add(link)
+        self._all[link] = None
         return link
 
     def _opened(self, link: Link) -> None:
         peer = link.peer
         assert peer is not None
         log.debug("%s: handshake complete (%s, %s)", link.describe(), link.role.name, peer.channel.name)
-        if link.role is Role.RESPONDER and peer.channel is not Channel.CLIENT and peer.listen_address:
-            self._links.setdefault((peer.listen_address, peer.channel), link)
+        if peer.channel is Channel.CLIENT:
+            return
+        pkey = (peer.node_id, peer.channel)
+        current = self._preferred.get(pkey)
+        best = link if current is None else prefer(current, link, self._self_id)
+        self._preferred[pkey] = best
+        if current is not None:
+            retired = link if best is current else current
+            log.debug("%s: duplicate %s link; keeping the one dialed by %s, retiring %s %s",
+                      link.describe(), peer.channel.name, crypto.short_id(initiator_id(best, self._self_id)),
+                      retired.role.name.lower(), retired.remote)
+            self._repoint(retired, best)
+        if link.role is Role.RESPONDER and peer.listen_address:
+            self._links.setdefault((peer.listen_address, peer.channel), best)
+
+    def _repoint(self, old: Link, new: Link | None) -> None:
+        """Table entries that pointed at ``old`` now point at ``new`` (or are dropped)."""
+        for key in [k for k, v in self._links.items() if v is old]:
+            if new is None:
+                del self._links[key]
+            else:
+                self._links[key] = new
+
+    def _successor(self, pkey: PeerKey) -> Link | None:
+        """The preferred one of the still open links to ``pkey`` (a retired one), if any."""
+        best: Link | None = None
+        for link in self._all:
+            peer = link.peer
+            if link.is_open and peer is not None and (peer.node_id, peer.channel) == pkey:
+                best = link if best is None else prefer(best, link, self._self_id)
+        return best
 
     def _closed(self, link: Link, error: BaseException | None) -> None:
-        self._all.discard(link)
-        for key in [k for k, v in self._links.items() if v is link]:
-            del self._links[key]
+        self._all.pop(link, None)
+        peer = link.peer
+        successor: Link | None = None
+        if peer is not None and peer.channel is not Channel.CLIENT:
+            pkey = (peer.node_id, peer.channel)
+            if self._preferred.get(pkey) is link:
+                successor = self._successor(pkey)
+                if successor is None:
+                    del self._preferred[pkey]
+                else:
+                    self._preferred[pkey] = successor
+        self._repoint(link, successor)
         # The peer's fault (bad bytes, wrong key, too slow a handshake). Our own aborts
         # (LocalProtocolError) were logged by ``Link.abort``; a member vanishing is not a rejection.
         ours = isinstance(error, LocalProtocolError)
@@ -157,6 +252,10 @@ class Pool:
         self._on_lost(link, error)
 
     # ---- dialing --------------------------------------------------------------------
+
+    def links(self) -> list[Link]:
+        """Every link of the pool, oldest first (handshaking and retired ones included)."""
+        return list(self._all)
 
     def get_open(self, address: str, channel: Channel) -> Link | None:
         """The open link stored for ``(address, channel)``, if any (never dials)."""
@@ -221,16 +320,61 @@ class Pool:
             if link.close_reason is None or link.opened.cancelled():
                 raise
             raise handshake_failure(link) from None
+        assert link.peer is not None
+        best = self._preferred.get((link.peer.node_id, channel), link)  # see "Duplicate links"
         if self.get_open(address, channel) is None:
-            self._links[(address, channel)] = link
-        return link
+            self._links[(address, channel)] = best
+        return best
 
     # ---- shutdown -------------------------------------------------------------------
 
     def close_address(self, address: str) -> None:
-        """Close every link stored under ``address`` (its member died or left)."""
-        for key in [k for k in self._links if k[0] == address]:
-            self._links[key].close()
+        """Close every link to the member stored under ``address`` (it died or left),
+        retired duplicates included."""
+        gone = {link.peer.node_id for (a, _), link in self._links.items() if a == address and link.peer}
+        for link in list(self._all):
+            peer = link.peer
+            if peer is not None and peer.channel is not Channel.CLIENT and peer.node_id in gone:
+                link.close()
+
+    # ---- idle reaping ---------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """The one periodic task that closes idle links (module docstring)."""
+        loop = asyncio.get_running_loop()
+        interval = sweep_interval(self._idle_timeout)
+        while not self._closing:
+            with contextlib.suppress(builtins.TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._closed_event.wait()
+            if not self._closing:
+                self.reap_idle(now=loop.time())
+
+    def _idle(self, link: Link, now: float) -> bool:
+        return (now - link.last_active >= self._idle_timeout and link.buffered_bytes() == 0
+                and link.inbox_size == 0)
+
+    def reap_idle(self, *, now: float) -> int:
+        """Close (goodbye) every link group idle at ``now`` (event-loop time): all links to one
+        (peer, channel), or one CLIENT link. Returns the number of links closed; 0 when idle
+        reaping is off. The sweep calls this; tests call it with an explicit ``now``."""
+        if self._idle_timeout <= 0:
+            return 0
+        groups: dict[object, list[Link]] = {}
+        for link in self._all:
+            peer = link.peer
+            if peer is not None:  # a handshake is bounded by its own timeout
+                key: object = link if peer.channel is Channel.CLIENT else (peer.node_id, peer.channel)
+                groups.setdefault(key, []).append(link)
+        closed = 0
+        for links in groups.values():
+            if all(self._idle(link, now) for link in links):
+                for link in links:
+                    log.debug("%s: closing idle %s link (no traffic for %.1fs)", link.describe(),
+                              link.peer.channel.name if link.peer else "?", now - link.last_active)
+                    link.close()
+                    closed += 1
+        return closed
 
     def write_buffers_empty(self) -> bool:
         return all(link.buffered_bytes() == 0 for link in self._all)
@@ -239,6 +383,7 @@ class Pool:
         """Stop accepting, say goodbye on every link and wait (``linger`` s at most) for the
         sockets to flush."""
         self._closing = True
+        self._closed_event.set()
         if self._server is not None:
             self._server.close()
         for future in self._dials.values():

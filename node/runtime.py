@@ -154,6 +154,7 @@ class Node:
             settings=settings, dispatch=self._dispatch, spawn=self.spawn,
             dial_timeout=config.dial_timeout, max_connections=config.max_connections,
             max_handshaking=config.max_handshaking, on_lost=self._link_lost,
+            idle_timeout=config.idle_timeout,
         )
         bound = await pool.listen(config.listen)
         advertise = config.advertise_for(bound)

@@ -73,6 +73,8 @@ def test_config_paths(tmp_path: Path) -> None:
         {"handshake_timeout": 0.0},
         {"leave_timeout": -1.0},
         {"max_connections": 0},
+        {"idle_timeout": -1.0},
+        {"idle_timeout": float("nan")},
         {"advertise": Address("0.0.0.0", 7400)},
         {"advertise": Address("10.0.0.1", 0)},
     ],
@@ -88,7 +90,7 @@ def _run_config(argv: list[str]) -> NodeConfig:
 
 def _clear_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("LISTEN", "JOIN", "DATA_DIR", "MESH_KEY_FILE", "PRESET", "LOG_LEVEL", "SEED",
-                 "ADVERTISE", "HANDSHAKE_TIMEOUT", "CONNECT", "LOOP"):
+                 "ADVERTISE", "HANDSHAKE_TIMEOUT", "CONNECT", "LOOP", "IDLE_TIMEOUT"):
         monkeypatch.delenv(f"STARMESH_{name}", raising=False)
 
 
@@ -101,6 +103,7 @@ def test_cli_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.data_dir == Path("/home/someone/.starmesh")
     assert config.mesh_key_path == Path("/home/someone/.starmesh/mesh.key")
     assert config.preset == "lan" and config.log_level == "INFO" and config.use_uvloop
+    assert config.idle_timeout == 300.0
 
 
 def test_cli_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -109,12 +112,13 @@ def test_cli_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "--listen", "127.0.0.1:0", "--join", "10.0.0.5:7400", "--join", "10.0.0.6,10.0.0.7:1",
         "--data-dir", str(tmp_path), "--mesh-key-file", str(tmp_path / "m.key"), "--preset", "test",
         "--log-level", "debug", "--handshake-timeout", "1.5", "--loop", "asyncio", "--seed", "7",
+        "--idle-timeout", "0",
     ])
     assert config.listen == Address("127.0.0.1", 0)
     assert config.seeds == (Address("10.0.0.5", 7400), Address("10.0.0.6", 7400), Address("10.0.0.7", 1))
     assert config.data_dir == tmp_path and config.mesh_key_path == tmp_path / "m.key"
     assert (config.preset, config.log_level, config.handshake_timeout) == ("test", "DEBUG", 1.5)
-    assert not config.use_uvloop and config.seed == 7
+    assert not config.use_uvloop and config.seed == 7 and config.idle_timeout == 0.0
 
 
 def test_cli_env_then_flag_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -122,11 +126,12 @@ def test_cli_env_then_flag_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("STARMESH_LISTEN", "127.0.0.1:7500")
     monkeypatch.setenv("STARMESH_JOIN", "10.0.0.5:7400, 10.0.0.6:7400")
     monkeypatch.setenv("STARMESH_PRESET", "local")
+    monkeypatch.setenv("STARMESH_IDLE_TIMEOUT", "30")
     monkeypatch.setenv("STARMESH_DATA_DIR", str(tmp_path))
     config = _run_config([])
     assert config.listen == Address("127.0.0.1", 7500)
     assert config.seeds == (Address("10.0.0.5", 7400), Address("10.0.0.6", 7400))
-    assert config.preset == "local" and config.data_dir == tmp_path
+    assert config.preset == "local" and config.data_dir == tmp_path and config.idle_timeout == 30.0
     flagged = _run_config(["--listen", "127.0.0.1:7600", "--join", "10.9.9.9:1"])
     assert flagged.listen == Address("127.0.0.1", 7600)
     assert flagged.seeds == (Address("10.9.9.9", 1),)
@@ -150,7 +155,8 @@ def test_cli_help_names_every_env_var(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     for name in ("LISTEN", "ADVERTISE", "JOIN", "DATA_DIR", "MESH_KEY_FILE", "PRESET", "LOG_LEVEL",
                  "READY_FILE", "HANDSHAKE_TIMEOUT", "DIAL_TIMEOUT", "LEAVE_TIMEOUT", "LOOP", "SEED",
-                 "MAX_CONNECTIONS", "MAX_HANDSHAKING", "INBOX_MESSAGES", "WRITE_BUFFER_BYTES"):
+                 "MAX_CONNECTIONS", "MAX_HANDSHAKING", "INBOX_MESSAGES", "WRITE_BUFFER_BYTES",
+                 "IDLE_TIMEOUT"):
         assert f"STARMESH_{name}" in out
     assert "mesh-key new" in out and "status" in out
 

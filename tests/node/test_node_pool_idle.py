@@ -1,0 +1,245 @@
+"""Idle reaping and duplicate links in the pool, over real loopback sockets (integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from discovery.events import EventKind, MemberEvent
+from node.config import Address, NodeConfig
+from node.pool import Pool, sweep_interval
+from node.runtime import Node
+from node.transport import Handler, Link, LinkSettings
+from protocol import crypto
+from protocol.connection import Channel, Role
+from protocol.messages.gossip import Ack, MemberStatus
+from protocol.schema import Message
+from protocol.tags import MsgType
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+@pytest.mark.parametrize(
+    ("idle_timeout", "interval"), [(0.01, 0.05), (0.2, 0.05), (1.0, 0.25), (60.0, 15.0), (300.0, 30.0)]
+)
+def test_sweep_interval_is_a_clamped_quarter(idle_timeout: float, interval: float) -> None:
+    assert sweep_interval(idle_timeout) == interval
+
+
+@dataclasses.dataclass
+class Peer:
+    pool: Pool
+    address: str
+    node_id: bytes
+    got: list[tuple[Link, int]]
+    lost: list[tuple[Link, BaseException | None]]
+
+
+@asynccontextmanager
+async def pools(n: int, *, idle_timeout: float, inbox_messages: int = 64,
+                gate: asyncio.Event | None = None) -> AsyncIterator[list[Peer]]:
+    """``n`` pools on loopback; each records the ACKs it receives on BULK with their link
+    (after ``gate`` is set, if given: a slow handler)."""
+    secret = crypto.new_mesh_secret()
+    async with asyncio.TaskGroup() as group:
+
+        def spawn(coro: Coroutine[Any, Any, None]) -> None:
+            group.create_task(coro)
+
+        peers: list[Peer] = []
+        for _ in range(n):
+            key = crypto.generate_identity()
+            base = LinkSettings(identity=key, mesh_secret=secret, listen_address=None,
+                                inbox_messages=inbox_messages)
+            got: list[tuple[Link, int]] = []
+            lost: list[tuple[Link, BaseException | None]] = []
+
+            async def on_ack(link: Link, message: Message, got: list[tuple[Link, int]] = got) -> None:
+                assert isinstance(message, Ack)
+                if gate is not None:
+                    await gate.wait()
+                got.append((link, message.seq))
+
+            dispatch: dict[Channel, dict[MsgType, Handler]] = {c: {} for c in Channel}
+            dispatch[Channel.BULK][MsgType.ACK] = on_ack
+            pool = Pool(settings=base, dispatch=dispatch, spawn=spawn, dial_timeout=2.0,
+                        max_connections=64, max_handshaking=8,
+                        on_lost=lambda link, error, lost=lost: lost.append((link, error)),
+                        idle_timeout=idle_timeout)
+            bound = await pool.listen(Address("127.0.0.1", 0))
+            pool.set_listen_address(dataclasses.replace(base, listen_address=str(bound)))
+            await pool.start_serving()
+            peers.append(Peer(pool, str(bound), crypto.node_id_of(key), got, lost))
+        try:
+            yield peers
+        finally:
+            for peer in peers:
+                await peer.pool.close(linger=0.2)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def open_links(peer: Peer, channel: Channel) -> list[Link]:
+    return [link for link in peer.pool.links() if link.is_open and link.peer and link.peer.channel is channel]
+
+
+async def test_idle_link_is_closed_gracefully_on_both_sides_and_redialed() -> None:
+    async with pools(2, idle_timeout=0.2) as (a, b):
+        link = await a.pool.connect(b.address, Channel.BULK)
+        await link.send(Ack(seq=1))
+        await until(lambda: len(b.got) == 1)
+        inbound = b.got[0][0]
+        # no traffic: the sweep closes it with a goodbye, seen as graceful on both sides
+        await until(lambda: not link.is_open and not inbound.is_open and bool(a.lost) and bool(b.lost))
+        assert a.lost == [(link, None)] and b.lost == [(inbound, None)]
+        assert a.pool.get_open(b.address, Channel.BULK) is None
+        assert b.pool.get_open(a.address, Channel.BULK) is None
+        again = await a.pool.connect(b.address, Channel.BULK)  # dialed afresh
+        assert again is not link and again.is_open
+        await again.send(Ack(seq=2))
+        await until(lambda: len(b.got) == 2)
+        assert b.got[1][1] == 2
+
+
+async def test_links_with_traffic_or_unhandled_messages_are_not_reaped() -> None:
+    release = asyncio.Event()
+    async with pools(2, idle_timeout=60.0, inbox_messages=2, gate=release) as (a, b):  # sweep asleep
+        link = await a.pool.connect(b.address, Channel.BULK)
+        for i in range(4):
+            await link.send(Ack(seq=i))
+        await until(lambda: any(x.inbox_size > 0 for x in open_links(b, Channel.BULK)))
+        (inbound,) = open_links(b, Channel.BULK)
+        # bytes moved less than idle_timeout ago: kept
+        assert a.pool.reap_idle(now=link.last_active + 59.0) == 0
+        # long silent, but messages still wait for their handler: kept
+        assert b.pool.reap_idle(now=inbound.last_active + 600.0) == 0 and inbound.is_open
+        release.set()
+        await until(lambda: inbound.inbox_size == 0)
+        assert b.pool.reap_idle(now=inbound.last_active + 60.0) == 1
+        await until(lambda: not link.is_open)
+        assert a.lost == [(link, None)] and b.lost == [(inbound, None)]
+
+
+async def test_simultaneous_dials_settle_on_one_connection() -> None:
+    async with pools(2, idle_timeout=60.0) as (a, b):
+        small, large = sorted((a, b), key=lambda p: p.node_id)
+        from_small, from_large = await asyncio.gather(
+            small.pool.connect(large.address, Channel.BULK), large.pool.connect(small.address, Channel.BULK))
+        await from_small.send(Ack(seq=1))
+        await from_large.send(Ack(seq=2))  # maybe on the link being retired: delivered all the same
+        await until(lambda: len(open_links(a, Channel.BULK)) == 2 == len(open_links(b, Channel.BULK)))
+        await until(lambda: len(small.got) == 1 and len(large.got) == 1)
+        assert (small.got[0][1], large.got[0][1]) == (2, 1)
+        # both sides send on the link the smaller node id dialed
+        on_small = small.pool.get_open(large.address, Channel.BULK)
+        on_large = large.pool.get_open(small.address, Channel.BULK)
+        assert on_small is not None and on_small.role is Role.INITIATOR
+        assert on_large is not None and on_large.role is Role.RESPONDER
+        await on_small.send(Ack(seq=3))
+        await on_large.send(Ack(seq=4))
+        await until(lambda: len(small.got) == 2 and len(large.got) == 2)
+        assert small.got[1] == (on_small, 4) and large.got[1] == (on_large, 3)  # one connection
+        # idle: the pair closes together, gracefully on both sides
+        last = max(x.last_active for x in open_links(large, Channel.BULK))
+        assert large.pool.reap_idle(now=last + 60.0) == 2
+        await until(lambda: len(small.lost) == 2 == len(large.lost))
+        assert all(error is None for _, error in small.lost + large.lost)
+
+
+async def test_a_link_from_the_smaller_id_takes_over_and_the_other_lingers_until_idle() -> None:
+    async with pools(2, idle_timeout=60.0) as (a, b):
+        small, large = sorted((a, b), key=lambda p: p.node_id)
+        first = await large.pool.connect(small.address, Channel.BULK)
+        await first.send(Ack(seq=1))
+        await until(lambda: len(small.got) == 1)
+        assert small.pool.get_open(large.address, Channel.BULK) is small.got[0][0]  # answered on it
+        # the smaller node dials too, under an alias of the larger one's address
+        alias = "localhost:" + large.address.rsplit(":", 1)[1]
+        second = await small.pool.connect(alias, Channel.BULK)
+        await until(lambda: large.pool.get_open(small.address, Channel.BULK) is not first)
+        on_large = large.pool.get_open(small.address, Channel.BULK)
+        assert on_large is not None and on_large.role is Role.RESPONDER and first.is_open
+        assert small.pool.get_open(large.address, Channel.BULK) is second
+        assert await large.pool.connect(small.address, Channel.BULK) is on_large
+        await asyncio.sleep(0.01)  # let the clock move past the retired link's last bytes
+        await second.send(Ack(seq=2))
+        await on_large.send(Ack(seq=3))
+        await until(lambda: len(small.got) == 2 and len(large.got) == 1)
+        assert small.got[1] == (second, 3) and large.got[0] == (on_large, 2)  # one connection
+        # the retired link is silent but stays open while its pair carries traffic ...
+        assert large.pool.reap_idle(now=first.last_active + 60.0) == 0 and first.is_open
+        # ... and closes with it once the pair is idle
+        assert large.pool.reap_idle(now=on_large.last_active + 60.0) == 2
+        await until(lambda: len(small.lost) == 2 == len(large.lost))
+        assert all(error is None for _, error in small.lost + large.lost)
+        assert {link for link, _ in large.lost} == {first, on_large}
+
+
+async def test_closing_the_preferred_link_promotes_the_retired_one() -> None:
+    async with pools(2, idle_timeout=0.0) as (a, b):
+        small, large = sorted((a, b), key=lambda p: p.node_id)
+        await asyncio.gather(small.pool.connect(large.address, Channel.CONTROL),
+                             large.pool.connect(small.address, Channel.CONTROL))
+        await until(lambda: len(open_links(a, Channel.CONTROL)) == 2 == len(open_links(b, Channel.CONTROL)))
+        preferred = large.pool.get_open(small.address, Channel.CONTROL)
+        assert preferred is not None and preferred.role is Role.RESPONDER
+        preferred.close()
+        (survivor,) = open_links(large, Channel.CONTROL)
+        assert large.pool.get_open(small.address, Channel.CONTROL) is survivor
+        assert await large.pool.connect(small.address, Channel.CONTROL) is survivor
+        assert large.pool.reap_idle(now=survivor.last_active + 1e6) == 0  # idle_timeout 0: off
+
+
+def _config(tmp_path: Path, name: str, key: Path, seeds: tuple[Address, ...] = ()) -> NodeConfig:
+    return NodeConfig(listen=Address("127.0.0.1", 0), data_dir=tmp_path / name, mesh_key_file=key,
+                      seeds=seeds, preset="test", use_uvloop=False, idle_timeout=0.2)
+
+
+async def test_nodes_close_idle_links_without_suspicion_and_redial(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="starmesh.pool")
+    key = tmp_path / "mesh.key"
+    got: list[tuple[Link, Message]] = []
+
+    async def on_ack(link: Link, message: Message) -> None:
+        got.append((link, message))
+
+    async with Node(_config(tmp_path, "a", key)) as a:
+        seed = (Address("127.0.0.1", int(a.address.rsplit(":", 1)[1])),)
+        async with Node(_config(tmp_path, "b", key, seed)) as b, Node(_config(tmp_path, "c", key, seed)) as c:
+            nodes = [a, b, c]
+            b.on_message(MsgType.ACK, on_ack)
+
+            def all_alive() -> bool:
+                return all(sum(m.status is MemberStatus.ALIVE for m in n.members()) == 3 for n in nodes)
+
+            await until(all_alive)
+            events: list[MemberEvent] = []
+            for n in nodes:
+                n.on_member_event(events.append)
+            link = await a.link_to(b.node_id)
+            await link.send(Ack(seq=1))
+            await until(lambda: len(got) == 1)
+            inbound = got[0][0]
+            # the BULK link goes idle and closes gracefully on both sides; gossip goes on, its
+            # CONTROL links close between probes (a probe every 0.5 s per pair > 0.2 s) and redial
+            await until(lambda: link.closed.is_set() and inbound.closed.is_set())
+            assert link.close_reason is None and inbound.close_reason is None
+            await until(lambda: caplog.text.count("closing idle CONTROL link") >= 2)
+            await a.send(b.node_id, Ack(seq=3))  # redials
+            await until(lambda: len(got) == 2)
+            assert got[1][0] is not inbound and got[1][1] == Ack(seq=3)
+            assert all_alive()
+            assert not [e for e in events if e.kind in (EventKind.DEAD, EventKind.LEFT)]
