@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             for node in mesh.nodes:
                 node.stop(timeout=3.0)
+            mesh.close()  # the status links ``mesh.views`` kept open
     console.print()
     console.print(
         f"[bold green]Result:[/] {args.nodes} nodes agreed on one view in {results['join_s']:.2f} s; "

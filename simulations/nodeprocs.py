@@ -1,9 +1,12 @@
 """Real node processes on loopback: start, observe (status over the CLIENT channel), kill.
 
-Shared by the node integration tests and ``bench join`` / ``bench detect``. Each node is
-``python -m node --listen 127.0.0.1:0 --ready-file ...`` in its own data dir; the ready file
-tells its address and id. Views are observed in-process with ``node.status.fetch_status``
-(one asyncio loop for all polls), so observing does not fork a process per poll.
+Shared by the node integration tests, ``demo`` and ``bench join`` / ``bench detect``. Each
+node is ``python -m node --listen 127.0.0.1:0 --ready-file ...`` in its own data dir; the
+ready file tells its address and id. Views are observed in-process by an ``Observer``: one
+persistent ``node.status.StatusClient`` (CLIENT link) per node, all polled concurrently from
+one asyncio loop and re-dialed when a node died or restarted, so observing neither forks a
+process nor opens a connection per poll. ``LocalMesh.views`` is the synchronous form: it
+keeps its ``Observer`` on its own event loop (an ``asyncio.Runner``) between calls.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from node.config import parse_address
 from node.identity import create_mesh_key, load_mesh_key
-from node.status import StatusClient, fetch_status, reply_to_json
+from node.status import StatusClient, reply_to_json
 from protocol.errors import StarmeshError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +128,8 @@ class LocalMesh:
             create_mesh_key(self.mesh_key)
         self.secret = load_mesh_key(self.mesh_key)
         self.nodes: list[NodeProcess] = []
+        self._runner: asyncio.Runner | None = None
+        self._observer: Observer | None = None
 
     def add(self, *, seeds: Sequence[str] = (), mesh_key: Path | None = None,
             extra_args: Sequence[str] = ()) -> NodeProcess:
@@ -140,65 +145,91 @@ class LocalMesh:
                  detail=lambda: "\n".join(n.log_text()[-2000:] for n in pending if not n.poll_ready()))
 
     def close(self) -> None:
+        """Kill the nodes still running and close the status links of ``views``."""
         for node in self.nodes:
             if node.proc is not None and node.proc.poll() is None:
                 node.kill()
+        if self._runner is not None:
+            assert self._observer is not None
+            self._runner.run(self._observer.aclose())
+            self._runner.close()
+            self._runner = self._observer = None
 
     def views(self, nodes: Iterable[NodeProcess], timeout: float = 2.0) -> dict[str, View | None]:
-        """Each node's current status (None where it did not answer), keyed by node id."""
-        targets = [n for n in nodes if n.address]
-        return asyncio.run(self.views_async(targets, timeout=timeout))
+        """Each node's current status (None where it did not answer), keyed by node id.
 
-    async def views_async(self, nodes: Sequence[NodeProcess], timeout: float = 2.0) -> dict[str, View | None]:
-        replies = await asyncio.gather(*(self._view(n, timeout) for n in nodes))
-        return {n.node_id: r for n, r in zip(nodes, replies, strict=True)}
-
-    async def _view(self, node: NodeProcess, timeout: float) -> View | None:
-        try:
-            reply = await fetch_status(parse_address(node.address), mesh_secret=self.secret, timeout=timeout)
-        except StarmeshError:
-            return None
-        return reply_to_json(reply)
+        Polls over one persistent CLIENT link per node, kept between calls on this mesh's own
+        event loop; ``close`` closes them."""
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+            self._observer = Observer(self.secret)
+        assert self._observer is not None
+        return self._runner.run(self._observer.views(nodes, timeout=timeout))
 
 
 class Observer:
-    """Persistent CLIENT links to many nodes, polled concurrently from one asyncio loop.
+    """One persistent ``StatusClient`` per node, polled concurrently from one asyncio loop.
 
-    ``async with Observer(secret) as obs: views = await obs.views(nodes)``. A node that does
-    not answer within ``timeout`` (frozen, dead) maps to None and is re-dialed next time.
+    ``async with Observer(secret) as obs: views = await obs.views(nodes)`` (or ``await
+    obs.aclose()`` when done). A node that does not answer within ``timeout`` (frozen, dead)
+    maps to None; its link is closed and dialed again on the next poll, as it is when the
+    node's link closed meanwhile (killed, idle timeout) or it restarted at a new address.
     """
 
     def __init__(self, secret: bytes) -> None:
         self.secret = secret
-        self._clients: dict[str, StatusClient] = {}
-        self._group = asyncio.TaskGroup()
+        self._clients: dict[str, tuple[str, StatusClient]] = {}
+        """node id -> (address it was dialed at, client)."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dials = 0
+        """Links dialed so far (one per node, plus one per re-dial)."""
 
     async def __aenter__(self) -> Observer:
-        await self._group.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        for client in self._clients.values():
-            client.close()
-        await self._group.__aexit__(None, None, None)  # the body's exception propagates as is
+        await self.aclose()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._group.create_task(coro)
+        """Run a link's reader task; ``aclose`` waits for it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Close every link and wait (2 s at most) for their reader tasks to end."""
+        for _, client in self._clients.values():
+            client.close()
+        self._clients.clear()
+        if self._tasks:
+            _, stuck = await asyncio.wait(set(self._tasks), timeout=2.0)
+            for task in stuck:
+                task.cancel()
+
+    async def _client(self, node: NodeProcess, timeout: float) -> StatusClient:
+        """The node's open client, dialed (again) if it has none, it closed, or the node moved."""
+        entry = self._clients.get(node.node_id)
+        if entry is not None and entry[0] == node.address and entry[1].is_open:
+            return entry[1]
+        if entry is not None:
+            entry[1].close()
+            del self._clients[node.node_id]
+        self.dials += 1
+        client = await StatusClient.connect(parse_address(node.address), mesh_secret=self.secret,
+                                            spawn=self._spawn, timeout=timeout)
+        self._clients[node.node_id] = (node.address, client)
+        return client
 
     async def view(self, node: NodeProcess, timeout: float = 1.0) -> View | None:
         if not node.address:
             return None
-        client = self._clients.get(node.address)
         try:
-            if client is None or not client.is_open:
-                client = await StatusClient.connect(parse_address(node.address), mesh_secret=self.secret,
-                                                    spawn=self._spawn, timeout=timeout)
-                self._clients[node.address] = client
+            client = await self._client(node, timeout)
             return reply_to_json(await client.request(timeout=timeout))
         except StarmeshError:
-            if client is not None:
-                client.close()
-            self._clients.pop(node.address, None)
+            entry = self._clients.pop(node.node_id, None)
+            if entry is not None:
+                entry[1].close()
             return None
 
     async def views(self, nodes: Iterable[NodeProcess], timeout: float = 1.0) -> dict[str, View | None]:
