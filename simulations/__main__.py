@@ -9,48 +9,55 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NamedTuple
 
-#: scenario name -> (module, one-line help). ``bench`` scenarios are nested under ``bench``.
-SCENARIOS: dict[str, tuple[str, str]] = {
-    "demo": ("simulations.demo", "a local mesh on loopback: nodes join, one fails and is detected (live table)"),
-    "gossip": ("simulations.gossip_sim", "in-process SWIM on virtual time: convergence, detection, traffic"),
-    "allreduce": ("simulations.allreduce_sim", "in-process all-reduce on virtual time: each fault case vs the link optimum"),
-    "train": ("simulations.train", "real processes: a local mesh trains an MLP data-parallel, vs one process"),
+
+class Entry(NamedTuple):
+    """One scenario of the table. A module serving several scenarios (``bench_membership``:
+    join and detect) names one add-arguments function per scenario."""
+
+    module: str
+    help: str
+    add_arguments: str = "add_arguments"
+    """The module's function ``(parser) -> None`` that adds this scenario's options."""
+
+
+#: scenario name -> entry. ``bench`` scenarios are nested under ``bench``.
+SCENARIOS: dict[str, Entry] = {
+    "demo": Entry("simulations.demo", "a local mesh on loopback: nodes join, one fails and is detected (live table)"),
+    "gossip": Entry("simulations.gossip_sim", "in-process SWIM on virtual time: convergence, detection, traffic"),
+    "allreduce": Entry("simulations.allreduce_sim", "in-process all-reduce on virtual time: each fault case vs the link optimum"),
+    "train": Entry("simulations.train", "real processes: a local mesh trains an MLP data-parallel, vs one process"),
 }
-BENCHES: dict[str, tuple[str, str]] = {
-    "join": ("simulations.bench_membership", "real processes: time to one identical view"),
-    "detect": ("simulations.bench_membership", "real processes: kill -9 detection and SIGSTOP false deaths"),
-    "codecs": ("simulations.bench_codecs", "tensor codecs: bytes, error and speed per codec"),
-    "allreduce": ("simulations.bench_allreduce", "real processes: all-reduce time vs link optimum and gloo"),
-    "wire": ("simulations.bench_wire", "in-process: encrypted 4 MiB frame throughput of two Connections vs raw AEAD"),
+BENCHES: dict[str, Entry] = {
+    "join": Entry("simulations.bench_membership", "real processes: time to one identical view", "add_join_arguments"),
+    "detect": Entry("simulations.bench_membership", "real processes: kill -9 detection and SIGSTOP false deaths",
+                    "add_detect_arguments"),
+    "codecs": Entry("simulations.bench_codecs", "tensor codecs: bytes, error and speed per codec"),
+    "allreduce": Entry("simulations.bench_allreduce", "real processes: all-reduce time vs link optimum and gloo"),
+    "wire": Entry("simulations.bench_wire", "in-process: encrypted 4 MiB frame throughput of two Connections vs raw AEAD"),
 }
 
 
-def _load(module: str, name: str, parser: argparse.ArgumentParser) -> None:
-    mod = importlib.import_module(module)
-    mod.add_arguments(parser, name) if _takes_name(mod) else mod.add_arguments(parser)
+def _load(entry: Entry, parser: argparse.ArgumentParser) -> None:
+    mod = importlib.import_module(entry.module)
+    getattr(mod, entry.add_arguments)(parser)
     parser.set_defaults(_run=mod.run)
-
-
-def _takes_name(mod: object) -> bool:
-    import inspect
-
-    return len(inspect.signature(mod.add_arguments).parameters) == 2  # type: ignore[attr-defined]
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulations", description=__doc__)
     sub = parser.add_subparsers(dest="scenario", required=True)
-    for name, (module, help_) in SCENARIOS.items():
-        p = sub.add_parser(name, help=help_)
+    for name, entry in SCENARIOS.items():
+        p = sub.add_parser(name, help=entry.help)
         if argv[:1] == [name]:
-            _load(module, name, p)
+            _load(entry, p)
     bench = sub.add_parser("bench", help="benchmarks with real processes; print a table and a final JSON line")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    for name, (module, help_) in BENCHES.items():
-        p = bsub.add_parser(name, help=help_)
+    for name, entry in BENCHES.items():
+        p = bsub.add_parser(name, help=entry.help)
         if argv[:2] == ["bench", name]:
-            _load(module, name, p)
+            _load(entry, p)
     return parser
 
 

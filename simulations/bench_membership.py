@@ -39,7 +39,17 @@ from typing import Any
 from simulations.nodeprocs import LocalMesh, NodeProcess, Observer, View, converged, states
 
 
-def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+def add_join_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``bench join``."""
+    _add_arguments(parser, "join")
+
+
+def add_detect_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``bench detect``: those of ``join`` plus the freeze trials."""
+    _add_arguments(parser, "detect")
+
+
+def _add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--nodes", type=int, default=8, help="node processes (default 8)")
     parser.add_argument("--trials", type=int, default=20 if name == "join" else 10,
                         help="trials (join: a fresh mesh each; detect: one kill -9 each)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from simulations.bench_membership import percentile
+from simulations.__main__ import build_parser
+from simulations.bench_membership import percentile, run
 from simulations.nodeprocs import converged
 
 
@@ -29,3 +30,11 @@ def test_converged_needs_identical_complete_alive_views() -> None:
     assert not converged({"a": same, "b": same}, ["a", "b", "c"])
     suspect = _view(("a", "alive", 1), ("b", "suspect", 2))
     assert not converged({"a": suspect, "b": suspect}, ["a", "b"])
+
+
+def test_bench_join_and_detect_options() -> None:
+    join = build_parser(["bench", "join"]).parse_args(["bench", "join", "--nodes", "4"])
+    assert (join._bench, join.nodes, join.trials, join.timeout) == ("join", 4, 20, 10.0)
+    assert not hasattr(join, "freeze_trials") and join._run is run
+    detect = build_parser(["bench", "detect"]).parse_args(["bench", "detect", "--freeze-trials", "2"])
+    assert (detect._bench, detect.trials, detect.timeout, detect.freeze_trials) == ("detect", 10, 20.0, 2)
