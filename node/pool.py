@@ -171,7 +171,7 @@ class Pool:
             self._sweeping = True
             self._spawn(self._sweep())
 
-    def _accept(self) -> asyncio.Protocol:
+    def _accept(self) -> asyncio.BaseProtocol:
         if self._closing:
             return _Refused("shutting down")
         if len(self._all) >= self._max_connections:

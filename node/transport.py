@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 A ``Link`` is one TCP connection and its ``Connection`` core. Bytes flow one way::
 
-    data_received -> core.receive_data -> core.next_event() ... -> inbox -> reader task
+    get_buffer/buffer_updated -> core -> core.next_event() ... -> inbox -> reader task
                                         -> core.data_to_send() -> transport.write
 
 * Handshake. The initiator's first flight is written in ``connection_made``; the core's
@@ -107,7 +107,7 @@ def describe_error(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-class Link(asyncio.Protocol):
+class Link(asyncio.BufferedProtocol):
     """One TCP connection driven by a ``protocol.Connection`` core (see module docstring)."""
 
     def __init__(
@@ -161,7 +161,7 @@ class Link(asyncio.Protocol):
         self.last_active = self._loop.time()
         """Event-loop time of the last bytes read or written (the pool's idle rule)."""
 
-    # ---- asyncio.Protocol callbacks -------------------------------------------------
+    # ---- asyncio.BufferedProtocol callbacks ----------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -173,11 +173,14 @@ class Link(asyncio.Protocol):
         self._spawn(self._reader())
         self._pump()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.core.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         self.last_active = self._loop.time()
-        self.settings.traffic.received[self._channel()] += len(data)
+        self.settings.traffic.received[self._channel()] += nbytes
         if not self._done:
-            self.core.receive_data(data)
+            self.core.buffer_updated(nbytes)
             self._pump()
 
     def eof_received(self) -> bool:

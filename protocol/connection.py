@@ -39,7 +39,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import protocol.wire  # noqa: F401  (binds every message tag before anything is decoded)
-from protocol.crypto import TAG_BYTES, RecordCipher
+from protocol.crypto import OPEN_SLACK, TAG_BYTES, FrameOpener, RecordCipher
 from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.framing import HEADER, Buffer, FrameDecoder, encode_frame
 from protocol.handshake import (
@@ -57,7 +57,16 @@ from protocol.handshake import (
     Role,
 )
 from protocol.limits import MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES
-from protocol.schema import Message, decode_body, encode_body, encode_split
+from protocol.schema import (
+    SPLIT_HEAD_BYTES,
+    Message,
+    decode_body,
+    encode_body,
+    encode_split,
+    message_from_obj,
+    put_blob,
+    split_head,
+)
 from protocol.tags import MsgType
 
 __all__ = [
@@ -161,6 +170,7 @@ class Connection:
                              token_bytes=token_bytes)
         self._frames = FrameDecoder()
         self._packer = _new_packer()
+        self._head = memoryview(bytearray(SPLIT_HEAD_BYTES + OPEN_SLACK))
         self._out: list[bytes | bytearray | memoryview] = []
         self._tx: RecordCipher | None = None
         self._rx: RecordCipher | None = None
@@ -177,6 +187,17 @@ class Connection:
         """Buffer bytes from the peer (``b""`` = EOF). Then call ``next_event`` until NEED_DATA."""
         if self._final is None:
             self._frames.feed(data)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Receiving the ``asyncio.BufferedProtocol`` way: a buffer for the socket to write
+        into; then call ``buffer_updated(nbytes)``, which is ``receive_data`` of those bytes
+        (a large frame's body is written in place: see ``protocol.framing``)."""
+        return self._frames.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` bytes from the peer are at the start of the last ``get_buffer`` buffer."""
+        if self._final is None:
+            self._frames.buffer_updated(nbytes)
 
     @property
     def buffered_bytes(self) -> int:
@@ -219,6 +240,8 @@ class Connection:
     def _on_frame(self, body: Buffer) -> Event | None:
         if self._rx is None:
             msg = decode_body(bytes(body), allowed=self._allowed)
+        elif len(body) >= _SPLIT_AT_LEAST and (opener := self._rx.opener(body)) is not None:
+            msg = self._open_split(opener)
         else:
             with self._rx.open_view(body) as plaintext:
                 msg = decode_body(plaintext, allowed=self._allowed)  # type: ignore[arg-type]  # msgpack takes any buffer
@@ -231,6 +254,31 @@ class Connection:
         if isinstance(msg, Goodbye):
             return self._terminate(ConnState.CLOSED, None)
         return self._on_handshake(msg)
+
+    def _open_split(self, opener: FrameOpener) -> Message:
+        """Open a large frame in two steps: its first bytes into a scratch buffer, where
+        ``split_head`` looks for a tensor payload; then the rest straight into the payload's
+        own buffer (the message keeps a read-only view of it: no msgpack copy, and the frame
+        buffer is free again). A large frame of any other kind is decoded as usual."""
+        size = opener.size
+        head_len = min(size, SPLIT_HEAD_BYTES)
+        head = self._head
+        opener.read_into(head, head_len)
+        found = split_head(head[:head_len], size)
+        if found is None:
+            body = memoryview(np.empty(size + OPEN_SLACK, np.uint8).data).cast("B")
+            body[:head_len] = head[:head_len]
+            opener.read_into(body[head_len:], size - head_len)
+            opener.finish()
+            return decode_body(body[:size], allowed=self._allowed)  # type: ignore[arg-type]  # msgpack takes any buffer
+        raw, offset = found
+        blob = memoryview(np.empty(size - offset + OPEN_SLACK, np.uint8).data).cast("B")
+        have = head_len - offset  # payload bytes already in the head
+        blob[:have] = head[offset:head_len]
+        opener.read_into(blob[have:], size - head_len)
+        opener.finish()
+        put_blob(raw, blob[: size - offset].toreadonly())
+        return message_from_obj(raw, allowed=self._allowed)
 
     def _on_handshake(self, msg: Message) -> Event | None:
         if isinstance(msg, HandshakeInit):

@@ -232,6 +232,15 @@ class RecordCipher:
         out[pos:] = encryptor.tag
         self.counter = n + 1
 
+    def opener(self, ciphertext: bytes | bytearray | memoryview) -> FrameOpener | None:
+        """Open the next frame in pieces (``FrameOpener``), or None where that is not offered
+        (ChaCha20-Poly1305, a frame shorter than a tag, a spent counter): then use ``open``."""
+        n = self.counter
+        if self._aes is None or n >= MAX_COUNTER or len(ciphertext) < TAG_BYTES:
+            return None
+        self.counter = n + 1  # the frame is consumed, whatever its fate: a bad tag closes the connection
+        return FrameOpener(self._aes, n, ciphertext)
+
     def open(self, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """Decrypt the next frame body; ``RemoteProtocolError(DECRYPT_FAILED)`` if it does not authenticate."""
         n = self.counter
@@ -267,3 +276,49 @@ class RecordCipher:
             ) from None
         self.counter = n + 1
         return view
+
+
+#: Spare bytes ``FrameOpener.read_into`` needs after the bytes it decrypts.
+OPEN_SLACK = 15
+
+
+class FrameOpener:
+    """One AES-GCM frame decrypted in order, piece by piece, into buffers the caller picks
+    (e.g. a message's header into a scratch buffer, its payload into its own). Nothing read
+    is authentic until ``finish`` returned: decide nothing from it before."""
+
+    __slots__ = ("_ciphertext", "_decryptor", "_frame", "_pos", "size")
+
+    def __init__(self, aes: algorithms.AES, counter: int, ciphertext: bytes | bytearray | memoryview) -> None:
+        view = memoryview(ciphertext).cast("B")
+        self.size = len(view) - TAG_BYTES
+        """Plaintext bytes in the frame."""
+        self._ciphertext = view[: self.size]
+        self._frame = counter
+        self._decryptor = CipherContext(
+            aes, modes.GCM(counter.to_bytes(NONCE_BYTES, "big"), bytes(view[self.size :]))).decryptor()
+        self._pos = 0
+
+    def read_into(self, out: bytearray | memoryview, n: int) -> None:
+        """Decrypt the next ``n`` plaintext bytes into ``out[:n]``. ``out`` must be at least
+        ``n + OPEN_SLACK`` bytes long (``update_into``'s rule; GCM writes exactly ``n``)."""
+        end = self._pos + n
+        if n < 0 or end > self.size or len(out) < n + OPEN_SLACK:
+            raise ValueError(f"reading {n} bytes at {self._pos} of a {self.size}-byte frame "
+                             f"into {len(out)} bytes")
+        if n:
+            self._decryptor.update_into(self._ciphertext[self._pos : end], out)
+        self._pos = end
+
+    def finish(self) -> None:
+        """Check the tag once every byte was read; ``RemoteProtocolError(DECRYPT_FAILED)`` if
+        the frame was tampered with, replayed, reordered or sealed with another key."""
+        if self._pos != self.size:
+            raise ValueError(f"finish after {self._pos} of {self.size} bytes")
+        try:
+            self._decryptor.finalize()
+        except InvalidTag:
+            raise RemoteProtocolError(
+                f"frame {self._frame} failed authentication (tampered, replayed, reordered or wrong key)",
+                code=ErrorCode.DECRYPT_FAILED,
+            ) from None

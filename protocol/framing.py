@@ -14,6 +14,11 @@ Theory of operation (``FrameDecoder``)::
           L bytes (reused across large frames); what is buffered is copied in now and every
           later ``feed`` copies straight into it (each body byte copied once, while cache-hot).
 
+Receiving into the decoder (``get_buffer`` / ``buffer_updated``, the shape of
+``asyncio.BufferedProtocol``): while a FILL-mode body is incomplete the caller is handed the
+rest of its buffer, so the socket writes the body in place and nothing is copied at all; at
+other times a reused receive buffer, whose bytes ``buffer_updated`` feeds as above.
+
 Invariants: each received byte is copied at most once; a header announcing more than
 ``max_size`` is rejected before any of its body is buffered, so the decoder never holds more
 than one incomplete frame (<= 4 + max_size bytes) plus whatever the caller fed and has not yet
@@ -38,6 +43,8 @@ _COALESCE_BELOW = 64 * 1024
 _TAIL_MAX = 256 * 1024
 #: Bodies at least this large that are not fully buffered are assembled in FILL mode.
 _FILL_AT_LEAST = 64 * 1024
+#: Size of ``get_buffer``'s reused buffer (outside FILL mode).
+RECEIVE_BYTES = 256 * 1024
 
 Buffer = bytes | bytearray | memoryview
 
@@ -62,7 +69,8 @@ class FrameDecoder:
     """Splits a byte stream into frame bodies. Call ``feed`` with received bytes (``b""`` = EOF),
     then ``next_frame`` until it returns ``None`` (more bytes needed, or clean EOF: see ``eof``)."""
 
-    __slots__ = ("_chunks", "_eof", "_fill", "_filled", "_need", "_off", "_size", "_spare", "_tail")
+    __slots__ = ("_chunks", "_eof", "_fill", "_filled", "_lent", "_need", "_off", "_recv", "_size",
+                 "_spare", "_tail")
 
     def __init__(self) -> None:
         self._chunks: deque[bytes | bytearray] = deque()
@@ -74,6 +82,8 @@ class FrameDecoder:
         self._spare: bytearray | None = None  # reused by the next large frame
         self._filled = 0
         self._eof = False
+        self._recv: memoryview | None = None  # get_buffer's buffer outside FILL mode
+        self._lent: memoryview | None = None  # what get_buffer handed out last
 
     @property
     def eof(self) -> bool:
@@ -102,6 +112,29 @@ class FrameDecoder:
             data = memoryview(data)[take:]
             n -= take
         self._append(data, n)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A buffer for the next received bytes (then ``buffer_updated(nbytes)``): the rest of
+        an incomplete FILL-mode body (the socket writes it in place), else a reused buffer of
+        ``RECEIVE_BYTES``."""
+        if self._fill is not None and self._filled < self._need:
+            lent = self._fill[self._filled:]
+        else:
+            if self._recv is None:
+                self._recv = memoryview(bytearray(RECEIVE_BYTES))
+            lent = self._recv
+        self._lent = lent
+        return lent
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer`` buffer."""
+        lent, self._lent = self._lent, None
+        if lent is None or not 0 < nbytes <= len(lent) or self._eof:
+            return
+        if self._fill is not None and lent.obj is self._fill.obj and self._filled < self._need:
+            self._filled += nbytes  # already in place
+            return
+        self.feed(lent[:nbytes])
 
     def _append(self, data: Buffer, n: int) -> None:
         if n >= _COALESCE_BELOW:

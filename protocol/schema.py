@@ -304,6 +304,27 @@ REGISTRY: dict[MsgType, type[Message]] = {}
 M = TypeVar("M", bound=type[Message])
 
 
+_TAGS = frozenset(int(t) for t in MsgType)
+
+
+def _check_blob_path(cls: type[Message]) -> None:
+    """A ``BLOB`` path runs through last fields, nested structs, to a ``Bytes(views=True)``."""
+    owner: type = cls
+    for depth, name in enumerate(cls.BLOB):
+        fields = _fields_of(owner)
+        last, s, _ = fields[-1]
+        if last != name:
+            raise TypeError(f"{cls.__name__}.BLOB: {name!r} is not the last field of {owner.__name__}")
+        if depth == len(cls.BLOB) - 1:
+            if not (isinstance(s, Bytes) and s.views):
+                raise TypeError(f"{cls.__name__}.BLOB must end at a Bytes(views=True) field")
+        elif isinstance(s, StructOf):
+            owner = s.cls
+        else:
+            raise TypeError(f"{cls.__name__}.BLOB: {name!r} is not a nested struct")
+    _fields_of(cls)
+
+
 def register(cls: M) -> M:
     """Add a message class to the tag table. A tag is bound exactly once."""
     tag = cls.TAG
@@ -311,7 +332,7 @@ def register(cls: M) -> M:
         raise TypeError(f"tag {tag!r} already bound to {REGISTRY[tag].__name__}")
     if "t" in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
         raise TypeError(f"{cls.__name__}: field name 't' is reserved for the type tag")
-    _fields_of(cls)
+    _check_blob_path(cls)
     REGISTRY[tag] = cls
     return cls
 
@@ -320,7 +341,8 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise SchemaViolation(f"msgpack ext type {code} is not allowed")
 
 
-def _unpack(body: bytes) -> Any:
+def _unpack_options() -> dict[str, Any]:
+    """The caps and hooks of every unpack: one budget of arrays and maps per message."""
     budget = MAX_CONTAINERS
 
     def count(obj: Any) -> Any:  # called once per array and map as it is built
@@ -330,20 +352,79 @@ def _unpack(body: bytes) -> Any:
             raise SchemaViolation(f"more than {MAX_CONTAINERS} arrays and maps in one message")
         return obj
 
-    return msgpack.unpackb(
-        body,
-        object_hook=count,
-        list_hook=count,
-        raw=False,
-        use_list=True,
-        strict_map_key=True,
-        ext_hook=_no_ext,
-        max_str_len=MAX_FRAME_BYTES,
-        max_bin_len=MAX_FRAME_BYTES,
-        max_array_len=MAX_LIST_LEN,
-        max_map_len=MAX_MAP_LEN,
-        max_ext_len=0,
-    )
+    return {
+        "object_hook": count, "list_hook": count, "raw": False, "use_list": True,
+        "strict_map_key": True, "ext_hook": _no_ext, "max_str_len": MAX_FRAME_BYTES,
+        "max_bin_len": MAX_FRAME_BYTES, "max_array_len": MAX_LIST_LEN, "max_map_len": MAX_MAP_LEN,
+        "max_ext_len": 0,
+    }
+
+
+def _unpack(body: bytes) -> Any:
+    return msgpack.unpackb(body, **_unpack_options())
+
+
+#: Bytes of a body ``split_head`` looks at: a BLOB message's fields before its payload fit.
+SPLIT_HEAD_BYTES = 4096
+_BIN_HEADERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def split_head(head: bytes | bytearray | memoryview, size: int) -> tuple[dict[str, Any], int] | None:
+    """Find the payload of a ``BLOB`` message from the first bytes of its body.
+
+    ``head`` is the start of a ``size``-byte body. If the body is a map whose first key is
+    ``"t"`` naming a message class with a ``BLOB`` path, each map on that path ends with the
+    path's key, and the last value is a bin running exactly to the end of the body, returns
+    ``(raw, offset)``: the unpacked map with ``b""`` in place of the payload and the payload's
+    offset in the body. Else None, and the caller decodes the whole body as usual
+    (``decode_body``), so this only ever saves a copy: with the payload put back, ``raw`` is
+    what unpacking the whole body gives, and is then validated the same way."""
+    unpacker = msgpack.Unpacker(**_unpack_options())
+    unpacker.feed(head[:SPLIT_HEAD_BYTES])
+    try:
+        pairs = unpacker.read_map_header()
+        if pairs < 1 or unpacker.unpack() != "t":
+            return None
+        tag = unpacker.unpack()
+        cls = REGISTRY.get(MsgType(tag)) if type(tag) is int and tag in _TAGS else None
+        if cls is None or not cls.BLOB:
+            return None
+        raw: dict[str, Any] = {"t": tag}
+        obj, pairs = raw, pairs - 1
+        for depth, name in enumerate(cls.BLOB):
+            for _ in range(pairs - 1):
+                key = unpacker.unpack()
+                if type(key) is not str:  # the full decoder rejects it (strict_map_key)
+                    return None
+                obj[key] = unpacker.unpack()
+            if pairs < 1 or unpacker.unpack() != name:
+                return None
+            if depth == len(cls.BLOB) - 1:
+                break
+            pairs = unpacker.read_map_header()
+            child: dict[str, Any] = {}
+            obj[name] = child
+            obj = child
+        pos = unpacker.tell()
+    except (msgpack.UnpackException, ValueError, TypeError, SchemaViolation, RecursionError):
+        return None  # anything odd: the full decoder gives the verdict
+    width = _BIN_HEADERS.get(head[pos]) if pos < len(head) else None
+    if width is None or pos + 1 + width > len(head):
+        return None
+    offset = pos + 1 + width
+    if offset + int.from_bytes(head[pos + 1:offset], "big") != size:
+        return None
+    obj[cls.BLOB[-1]] = b""
+    return raw, offset
+
+
+def put_blob(raw: dict[str, Any], blob: bytes | memoryview) -> None:
+    """Put a payload found by ``split_head`` back into its place in ``raw``."""
+    path = REGISTRY[MsgType(raw["t"])].BLOB
+    obj = raw
+    for name in path[:-1]:
+        obj = obj[name]
+    obj[path[-1]] = blob
 
 
 def encode_body(msg: Message) -> bytes:
