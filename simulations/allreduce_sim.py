@@ -17,6 +17,7 @@ in which case only deadlines can find out. Messages already emitted are still de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -68,6 +69,8 @@ class NodeScript:
     """Extra seconds before each control message leaves (a stalled process, e.g. a frozen leader)."""
     notify: bool = True
     """Whether the others learn of this node's crash (or absence) via ``peer_failed``."""
+    early_average_for: int | None = None
+    """A hostile node: its early (epoch 0) averages claim to be of this other member's slice."""
 
     @property
     def faulty(self) -> bool:
@@ -89,6 +92,11 @@ class NodeOutcome:
     dropped: list[PeerDropped] = field(default_factory=list)
     parts_sent: int = 0
     averages_sent: int = 0
+    early_averages_sent: int = 0
+    """Averages sent before any commit (epoch 0)."""
+    first_average_at: float | None = None
+    first_commit_at: float | None = None
+    """When this member (as leader) first sent an AR_COMMIT."""
     bytes_sent: int = 0
     control_sent: dict[str, int] = field(default_factory=dict)
 
@@ -278,6 +286,8 @@ class AllReduceSim:
         if isinstance(send, SendMessage):
             name = type(send.message).__name__
             o.control_sent[name] = o.control_sent.get(name, 0) + 1
+            if name == "ArCommit" and o.first_commit_at is None:
+                o.first_commit_at = self.now
             if sc.crash_after_message == (name, o.control_sent[name]):
                 self._crash(i, even_if_ended=True)  # e.g. a leader dying halfway through its AR_FINISH
         elif send.kind is TensorKind.PART:
@@ -286,6 +296,9 @@ class AllReduceSim:
                 self._crash(i)
         else:
             o.averages_sent += 1
+            o.early_averages_sent += send.epoch == 0
+            if o.first_average_at is None:
+                o.first_average_at = self.now
             if sc.crash_after_averages is not None and o.averages_sent >= sc.crash_after_averages:
                 self._crash(i)
 
@@ -302,6 +315,9 @@ class AllReduceSim:
             self._link(i, j, 0, self.now, size, "msg", (i, msg))
             return
         chunk = encode_chunk(send.values, self.codec, offset=send.offset)
+        forged = self.scripts[i].early_average_for
+        if forged is not None and send.kind is TensorKind.AVERAGE and send.epoch == 0:
+            send = dataclasses.replace(send, slice=forged)
         tmsg: ArPart | ArAverage = send.to_message(chunk)
         if self.wire:
             decoded = decode_body(encode_body(tmsg))

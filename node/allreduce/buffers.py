@@ -87,6 +87,14 @@ class SliceBuffer:
             self.ensure(index)
 
     @classmethod
+    def blank(cls, length: int, chunk_elements: int, *, epoch: int, owner: int) -> SliceBuffer:
+        """An average filled chunk by chunk with ``put`` (one contiguous array: ``values``;
+        a chunk's slice of it is meaningful once ``got``)."""
+        buf = cls(length, chunk_elements, epoch=epoch, owner=owner)
+        buf._values = np.empty(length, np.float32)
+        return buf
+
+    @classmethod
     def full(cls, values: Floats, chunk_elements: int, *, epoch: int = 0, owner: int = -1) -> SliceBuffer:
         """A complete buffer over ``values`` (not copied; made read-only)."""
         buf = cls(0, chunk_elements, epoch=epoch, owner=owner)

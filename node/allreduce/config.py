@@ -46,6 +46,10 @@ class AllReduceConfig:
     """Hard bound: the round fails with a timeout this many seconds after the local start."""
     max_epochs: int = 8
     """Most commits in one round (each failure after a commit costs one)."""
+    early_averages: bool = True
+    """An initial owner averages each chunk of its slice as soon as every member's part of it
+    is in, and streams it before any commit (epoch 0), so the all-gather overlaps the
+    reduce-scatter; the first commit keeps those averages when S is the whole group."""
     outlier_factor: float | None = 10.0
     """A candidate whose L2 norm exceeds this times the median candidate norm is excluded
     (NORM_OUTLIER). Needs >= 3 candidates; ``None`` disables the check. Must be > 1."""
@@ -62,6 +66,8 @@ class AllReduceConfig:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
         if type(self.max_epochs) is not int or not 1 <= self.max_epochs <= MAX_EPOCHS:
             raise ConfigError(f"max_epochs must be in 1..{MAX_EPOCHS}, got {self.max_epochs!r}")
+        if type(self.early_averages) is not bool:
+            raise ConfigError(f"early_averages must be a bool, got {self.early_averages!r}")
         f = self.outlier_factor
         if f is not None and (not isinstance(f, int | float) or not math.isfinite(f) or f <= 1):
             raise ConfigError(f"outlier_factor must be > 1 or None, got {f!r}")

@@ -49,7 +49,8 @@ Rules, in order:
    Slices whose owner left R (or was blamed) go to the receiver holding most of the new
    S's contributions to it (ties: least load, then lowest index). Every contributor the
    new owner lacks must resend. S unchanged keeps ``contributors_since``, so averages
-   already delivered stay valid.
+   already delivered stay valid; the first commit with S = the whole group has
+   ``contributors_since = 0``, which keeps the initial owners' early averages.
 5. *Abort* when S or R would be empty, or the epoch would exceed ``max_epochs``.
 """
 
@@ -289,7 +290,10 @@ def _commit(v: LeaderView, contributors: set[int], receivers: set[int], owners: 
         if need:
             resend.append(Resend(slice=s, senders=tuple(sorted(need))))
     prev = v.commit
-    since = prev.contributors_since if prev and set(prev.contributors) == contributors else epoch
+    if prev is not None:
+        since = prev.contributors_since if set(prev.contributors) == contributors else epoch
+    else:  # the first commit: with the whole group as S, the early averages stand (§11.3)
+        since = 0 if len(contributors) == v.n else epoch
     why = {**blame.senders, **blame.gone, **({e.member: e.reason for e in prev.dropped} if prev else {})}
     dropped = tuple(Exclusion(member=m, reason=why.get(m, DropReason.STALLED))
                     for m in range(v.n) if m not in contributors)

@@ -6,7 +6,9 @@ buffered but the arrays the round holds anyway. The adapter calls ``on_sent(dest
 when a chunk's frame is written; until then its raw bytes count against the window. At
 least one chunk may always be in flight, so a window smaller than a chunk still progresses.
 Drain order is round-robin over destinations in ring order, one chunk per destination per
-pass, so every link gets work before any link gets a second chunk.
+pass, so every link gets work before any link gets a second chunk; within a destination,
+round-robin over its jobs whose next chunk is ready (an early average's chunk is ready once
+computed), so a part and an average bound for the same member share its link.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Job:
     """The whole slice (a view)."""
     prepare: Callable[[int], None] | None = None
     """Called with a chunk index before that chunk is emitted (a lazy average computes it)."""
+    ready: Callable[[int], bool] | None = None
+    """Whether a chunk index may be emitted now (None: always); chunks go out in order."""
     next_chunk: int = 0
 
 
@@ -85,7 +89,11 @@ class Outbox:
 
     def _next(self, dest: bytes) -> SendTensor | None:
         jobs = self._jobs[dest]
-        if not jobs:
+        for _ in range(len(jobs)):
+            if jobs[0].ready is None or jobs[0].ready(jobs[0].next_chunk):
+                break
+            jobs.rotate(-1)
+        else:
             return None
         job = jobs[0]
         start, count = chunk_span(job.values.size, self._chunk, job.next_chunk)
@@ -100,6 +108,7 @@ class Outbox:
                           values=job.values[start:start + count])
         self._in_flight[dest] = flying + nbytes
         job.next_chunk += 1
-        if job.next_chunk >= chunk_count(job.values.size, self._chunk):
-            jobs.popleft()
+        jobs.popleft()
+        if job.next_chunk < chunk_count(job.values.size, self._chunk):
+            jobs.append(job)  # its next chunk waits for the other jobs' next ones
         return send

@@ -65,7 +65,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from node.allreduce import layout
-from node.allreduce.buffers import Roundtrip, SliceBuffer
+from node.allreduce.buffers import Roundtrip, SliceBuffer, reduce_mean
 from node.allreduce.config import AllReduceConfig
 from node.allreduce.decide import DecisionKind, LeaderView, decide
 from node.allreduce.events import (
@@ -172,6 +172,9 @@ class AllReduceRound:
         self._result: AllReduceResult | None = None
         self._assembly: list[tuple[Floats, SliceBuffer]] = []
         self.error: AllReduceError | None = None
+        self._early: SliceBuffer | None = None
+        if cfg.early_averages and self._n > 1 and self._sizes[self._me]:
+            self._early = self._store.start_early(self._me, owner=self._me)
         self._own_contribution(self._me)
         self._timers: dict[str, float] = {"round": now + cfg.round_timeout}
         if self._n == 1:
@@ -228,7 +231,11 @@ class AllReduceRound:
         try:
             if isinstance(msg, ArPart):
                 changed = self._store.put_part(i, msg.slice, msg.chunk, values)
+                if msg.slice == self._me and self._early is not None:
+                    self._early_chunk(msg.chunk)
             else:
+                if msg.epoch == 0 and msg.slice != i:
+                    raise RemoteProtocolError(f"an early AR_AVERAGE of slice {msg.slice} from member {i}")
                 owner = self._commit.owners[msg.slice] if self._commit and msg.slice < self._n else None
                 changed = self._store.put_average(i, msg.epoch, msg.slice, msg.chunk, values,
                                                   committed_owner=owner)
@@ -331,6 +338,11 @@ class AllReduceRound:
         self._gen += 1
         if self.state is RoundState.REDUCE_SCATTER:
             self._outbox.add(self.members[i], self._part_job(i))
+            if self._early is not None:
+                early = self._early
+                self._outbox.add(self.members[i], Job(
+                    TensorKind.AVERAGE, 0, self._me, self._offsets[self._me], early.values,
+                    ready=lambda index: bool(early.got[index])))
             if self._leader in (i, self._me):  # the leader decides relative to the latest start
                 self._set_leader_timers(now + self.config.part_timeout + self.config.report_grace)
 
@@ -434,6 +446,8 @@ class AllReduceRound:
         if c is None:
             return
         for s in self._nonempty:
+            if c.owners[s] == self._me and self._store.averages.get(s) is self._early and self._avg_valid(s, computing=True):
+                self._early_rest()
             if c.owners[s] != self._me or self._avg_valid(s, computing=True):
                 continue
             parts = self._store.complete_from(s, c.contributors)
@@ -578,6 +592,27 @@ class AllReduceRound:
     def _part_job(self, s: int) -> Job:
         lo = self._offsets[s]
         return Job(TensorKind.PART, 0, s, lo, self._tensor[lo:lo + self._sizes[s]])
+
+    def _early_chunk(self, index: int) -> None:
+        """Average chunk ``index`` of our slice early, if every member's part of it is in."""
+        early = self._early
+        if early is None or early.got[index] or self._store.averages.get(self._me) is not early:
+            return
+        chunks = self._store.chunk_from(self._me, index, range(self._n))
+        if chunks is None:
+            return
+        mean = reduce_mean(chunks, self.config.chunk_elements)
+        if self._roundtrip is not None:
+            mean = self._roundtrip(mean)
+        early.put(index, mean)
+        self._gen += 1  # a ready chunk for the outbox; our own average may be whole
+
+    def _early_rest(self) -> None:
+        """A commit kept our early average: compute what arrival order left out (if any)."""
+        early = self._early
+        if early is not None and not early.complete:
+            for index in range(len(early.got)):
+                self._early_chunk(index)
 
     def _own_contribution(self, s: int) -> None:
         lo = self._offsets[s]

@@ -84,6 +84,22 @@ class SliceStore:
             return None
         return [per[j] for j in senders]
 
+    def chunk_from(self, s: int, index: int, senders: range) -> list[Floats] | None:
+        """Chunk ``index`` of every sender's contribution to slice ``s``, in sender order, if
+        every one of them has it (and none sent NaN/Inf)."""
+        per = self.contrib.get(s, {})
+        if any(j in self.bad or j not in per for j in senders):
+            return None
+        bufs = [per[j] for j in senders]
+        if not all(b.complete or b.got[index] for b in bufs):
+            return None
+        return [b.chunk(index) for b in bufs]
+
+    def start_early(self, s: int, *, owner: int) -> SliceBuffer:
+        """The early (epoch 0) average of slice ``s``, filled chunk by chunk by its owner."""
+        avg = self.averages[s] = SliceBuffer.blank(self.sizes[s], self.chunk, epoch=0, owner=owner)
+        return avg
+
     def start_average(self, s: int, parts: list[SliceBuffer], *, epoch: int, owner: int,
                       roundtrip: Roundtrip | None) -> SliceBuffer:
         avg = SliceBuffer.mean_of(parts, self.chunk, epoch=epoch, owner=owner, roundtrip=roundtrip)

@@ -49,6 +49,8 @@ def check_commit(c: ArCommit, n: int) -> None:
         raise _bad("AR_COMMIT leader must be the first receiver")
     if c.contributors_since > c.epoch:
         raise _bad("AR_COMMIT contributors_since after its epoch")
+    if c.contributors_since == 0 and c.contributors != tuple(range(n)):
+        raise _bad("AR_COMMIT contributors_since 0 needs the whole group as contributors")
     if len(c.owners) != n or any(o not in r for o in c.owners):
         raise _bad("AR_COMMIT needs one owner per slice, each a receiver")
     _members(sorted({x.slice for x in c.resend}), n, "AR_COMMIT resend slices")

@@ -140,7 +140,9 @@ class ArAverage(Message):
     TAG: ClassVar[MsgType] = MsgType.AR_AVERAGE
     BLOB: ClassVar[tuple[str, ...]] = ("data", "payload")
     round_id: bytes = spec(ROUND_ID)
-    epoch: int = spec(IntRange(1, MAX_EPOCHS))
+    epoch: int = spec(IntRange(0, MAX_EPOCHS))
+    """The commit this average is for; 0: an *early* average (§11.3), sent by the slice's
+    initial owner before any commit, over every member of the group."""
     slice: int = spec(MEMBER)
     chunk: int = spec(CHUNK_INDEX)
     data: TensorChunk = spec(StructOf(TensorChunk))
@@ -177,8 +179,9 @@ class ArCommit(Message):
     """Who leads this epoch: the first member of ``receivers``."""
     contributors: tuple[int, ...] = spec(MEMBERS)
     """S: every average of this epoch is the mean over exactly these members, ascending."""
-    contributors_since: int = spec(IntRange(1, MAX_EPOCHS))
-    """First epoch with this same S: averages computed since then by the same owner stay valid."""
+    contributors_since: int = spec(IntRange(0, MAX_EPOCHS))
+    """First epoch with this same S: averages computed since then by the same owner stay valid
+    (0: S is the whole group, so the initial owners' early averages are valid too)."""
     receivers: tuple[int, ...] = spec(MEMBERS)
     """R: members still in the round (they get the averages); S is a subset."""
     owners: tuple[int, ...] = spec(MEMBERS)

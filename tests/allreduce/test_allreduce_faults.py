@@ -66,6 +66,41 @@ def test_exact_mean_for_every_group_size(n: int) -> None:
         assert o.parts_sent > 0 and o.averages_sent > 0
 
 
+@pytest.mark.parametrize("n", [2, 4, 7])
+def test_early_averages_overlap_the_reduce_scatter_and_stand(n: int) -> None:
+    tensors = inputs(n, numel=5000, seed=n)
+    plain = run(tensors, seed=n, config=CFG.replace(early_averages=False))[1]
+    sim, out = run(tensors, seed=n)
+    assert_survivors(sim, out, tensors, list(range(n)))
+    commit = min(o.first_commit_at for o in out.values() if o.first_commit_at is not None)
+    for m, o in out.items():
+        # every average went out before the commit, none again after it: the same bytes
+        assert o.averages_sent == o.early_averages_sent == plain[m].averages_sent > 0
+        assert o.first_average_at is not None and o.first_average_at < commit
+        assert o.result is not None and plain[m].result is not None
+        assert np.array_equal(o.result.average, plain[m].result.average)
+    assert max(o.ended_at or 0 for o in out.values()) < max(o.ended_at or 0 for o in plain.values())
+
+
+def test_early_averages_are_redone_when_a_member_is_left_out() -> None:
+    tensors = inputs(4, seed=11)
+    tensors[2][7] = np.nan  # member 2's contribution is excluded: S is not the whole group
+    sim, out = run(tensors)
+    assert_survivors(sim, out, tensors, [0, 1, 3])  # member 2 is a receiver, not a contributor
+    for o in out.values():
+        assert o.result is not None and o.result.epoch == 1
+    assert out[0].early_averages_sent == 0  # member 2's first part to owner 0 held the NaN
+    for m in (1, 3):  # their early averages included member 2: sent, dropped, done again
+        assert 0 < out[m].early_averages_sent < out[m].averages_sent
+
+
+def test_an_early_average_from_the_wrong_member_is_a_protocol_error() -> None:
+    tensors = inputs(3, seed=12)
+    sim, out = run(tensors, {1: NodeScript(early_average_for=2)})
+    assert_survivors(sim, out, tensors, [0, 2])
+    assert {d.reason for d in out[0].dropped} == {DropReason.PROTOCOL_ERROR}
+
+
 def test_reference_is_the_plain_numpy_mean() -> None:
     tensors = inputs(5, seed=9)
     plain = np.mean(np.stack(tensors).astype(np.float64), axis=0).astype(np.float32)
@@ -195,8 +230,28 @@ def test_leader_dies_halfway_through_its_finish(sent: int, notify: bool) -> None
 @pytest.mark.parametrize("sent", [1, 3])
 def test_leader_dies_halfway_through_its_commit(sent: int, notify: bool) -> None:
     tensors = inputs(5, seed=sent)
-    sim, out = run(tensors, {0: NodeScript(crash_after_message=("ArCommit", sent), notify=notify)})
+    script = {0: NodeScript(crash_after_message=("ArCommit", sent), notify=notify)}
+    sim, out = run(tensors, script, config=CFG.replace(early_averages=False))
     assert_survivors(sim, out, tensors, [1, 2, 3, 4])
+    # With early averages the leader's slice average may have reached everyone before it
+    # died: then its contribution stands (every survivor agrees, and says so), else it goes.
+    sim, out = run(tensors, script)
+    got = {tuple(contributors(sim, out[m])) for m in (1, 2, 3, 4)}
+    assert len(got) == 1 and got <= {(0, 1, 2, 3, 4), (1, 2, 3, 4)}
+    if got == {(1, 2, 3, 4)}:
+        assert_survivors(sim, out, tensors, [1, 2, 3, 4])
+    else:
+        assert_agree(sim, out, tensors, [0, 1, 2, 3, 4], [1, 2, 3, 4])
+
+
+def assert_agree(sim: AllReduceSim, out: dict[int, NodeOutcome], tensors: list[np.ndarray],
+                 contributed: list[int], survivors: list[int]) -> None:
+    """Every survivor finished with the exact mean over ``contributed``."""
+    expected = exact_mean(tensors, contributed)
+    for m in survivors:
+        o = out[m]
+        assert o.result is not None and contributors(sim, o) == contributed
+        assert np.array_equal(o.result.average, expected)
 
 
 def test_frozen_leader_is_superseded_and_told() -> None:

@@ -85,10 +85,10 @@ def test_tags_are_in_the_all_reduce_range() -> None:
         (MESSAGES[0], {"numel": 0}),
         (MESSAGES[0], {"layout": b"L" * 17}),
         (MESSAGES[1], {"slice": 256}),
-        (MESSAGES[2], {"epoch": 0}),
+        (MESSAGES[2], {"epoch": -1}),
         (MESSAGES[2], {"epoch": 65}),
         (REPORT, {"averages": tuple(range(257))}),
-        (COMMIT, {"contributors_since": 0}),
+        (COMMIT, {"contributors_since": -1}),
         (MESSAGES[7], {"leader": -1}),
     ],
 )
@@ -122,6 +122,7 @@ def test_norms_must_be_finite() -> None:
         {"resend": (Resend(slice=3, senders=(1,)),)},  # 1 is not a contributor
         {"dropped": (Exclusion(member=0, reason=DropReason.STALLED),)},
         {"contributors_since": 3},
+        {"contributors_since": 0},  # 0 (early averages stand) needs the whole group as S
         {"receivers": (0, 1, 2, 4)},
     ],
 )
