@@ -13,11 +13,12 @@ builds the core (which starts the round), and hands it to a ``_Driver`` that loo
   tensor queue; one pump task per (destination, channel), a child of the node's TaskGroup,
   writes them in order with ``node.send`` (which awaits the link's drain: backpressure).
   A tensor's encoding is submitted to the node's codec thread pool when the core emits it,
-  so encoding overlaps sending; the core emits a chunk only while the destination's
+  so encoding overlaps sending (plain ``none`` chunks, views of the values, are made
+  inline: a pool hop would cost more than the work); the core emits a chunk only while the destination's
   in-flight window has room, and ``on_sent`` (after the frame is written) opens it again.
   Nothing else is queued: the windows bound memory and the thread pool's backlog.
-* Inputs. A tensor message is decoded in the thread pool by the link's reader task, which
-  waits for it: a slow decoder pauses that link's reading (the transport's bounded inbox),
+* Inputs. A tensor message is decoded in the thread pool (plain ``none``: inline, a view
+  of the payload) by the link's reader task, which waits for it: a slow decoder pauses that link's reading (the transport's bounded inbox),
   so the sender slows down via TCP. Control messages go to the core directly. Messages
   for a round this node has not started yet are held in a bounded pending inbox (at most
   ``MAX_PENDING_ROUNDS`` round ids, ``MAX_PENDING_PER_ROUND`` messages each, for
@@ -87,7 +88,7 @@ from protocol.messages.tensor import (
     DropReason,
 )
 from protocol.schema import Message
-from protocol.tensor import CodecSpec, ErrorFeedback, TensorChunk, decode_chunk, encode_chunk
+from protocol.tensor import CodecId, CodecSpec, ErrorFeedback, TensorChunk, decode_chunk, encode_chunk
 
 if TYPE_CHECKING:
     from node.runtime import Node
@@ -103,6 +104,9 @@ PENDING_TTL_S = 60.0
 RECENT_ROUNDS = 1024
 #: Seconds control pumps keep flushing after their round ended.
 FLUSH_S = 2.0
+#: A chain that encodes to a view of the values and decodes to a view of the payload: no
+#: work worth a thread-pool hop (each hop wakes a thread and hands the GIL back and forth).
+_PLAIN = (CodecId.NONE,)
 #: Assumed link speed for default deadlines when the caller gives no config (100 Mbit/s).
 DEFAULT_LINK_BYTES_PER_S = 12.5e6
 
@@ -270,9 +274,11 @@ class AllReduceService:
         if driver is None or not driver.core.active:
             return
         self.watch(link)
-        loop = asyncio.get_running_loop()
         try:
-            values = await loop.run_in_executor(self.executor, decode_chunk, msg.data)
+            if msg.data.stages == _PLAIN:  # a view of the payload: no work to hand off
+                values = decode_chunk(msg.data)
+            else:
+                values = await asyncio.get_running_loop().run_in_executor(self.executor, decode_chunk, msg.data)
         except RemoteCodecError:
             driver.peer_failed(src)
             raise  # the link's reader closes the connection with CODEC_ERROR
@@ -436,6 +442,13 @@ class _Driver:
         def encode() -> _Encoded:
             return _Encoded(encode_chunk(values, codec, feedback=feedback, offset=offset), values)
 
+        if codec.stages == _PLAIN and feedback is None:  # a view of the values: no work to hand off
+            done: asyncio.Future[_Encoded] = self.loop.create_future()
+            try:
+                done.set_result(encode())
+            except CodecError as exc:
+                done.set_exception(exc)
+            return send, done
         return send, self.loop.run_in_executor(self.service.executor, encode)
 
     def _finish(self, result: AllReduceResult) -> None:
