@@ -26,9 +26,9 @@ builds the core (which starts the round), and hands it to a ``_Driver`` that loo
   messages, or the newest message, are dropped (the core's deadlines cope with a loss).
   Tensor messages for an unknown round are dropped: a member streams data only after the
   owner's AR_BEGIN.
-* Failures. A link used by a round that closes, a send that fails, or a membership DEAD /
-  LEFT event is ``peer_failed``; a chunk that does not decode fails its sender and closes
-  the link (``RemoteCodecError``). One ``loop.call_at(core.next_deadline())`` timer per
+* Failures. A link used by a round that breaks (closes without a goodbye), a send that
+  fails, or a membership DEAD / LEFT event is ``peer_failed``; a chunk that does not decode
+  fails its sender as PROTOCOL_ERROR and closes the link (``RemoteCodecError``). One ``loop.call_at(core.next_deadline())`` timer per
   round drives every deadline; the core's ``round_timeout`` is the caller's ``timeout``, so
   a round never hangs; a failure past that time is ``protocol.errors.TimeoutError``.
 * End. On ``RoundFinished`` / ``RoundFailed`` the round is forgotten (its id kept a while,
@@ -88,7 +88,14 @@ from protocol.messages.tensor import (
     DropReason,
 )
 from protocol.schema import Message
-from protocol.tensor import CodecId, CodecSpec, ErrorFeedback, TensorChunk, decode_chunk, encode_chunk
+from protocol.tensor import (
+    CodecId,
+    CodecSpec,
+    ErrorFeedback,
+    TensorChunk,
+    decode_chunk,
+    encode_chunk,
+)
 
 if TYPE_CHECKING:
     from node.runtime import Node
@@ -279,8 +286,8 @@ class AllReduceService:
                 values = decode_chunk(msg.data)
             else:
                 values = await asyncio.get_running_loop().run_in_executor(self.executor, decode_chunk, msg.data)
-        except RemoteCodecError:
-            driver.peer_failed(src)
+        except RemoteCodecError as exc:
+            driver.peer_failed(src, DropReason.PROTOCOL_ERROR, f"undecodable chunk: {exc}")
             raise  # the link's reader closes the connection with CODEC_ERROR
         if self.observer is not None:
             self.observer("received", src, len(msg.data.payload))
@@ -328,6 +335,11 @@ class AllReduceService:
         finally:
             self._watched.discard(link)
         assert link.peer is not None
+        if link.close_reason is None:
+            # A goodbye is no failure: a member leaving says AR_CANCEL (and membership LEFT)
+            # first, and the pool retires idle or duplicate links this way; the next send
+            # dials again. What was sent before the goodbye was delivered.
+            return
         for driver in list(self._rounds.values()):
             driver.peer_failed(link.peer.node_id)
 
@@ -366,9 +378,9 @@ class _Driver:
         self.core.on_sent(dest, nbytes, now=self.loop.time())
         self.step()
 
-    def peer_failed(self, node: bytes) -> None:
+    def peer_failed(self, node: bytes, reason: DropReason = DropReason.DIED, detail: str = "") -> None:
         if self.core.active and node in self.core.members and node != self.service._node.node_id:
-            self.core.peer_failed(node, now=self.loop.time())
+            self.core.peer_failed(node, now=self.loop.time(), reason=reason, detail=detail)
             self.step()
 
     def _drop_tensors(self, node: bytes) -> None:

@@ -249,11 +249,13 @@ class AllReduceRound:
         self._now = now
         self._outbox.on_sent(dest, nbytes)
 
-    def peer_failed(self, node: bytes, *, now: float) -> None:
-        """The transport or membership says ``node`` is gone (connection lost, SWIM dead)."""
+    def peer_failed(self, node: bytes, *, now: float, reason: DropReason = DropReason.DIED,
+                    detail: str = "") -> None:
+        """The transport or membership says ``node`` is gone (connection lost, SWIM dead), or
+        (``reason=PROTOCOL_ERROR``) the adapter found its data undecodable."""
         i = self._index.get(node)
         if i is not None and self.active:
-            self._mark_failed(i, DropReason.DIED)
+            self._mark_failed(i, reason, detail=detail)
             self._advance(now)
 
     def cancel(self, *, now: float) -> None:

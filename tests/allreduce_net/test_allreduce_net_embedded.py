@@ -25,7 +25,7 @@ from node.torch_hooks import MeshGradientAverager, MeshHookState, mesh_allreduce
 from protocol.connection import Channel
 from protocol.errors import ConfigError, TimeoutError
 from protocol.messages.tensor import ArBegin, ArPart, DropReason
-from protocol.tensor import CodecSpec, encode_chunk
+from protocol.tensor import CodecId, CodecSpec, TensorChunk, encode_chunk
 from simulations.allreduce_procs import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -194,16 +194,19 @@ def test_ddp_comm_hook(meshes: tuple[MeshNode, MeshNode, list[bytes]]) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("bad", ["no such slice", "undecodable"])
 def test_member_breaking_the_protocol_is_dropped_and_disconnected(
-        meshes: tuple[MeshNode, MeshNode, list[bytes]]) -> None:
+        meshes: tuple[MeshNode, MeshNode, list[bytes]], bad: str) -> None:
     """b plays a hostile member by hand: a valid AR_BEGIN, then a chunk for a slice that does
-    not exist. a drops b (PROTOCOL_ERROR), closes its links, and returns its own mean."""
+    not exist, or one whose zstd frame is garbage. a drops b (PROTOCOL_ERROR), closes its
+    links, and returns its own mean."""
     a, b, group = meshes
     x = np.ones(64, np.float32)
-    rid = layout.round_id(group, b"hostile")
+    key = f"hostile {bad}"
+    rid = layout.round_id(group, key.encode())
     sizes = layout.slice_sizes(x.size, [1.0, 1.0])
     digest = layout.layout_digest(x.size, sizes, CodecSpec.parse("none").chunk_elements, "none")
-    started = a.all_reduce_future(x, group=group, key="hostile", timeout=30)
+    started = a.all_reduce_future(x, group=group, key=key, timeout=30)
 
     async def round_started() -> None:  # data for a round not started here yet is dropped
         while not a.node.allreduce.has_round(rid):
@@ -215,8 +218,13 @@ def test_member_breaking_the_protocol_is_dropped_and_disconnected(
         node = b.node
         await node.send(a.node_id, ArBegin(round_id=rid, numel=x.size, layout=digest),
                         channel=Channel.CONTROL)
-        await node.send(a.node_id, ArPart(round_id=rid, slice=7, chunk=0,
-                                          data=encode_chunk(x[:32], CodecSpec.parse("none"))))
+        if bad == "no such slice":
+            part = ArPart(round_id=rid, slice=7, chunk=0, data=encode_chunk(x[:32], CodecSpec.parse("none")))
+        else:
+            garbage = TensorChunk(stages=(CodecId.NONE, CodecId.ZSTD), numel=32, kept=32, raw_bytes=128,
+                                  payload=b"\x28\xb5\x2f\xfd" + bytes(20))
+            part = ArPart(round_id=rid, slice=0, chunk=0, data=garbage)
+        await node.send(a.node_id, part)
 
     b.submit(misbehave()).result(10)
     out = started.result(30)
