@@ -7,8 +7,9 @@ process, side by side:
 
 * raw AEAD: seal and open of the same body size with the chosen cipher, into preallocated
   buffers (the ceiling);
-* send: ``Connection.send`` (msgpack pack + seal + length prefix);
-* receive: ``receive_data`` + ``next_event`` (deframe + open + decode + validate);
+* send: ``Connection.send`` (header pack + seal straight from the payload + length prefix);
+* receive: ``get_buffer`` / ``buffer_updated`` reads + ``next_event`` (deframe + open into
+  the payload's own buffer + decode + validate), as ``node.transport.Link`` drives it;
 * round trip: send then receive, one frame at a time (what one core does when it is both ends).
 
 Every frame is timed on its own; the table shows the best (undisturbed) and the median
@@ -23,11 +24,10 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
 
 import numpy as np
 
-from protocol.connection import NEED_DATA, Channel, HandshakeOptions, MessageReceived
+from protocol.connection import NEED_DATA, Channel, Connection, HandshakeOptions, MessageReceived
 from protocol.crypto import Cipher, make_aead
 from protocol.messages.tensor import ArPart
 from protocol.tensor import CodecSpec, encode_chunk
@@ -43,10 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a final JSON line")
 
 
-def _feed(conn_receive: Callable[[memoryview], None], data: bytes | bytearray, step: int) -> None:
-    view = memoryview(data)
-    for k in range(0, len(data), step):
-        conn_receive(view[k : k + step])
+def _deliver(conn: Connection, data: bytes | bytearray | memoryview, step: int) -> None:
+    """What a socket read loop does with ``Link``: reads of at most ``step`` bytes, each into
+    the buffer the connection asks to be filled (the copy stands for the kernel's)."""
+    view, pos = memoryview(data).cast("B"), 0
+    while pos < len(view):
+        buf = conn.get_buffer(step)
+        k = min(len(buf), step, len(view) - pos)
+        buf[:k] = view[pos : pos + k]
+        conn.buffer_updated(k)
+        pos += k
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         frames, times, got = [p.initiator.send(msg) for _ in range(n)], [], 0
         for frame in frames:
             t = time.perf_counter()
-            _feed(p.responder.receive_data, frame, step)
+            _deliver(p.responder, frame, step)
             while (ev := p.responder.next_event()) is not NEED_DATA:
                 got += isinstance(ev, MessageReceived)
             times.append(time.perf_counter() - t)
@@ -101,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         p, times, got = pair(), [], 0
         for _ in range(n):
             t = time.perf_counter()
-            _feed(p.responder.receive_data, p.initiator.send(msg), step)
+            _deliver(p.responder, p.initiator.send(msg), step)
             while (ev := p.responder.next_event()) is not NEED_DATA:
                 got += isinstance(ev, MessageReceived)
             times.append(time.perf_counter() - t)
