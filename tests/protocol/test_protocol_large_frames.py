@@ -191,3 +191,11 @@ def test_split_head_needs_the_payload_to_end_the_body() -> None:
     assert split_head(body[:20], len(body)) is None  # the head does not reach the payload
     ping = encode_body(PushPull(members=(), join=True))
     assert split_head(ping, len(ping)) is None
+
+
+@given(head=st.binary(max_size=300), extra=st.integers(0, 1 << 20))
+def test_split_head_never_raises_on_garbage(head: bytes, extra: int) -> None:
+    found = split_head(head, len(head) + extra)
+    if found is not None:  # then it is a tensor message's head, payload bytes still to come
+        raw, offset = found
+        assert raw["t"] in (int(ArPart.TAG), int(ArAverage.TAG)) and offset <= len(head)
