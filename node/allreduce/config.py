@@ -50,9 +50,12 @@ class AllReduceConfig:
     """An initial owner averages each chunk of its slice as soon as every member's part of it
     is in, and streams it before any commit (epoch 0), so the all-gather overlaps the
     reduce-scatter; the first commit keeps those averages when S is the whole group."""
-    outlier_factor: float | None = 10.0
+    outlier_factor: float | None = 100.0
     """A candidate whose L2 norm exceeds this times the median candidate norm is excluded
-    (NORM_OUTLIER). Needs >= 3 candidates; ``None`` disables the check. Must be > 1."""
+    (NORM_OUTLIER). Needs >= 3 candidates; ``None`` disables the check. Must be > 1. Honest
+    small-batch gradients vary more than one might think: in ``simulations train`` (batch 32,
+    3 workers) the largest norm reached 11.6x the median once in 400 steps (p99 4.3x), so the
+    default only catches what is off by orders of magnitude (a scaling bug, garbage)."""
 
     def __post_init__(self) -> None:
         if type(self.chunk_elements) is not int or not 1 <= self.chunk_elements <= 1 << 24:
