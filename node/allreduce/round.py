@@ -22,6 +22,11 @@ REDUCE_SCATTER (epoch 0)
     NON_FINITE). A member *reports* (AR_REPORT: contributions held with squared norms,
     exclusions) to the leader once its own slice is complete from every member it is not
     failing, or at ``part_timeout``; it reports again whenever that content changes.
+    Early averages (``config.early_averages``): an owner averages chunk k of its slice as
+    soon as it holds chunk k from every member and streams it as AR_AVERAGE of epoch 0,
+    parts and averages to one member taking turns on its link; so the all-gather overlaps
+    the reduce-scatter. They count only if the first commit's S is the whole group
+    (``contributors_since`` 0); otherwise the epoch's averages are computed as below.
 ALL_GATHER (epoch e >= 1)
     The leader's AR_COMMIT fixes S (contributors), R (receivers), the owner of each slice,
     and who must resend which slice to a new owner. An owner, once it holds complete
@@ -448,7 +453,8 @@ class AllReduceRound:
         if c is None:
             return
         for s in self._nonempty:
-            if c.owners[s] == self._me and self._store.averages.get(s) is self._early and self._avg_valid(s, computing=True):
+            mine = c.owners[s] == self._me
+            if mine and self._store.averages.get(s) is self._early and self._avg_valid(s, computing=True):
                 self._early_rest()
             if c.owners[s] != self._me or self._avg_valid(s, computing=True):
                 continue
