@@ -18,13 +18,19 @@ both sides pick the same *preferred* link by one rule, ``prefer``: the link init
 the member with the smaller node id (of two links dialed by the same side, e.g. an address
 alias, the older one). Every table entry that pointed at the other link is re-pointed at the
 preferred one, so from then on both sides send on one connection. The other link is
-*retired*: nothing new is sent on it, what was already written on it is still read and
-delivered, and it is closed with a goodbye together with the preferred link once the pair is
-idle (below). It is not closed at once on purpose: at the start of an all-reduce round every
-pair of members dials each other, both links carry the round's first chunks, and the
-all-reduce fails a peer in every running round when a link that carried the round closes
-(``AllReduceService._watch``), so closing the retired half mid-round would drop members.
-When a preferred link closes, a still open retired link to that peer takes its place.
+*retired*: nothing new is sent on it, and what was already written on it is still read and
+delivered. A retired link closes with a goodbye once it is drained and quiet: nothing
+buffered for writing, nothing unhandled in its inbox, and no byte moved either way for
+``retired_quiet(idle_timeout)`` seconds (``close_retired``, run by the sweep below). Only the
+side that *answered* the preferred link closes it; the other side sees the goodbye. That
+side's handshake completes last (the dialer completes on the RESPONSE, before it writes the
+FINISH), so by then the peer has retired the link and writes nothing more on it; the quiet
+time covers what it wrote just before switching. So our goodbye does not cross a message of
+the peer, and the socket we close has no unread bytes (the kernel would answer those with a
+reset instead of delivering the goodbye). The goodbye is graceful on both sides: membership
+ignores it, and the all-reduce does not fail the peer (``AllReduceService._watch`` ignores
+links closed with a goodbye; what was sent before it is delivered). When a preferred link
+closes, a still open retired link to that peer takes its place.
 
 Idle reaping. With ``idle_timeout > 0`` one sweep task wakes every ``sweep_interval``
 (``idle_timeout / 4``, clamped to [0.05, 30] s) and closes gracefully (GOODBYE) the links of
@@ -34,6 +40,10 @@ are judged one by one). Both sides see a goodbye, i.e. ``on_lost(link, None)``: 
 treats it as a graceful close (no suspicion, no ``on_unreachable``), and the next ``connect``
 dials again. An all-reduce round writes every few ms, so links in use are never idle; a
 message a peer writes in the same instant as our goodbye is lost, which gossip tolerates.
+While retired links wait for their quiet time, the sweep also wakes when the first of them
+may close (and at once when a link is retired), so a duplicate lives about a second, not
+``idle_timeout``. With ``idle_timeout == 0`` there is no sweep: idle and retired links stay
+open until the peer or a failure closes them.
 
 Limits: at most ``max_connections`` links in all and ``max_handshaking`` inbound links
 still in their handshake; an inbound connection beyond either is closed at once and logged.
@@ -87,6 +97,18 @@ def sweep_interval(idle_timeout: float) -> float:
     return min(SWEEP_MAX_S, max(SWEEP_MIN_S, idle_timeout / 4))
 
 
+RETIRED_QUIET_S = 1.0
+"""Seconds a retired duplicate link must have moved no byte (and hold nothing unsent or
+unhandled) before the pool closes it: long enough for a peer that had not yet switched to
+the preferred link to finish what it was writing, short enough that duplicates do not pile up."""
+
+
+def retired_quiet(idle_timeout: float) -> float:
+    """The quiet time of retired links: ``RETIRED_QUIET_S``, or ``idle_timeout`` if shorter
+    (a retired link never outlives an idle one); 0 when idle reaping is off."""
+    return max(0.0, min(RETIRED_QUIET_S, idle_timeout))
+
+
 def initiator_id(link: Link, self_id: bytes) -> bytes:
     """Node id of the member that dialed ``link`` (an open link: its peer is known)."""
     assert link.peer is not None
@@ -134,6 +156,7 @@ class Pool:
         self._max_handshaking = max_handshaking
         self._on_lost = on_lost
         self._idle_timeout = idle_timeout
+        self._retired_quiet = retired_quiet(idle_timeout)
         self._self_id = crypto.node_id_of(settings.identity)
         self._links: dict[Key, Link] = {}
         self._preferred: dict[PeerKey, Link] = {}
@@ -141,7 +164,7 @@ class Pool:
         self._dials: dict[Key, asyncio.Future[Link]] = {}
         self._server: asyncio.Server | None = None
         self._closing = False
-        self._closed_event = asyncio.Event()
+        self._wake = asyncio.Event()  # the sweep: shutdown, or a link was retired
         self._sweeping = False
 
     # ---- listening ------------------------------------------------------------------
@@ -210,6 +233,7 @@ class Pool:
                       link.describe(), peer.channel.name, crypto.short_id(initiator_id(best, self._self_id)),
                       retired.role.name.lower(), retired.remote)
             self._repoint(retired, best)
+            self._wake.set()
         if link.role is Role.RESPONDER and peer.listen_address:
             self._links.setdefault((peer.listen_address, peer.channel), best)
 
@@ -340,19 +364,60 @@ class Pool:
     # ---- idle reaping ---------------------------------------------------------------
 
     async def _sweep(self) -> None:
-        """The one periodic task that closes idle links (module docstring)."""
+        """The one periodic task that closes idle and retired links (module docstring)."""
         loop = asyncio.get_running_loop()
-        interval = sweep_interval(self._idle_timeout)
         while not self._closing:
             with contextlib.suppress(builtins.TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._closed_event.wait()
+                async with asyncio.timeout(self._sweep_delay(now=loop.time())):
+                    await self._wake.wait()
+            self._wake.clear()
             if not self._closing:
-                self.reap_idle(now=loop.time())
+                now = loop.time()
+                self.close_retired(now=now)
+                self.reap_idle(now=now)
 
-    def _idle(self, link: Link, now: float) -> bool:
-        return (now - link.last_active >= self._idle_timeout and link.buffered_bytes() == 0
-                and link.inbox_size == 0)
+    def _sweep_delay(self, *, now: float) -> float:
+        """Seconds until the next sweep: ``sweep_interval``, or sooner when a retired link we
+        close becomes quiet (one not drained yet is looked at again a quiet time later)."""
+        delay = sweep_interval(self._idle_timeout)
+        for link in self._retired_to_close():
+            due = link.last_active + self._retired_quiet - now
+            delay = min(delay, due if due > 0 else self._retired_quiet)
+        return max(SWEEP_MIN_S, delay)
+
+    def _retired_to_close(self) -> list[Link]:
+        """Open retired links whose preferred link this side answered (module docstring)."""
+        found = []
+        for link in self._all:
+            peer = link.peer
+            if peer is None or peer.channel is Channel.CLIENT or not link.is_open:
+                continue
+            preferred = self._preferred.get((peer.node_id, peer.channel))
+            if preferred is not None and preferred is not link and preferred.role is Role.RESPONDER:
+                found.append(link)
+        return found
+
+    def close_retired(self, *, now: float) -> int:
+        """Close (goodbye) every retired duplicate link this side closes that is drained and
+        quiet at ``now`` (event-loop time): nothing buffered for writing, nothing unhandled in
+        its inbox, no byte moved for ``retired_quiet(idle_timeout)`` s. Returns the number of
+        links closed; 0 when idle reaping is off. The sweep calls this; tests call it with an
+        explicit ``now``."""
+        if self._retired_quiet <= 0:
+            return 0
+        closed = 0
+        for link in self._retired_to_close():
+            if self._quiet(link, now, self._retired_quiet):
+                log.debug("%s: closing retired duplicate %s link (quiet for %.1fs)", link.describe(),
+                          link.peer.channel.name if link.peer else "?", now - link.last_active)
+                link.close()
+                closed += 1
+        return closed
+
+    @staticmethod
+    def _quiet(link: Link, now: float, quiet: float) -> bool:
+        """No byte moved for ``quiet`` s, nothing buffered for writing, nothing unhandled."""
+        return now - link.last_active >= quiet and link.buffered_bytes() == 0 and link.inbox_size == 0
 
     def reap_idle(self, *, now: float) -> int:
         """Close (goodbye) every link group idle at ``now`` (event-loop time): all links to one
@@ -368,7 +433,7 @@ class Pool:
                 groups.setdefault(key, []).append(link)
         closed = 0
         for links in groups.values():
-            if all(self._idle(link, now) for link in links):
+            if all(self._quiet(link, now, self._idle_timeout) for link in links):
                 for link in links:
                     log.debug("%s: closing idle %s link (no traffic for %.1fs)", link.describe(),
                               link.peer.channel.name if link.peer else "?", now - link.last_active)
@@ -383,7 +448,7 @@ class Pool:
         """Stop accepting, say goodbye on every link and wait (``linger`` s at most) for the
         sockets to flush."""
         self._closing = True
-        self._closed_event.set()
+        self._wake.set()
         if self._server is not None:
             self._server.close()
         for future in self._dials.values():

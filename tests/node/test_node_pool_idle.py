@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,12 @@ import pytest
 
 from discovery.events import EventKind, MemberEvent
 from node.config import Address, NodeConfig
-from node.pool import Pool, sweep_interval
+from node.pool import RETIRED_QUIET_S, Pool, retired_quiet, sweep_interval
 from node.runtime import Node
 from node.transport import Handler, Link, LinkSettings
 from protocol import crypto
 from protocol.connection import Channel, Role
-from protocol.messages.gossip import Ack, MemberStatus
+from protocol.messages.gossip import Ack, Alive, GpuInfo, MemberStatus, NodeMeta
 from protocol.schema import Message
 from protocol.tags import MsgType
 
@@ -33,6 +33,11 @@ def test_sweep_interval_is_a_clamped_quarter(idle_timeout: float, interval: floa
     assert sweep_interval(idle_timeout) == interval
 
 
+@pytest.mark.parametrize(("idle_timeout", "quiet"), [(0.0, 0.0), (0.2, 0.2), (60.0, RETIRED_QUIET_S)])
+def test_retired_quiet_is_at_most_the_idle_timeout(idle_timeout: float, quiet: float) -> None:
+    assert retired_quiet(idle_timeout) == quiet
+
+
 @dataclasses.dataclass
 class Peer:
     pool: Pool
@@ -40,13 +45,15 @@ class Peer:
     node_id: bytes
     got: list[tuple[Link, int]]
     lost: list[tuple[Link, BaseException | None]]
+    gate: asyncio.Event | None
 
 
 @asynccontextmanager
 async def pools(n: int, *, idle_timeout: float, inbox_messages: int = 64,
-                gate: asyncio.Event | None = None) -> AsyncIterator[list[Peer]]:
-    """``n`` pools on loopback; each records the ACKs it receives on BULK with their link
-    (after ``gate`` is set, if given: a slow handler)."""
+                gates: Sequence[asyncio.Event] = ()) -> AsyncIterator[list[Peer]]:
+    """``n`` pools on loopback; each records the ACKs (their seq) and ALIVEs (a bulky message:
+    their incarnation) it receives on BULK with their link (pool ``i`` after ``gates[i]`` is
+    set, if given: a slow handler)."""
     secret = crypto.new_mesh_secret()
     async with asyncio.TaskGroup() as group:
 
@@ -54,21 +61,23 @@ async def pools(n: int, *, idle_timeout: float, inbox_messages: int = 64,
             group.create_task(coro)
 
         peers: list[Peer] = []
-        for _ in range(n):
+        for i in range(n):
+            gate = gates[i] if i < len(gates) else None
             key = crypto.generate_identity()
             base = LinkSettings(identity=key, mesh_secret=secret, listen_address=None,
                                 inbox_messages=inbox_messages)
             got: list[tuple[Link, int]] = []
             lost: list[tuple[Link, BaseException | None]] = []
 
-            async def on_ack(link: Link, message: Message, got: list[tuple[Link, int]] = got) -> None:
-                assert isinstance(message, Ack)
+            async def on_bulk(link: Link, message: Message, got: list[tuple[Link, int]] = got,
+                              gate: asyncio.Event | None = gate) -> None:
+                assert isinstance(message, Ack | Alive)
                 if gate is not None:
                     await gate.wait()
-                got.append((link, message.seq))
+                got.append((link, message.seq if isinstance(message, Ack) else message.incarnation))
 
             dispatch: dict[Channel, dict[MsgType, Handler]] = {c: {} for c in Channel}
-            dispatch[Channel.BULK][MsgType.ACK] = on_ack
+            dispatch[Channel.BULK][MsgType.ACK] = dispatch[Channel.BULK][MsgType.ALIVE] = on_bulk
             pool = Pool(settings=base, dispatch=dispatch, spawn=spawn, dial_timeout=2.0,
                         max_connections=64, max_handshaking=8,
                         on_lost=lambda link, error, lost=lost: lost.append((link, error)),
@@ -76,7 +85,7 @@ async def pools(n: int, *, idle_timeout: float, inbox_messages: int = 64,
             bound = await pool.listen(Address("127.0.0.1", 0))
             pool.set_listen_address(dataclasses.replace(base, listen_address=str(bound)))
             await pool.start_serving()
-            peers.append(Peer(pool, str(bound), crypto.node_id_of(key), got, lost))
+            peers.append(Peer(pool, str(bound), crypto.node_id_of(key), got, lost, gate))
         try:
             yield peers
         finally:
@@ -88,6 +97,13 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.005)
+
+
+def bulky(incarnation: int) -> Alive:
+    """A message of about 2.5 KB."""
+    gpus = tuple(GpuInfo(name="g" * 128, memory_bytes=1) for _ in range(16))
+    return Alive(incarnation=incarnation, node=bytes(32), address="127.0.0.1:1",
+                 meta=NodeMeta(hostname="h" * 128, gpus=gpus))
 
 
 def open_links(peer: Peer, channel: Channel) -> list[Link]:
@@ -114,7 +130,7 @@ async def test_idle_link_is_closed_gracefully_on_both_sides_and_redialed() -> No
 
 async def test_links_with_traffic_or_unhandled_messages_are_not_reaped() -> None:
     release = asyncio.Event()
-    async with pools(2, idle_timeout=60.0, inbox_messages=2, gate=release) as (a, b):  # sweep asleep
+    async with pools(2, idle_timeout=60.0, inbox_messages=2, gates=(release, release)) as (a, b):  # sweep asleep
         link = await a.pool.connect(b.address, Channel.BULK)
         for i in range(4):
             await link.send(Ack(seq=i))
@@ -132,58 +148,111 @@ async def test_links_with_traffic_or_unhandled_messages_are_not_reaped() -> None
 
 
 async def test_simultaneous_dials_settle_on_one_connection() -> None:
-    async with pools(2, idle_timeout=60.0) as (a, b):
+    async with pools(2, idle_timeout=60.0) as (a, b):  # idle sweep every 15 s
         small, large = sorted((a, b), key=lambda p: p.node_id)
         from_small, from_large = await asyncio.gather(
             small.pool.connect(large.address, Channel.BULK), large.pool.connect(small.address, Channel.BULK))
         await from_small.send(Ack(seq=1))
         await from_large.send(Ack(seq=2))  # maybe on the link being retired: delivered all the same
-        await until(lambda: len(open_links(a, Channel.BULK)) == 2 == len(open_links(b, Channel.BULK)))
+        # the duplicate closes with a goodbye once drained and quiet, on both sides, well
+        # before the idle sweep interval (until gives up after 10 s)
+        await until(lambda: all(len(p.lost) == 1 and len(open_links(p, Channel.BULK)) == 1 for p in (a, b)))
+        (retired_on_small, error_on_small), (retired_on_large, error_on_large) = small.lost + large.lost
+        assert error_on_small is None and error_on_large is None
+        assert retired_on_small.role is Role.RESPONDER and retired_on_large.role is Role.INITIATOR
         await until(lambda: len(small.got) == 1 and len(large.got) == 1)
         assert (small.got[0][1], large.got[0][1]) == (2, 1)
-        # both sides send on the link the smaller node id dialed
-        on_small = small.pool.get_open(large.address, Channel.BULK)
-        on_large = large.pool.get_open(small.address, Channel.BULK)
-        assert on_small is not None and on_small.role is Role.INITIATOR
-        assert on_large is not None and on_large.role is Role.RESPONDER
+        # both sides send on the link the smaller node id dialed, the one left
+        (on_small,), (on_large,) = open_links(small, Channel.BULK), open_links(large, Channel.BULK)
+        assert small.pool.get_open(large.address, Channel.BULK) is on_small and on_small.role is Role.INITIATOR
+        assert large.pool.get_open(small.address, Channel.BULK) is on_large and on_large.role is Role.RESPONDER
+        assert await large.pool.connect(small.address, Channel.BULK) is on_large  # no redial
         await on_small.send(Ack(seq=3))
         await on_large.send(Ack(seq=4))
         await until(lambda: len(small.got) == 2 and len(large.got) == 2)
         assert small.got[1] == (on_small, 4) and large.got[1] == (on_large, 3)  # one connection
-        # idle: the pair closes together, gracefully on both sides
-        last = max(x.last_active for x in open_links(large, Channel.BULK))
-        assert large.pool.reap_idle(now=last + 60.0) == 2
+        # idle: the last link closes, gracefully on both sides
+        assert large.pool.reap_idle(now=on_large.last_active + 60.0) == 1
         await until(lambda: len(small.lost) == 2 == len(large.lost))
-        assert all(error is None for _, error in small.lost + large.lost)
+        assert small.lost[1] == (on_small, None) and large.lost[1] == (on_large, None)
 
 
-async def test_a_link_from_the_smaller_id_takes_over_and_the_other_lingers_until_idle() -> None:
+async def test_a_link_from_the_smaller_id_takes_over_and_the_other_closes_once_quiet() -> None:
     async with pools(2, idle_timeout=60.0) as (a, b):
         small, large = sorted((a, b), key=lambda p: p.node_id)
         first = await large.pool.connect(small.address, Channel.BULK)
         await first.send(Ack(seq=1))
         await until(lambda: len(small.got) == 1)
-        assert small.pool.get_open(large.address, Channel.BULK) is small.got[0][0]  # answered on it
+        answered = small.got[0][0]
+        assert small.pool.get_open(large.address, Channel.BULK) is answered  # answered on it
         # the smaller node dials too, under an alias of the larger one's address
         alias = "localhost:" + large.address.rsplit(":", 1)[1]
         second = await small.pool.connect(alias, Channel.BULK)
         await until(lambda: large.pool.get_open(small.address, Channel.BULK) is not first)
         on_large = large.pool.get_open(small.address, Channel.BULK)
-        assert on_large is not None and on_large.role is Role.RESPONDER and first.is_open
+        assert on_large is not None and on_large.role is Role.RESPONDER
         assert small.pool.get_open(large.address, Channel.BULK) is second
         assert await large.pool.connect(small.address, Channel.BULK) is on_large
-        await asyncio.sleep(0.01)  # let the clock move past the retired link's last bytes
         await second.send(Ack(seq=2))
         await on_large.send(Ack(seq=3))
         await until(lambda: len(small.got) == 2 and len(large.got) == 1)
         assert small.got[1] == (second, 3) and large.got[0] == (on_large, 2)  # one connection
-        # the retired link is silent but stays open while its pair carries traffic ...
-        assert large.pool.reap_idle(now=first.last_active + 60.0) == 0 and first.is_open
-        # ... and closes with it once the pair is idle
-        assert large.pool.reap_idle(now=on_large.last_active + 60.0) == 2
-        await until(lambda: len(small.lost) == 2 == len(large.lost))
-        assert all(error is None for _, error in small.lost + large.lost)
-        assert {link for link, _ in large.lost} == {first, on_large}
+        # the retired link closes with a goodbye once quiet, while the kept one stays open
+        await until(lambda: len(small.lost) == 1 == len(large.lost))
+        assert small.lost == [(answered, None)] and large.lost == [(first, None)]
+        assert open_links(small, Channel.BULK) == [second] and open_links(large, Channel.BULK) == [on_large]
+        await second.send(Ack(seq=4))
+        await on_large.send(Ack(seq=5))
+        await until(lambda: len(small.got) == 3 and len(large.got) == 2)
+        assert small.got[2] == (second, 5) and large.got[1] == (on_large, 4)
+
+
+async def test_a_retired_link_is_not_closed_while_messages_wait_or_data_is_unsent() -> None:
+    gates = (asyncio.Event(), asyncio.Event())
+    async with pools(2, idle_timeout=60.0, inbox_messages=2, gates=gates) as (a, b):
+        small, large = sorted((a, b), key=lambda p: p.node_id)
+        assert small.gate is not None and large.gate is not None
+        first = await large.pool.connect(small.address, Channel.BULK)  # the link to retire
+        await until(lambda: len(open_links(small, Channel.BULK)) == 1)
+        (answered,) = open_links(small, Channel.BULK)
+        for seq in range(3):  # one waits in the larger side's handler, two in its inbox
+            await answered.send(Ack(seq=seq))
+        await until(lambda: first.inbox_size == 2)
+        second = await small.pool.connect("localhost:" + large.address.rsplit(":", 1)[1], Channel.BULK)
+        await until(lambda: large.pool.get_open(small.address, Channel.BULK) is not first)
+        assert small.pool.get_open(large.address, Channel.BULK) is second
+        # the smaller side dialed the kept link: closing the retired one is the other side's job
+        assert answered.buffered_bytes() == 0 and answered.inbox_size == 0
+        assert small.pool.close_retired(now=answered.last_active + 600.0) == 0 and answered.is_open
+        # the larger side answered the kept link, but messages wait for their handler
+        assert first.buffered_bytes() == 0
+        assert large.pool.close_retired(now=first.last_active + 600.0) == 0 and first.is_open
+        # unsent data: the larger side writes on the retired link while the smaller does not read
+        seq = 3
+        async with asyncio.timeout(10.0):
+            while first.buffered_bytes() == 0:
+                assert first.send_many_nowait([bulky(s) for s in range(seq, seq + 100)])
+                seq += 100
+                await asyncio.sleep(0)
+        large.gate.set()
+        await until(lambda: first.inbox_size == 0 and len(large.got) == 3)
+        assert first.buffered_bytes() > 0
+        assert large.pool.close_retired(now=first.last_active + 600.0) == 0 and first.is_open
+        # the smaller side reads everything; then the retired link closes with a goodbye
+        small.gate.set()
+        await until(lambda: not first.is_open and not answered.is_open)
+        assert large.lost == [(first, None)] and small.lost == [(answered, None)]
+        # every message written on it before the goodbye was handled, on both sides
+        await until(lambda: len(small.got) == seq - 3)
+        assert [s for _, s in small.got] == list(range(3, seq)) and {x for x, _ in small.got} == {answered}
+        assert large.got == [(first, 0), (first, 1), (first, 2)]
+        # one link left on each side, and it carries traffic both ways
+        (on_large,) = open_links(large, Channel.BULK)
+        assert open_links(small, Channel.BULK) == [second]
+        await second.send(Ack(seq=seq))
+        await on_large.send(Ack(seq=seq + 1))
+        await until(lambda: len(large.got) == 4 and len(small.got) == seq - 2)
+        assert large.got[3] == (on_large, seq) and small.got[-1] == (second, seq + 1)
 
 
 async def test_closing_the_preferred_link_promotes_the_retired_one() -> None:
