@@ -13,9 +13,10 @@ A ``Link`` is one TCP connection and its ``Connection`` core. Bytes flow one way
   in the pool (``on_open``).
 * Receive and backpressure. ``MessageReceived`` goes into a bounded inbox consumed by the
   link's reader task (owned by the node's ``TaskGroup``), which awaits the handler from the
-  dispatch table of the peer's channel. When the inbox holds ``inbox_messages`` messages we
-  stop pulling events from the core and pause reading the socket, so a slow handler slows
-  the sender via TCP; at half full the reader pulls again and resumes reading.
+  dispatch table of the peer's channel. When the inbox holds ``inbox_messages`` messages or
+  ``inbox_bytes`` bytes of frames we stop pulling events from the core and pause reading the
+  socket, so a slow handler slows the sender via TCP; below half of both bounds the reader
+  pulls again and resumes reading.
 * Send. ``send_nowait`` is best effort (gossip; SWIM tolerates loss): dropped when the link
   is not open or its write buffer is above ``write_buffer_bytes``. ``await send`` waits
   for the transport to drain below the high-water mark first (``pause_writing``).
@@ -93,6 +94,10 @@ class LinkSettings:
     listen_address: str | None
     handshake_timeout: float = 5.0
     inbox_messages: int = 64
+    inbox_bytes: int = 32 * 1024 * 1024
+    """A link stops reading while its inbox holds this many bytes of frames (or
+    ``inbox_messages`` messages): with 8 MiB frames a message count alone would let a peer
+    park half a GiB per connection."""
     write_buffer_bytes: int = 8 * 1024 * 1024
     traffic: Traffic = field(default_factory=Traffic)
     """Shared by every link of the node (``dataclasses.replace`` keeps the same object)."""
@@ -150,7 +155,8 @@ class Link(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0
-        self._inbox: collections.deque[Message] = collections.deque()
+        self._inbox: collections.deque[tuple[Message, int]] = collections.deque()
+        self._inbox_bytes = 0
         self._inbox_ready = asyncio.Event()
         self._reading_paused = False
         self._writable = asyncio.Event()
@@ -212,14 +218,15 @@ class Link(asyncio.BufferedProtocol):
         Stops pulling events while the inbox is full (the rest stay parsed-later in the core,
         at most one socket read) and pauses reading; the reader task resumes both."""
         while not self._done:
-            if len(self._inbox) >= self.settings.inbox_messages:
+            if self._inbox_full():
                 self._pause_reading()
                 break
             event = self.core.next_event()
             if event is NEED_DATA:
                 break
             if isinstance(event, MessageReceived):
-                self._inbox.append(event.message)
+                self._inbox.append((event.message, event.size))
+                self._inbox_bytes += event.size
                 self._inbox_ready.set()
             elif isinstance(event, HandshakeComplete):
                 self.peer = event.peer
@@ -306,10 +313,19 @@ class Link(asyncio.BufferedProtocol):
                     return
                 self._inbox_ready.clear()
                 await self._inbox_ready.wait()
-            message = self._inbox.popleft()  # delivered even after a close: it was valid
-            if self._reading_paused and not self._done and len(self._inbox) <= self.settings.inbox_messages // 2:
+            message, size = self._inbox.popleft()  # delivered even after a close: it was valid
+            self._inbox_bytes -= size
+            if self._reading_paused and not self._done and self._inbox_half_empty():
                 self._resume_reading()
             await self._handle(message)
+
+    def _inbox_full(self) -> bool:
+        s = self.settings
+        return len(self._inbox) >= s.inbox_messages or self._inbox_bytes >= s.inbox_bytes
+
+    def _inbox_half_empty(self) -> bool:
+        s = self.settings
+        return len(self._inbox) <= s.inbox_messages // 2 and self._inbox_bytes <= s.inbox_bytes // 2
 
     async def _handle(self, message: Message) -> None:
         assert self.peer is not None
@@ -397,12 +413,14 @@ class Link(asyncio.BufferedProtocol):
         if self._done:
             return
         self._inbox.clear()
+        self._inbox_bytes = 0
         log.warning("rejected %s: %s: %s", self.describe(), code.name, reason)
         self.close(code, reason)
 
     def force_close(self) -> None:
         """Drop the socket now, discarding unsent output (shutdown after the linger time)."""
         self._inbox.clear()
+        self._inbox_bytes = 0
         self._finish(TransportError("aborted"))
         if self._transport is not None:
             self._transport.abort()

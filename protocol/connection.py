@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 import msgpack
@@ -113,6 +113,8 @@ class HandshakeComplete:
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
     message: Message
+    size: int = field(default=0, compare=False)
+    """Bytes of the frame it came in (what holding it costs, about): for byte-bounded inboxes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +248,7 @@ class Connection:
             with self._rx.open_view(body) as plaintext:
                 msg = decode_body(plaintext, allowed=self._allowed)  # type: ignore[arg-type]  # msgpack takes any buffer
         if self.state is ConnState.OPEN and msg.TAG not in _CLOSING_TAGS:
-            return MessageReceived(msg)
+            return MessageReceived(msg, len(body))
         if isinstance(msg, ProtocolErrorMsg):
             code = msg.error_code()
             err = RemoteProtocolError(f"peer closed the connection: {code.name}: {msg.reason}", code=code)

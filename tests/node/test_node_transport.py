@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
 import pytest
 
 from node.config import Address
@@ -21,8 +22,10 @@ from protocol import crypto
 from protocol.connection import Channel
 from protocol.errors import ErrorCode, RemoteProtocolError, TransportError
 from protocol.messages.gossip import Ack
+from protocol.messages.tensor import ArPart
 from protocol.schema import Message
 from protocol.tags import MsgType
+from protocol.tensor import CodecSpec, encode_chunk
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -185,6 +188,38 @@ async def test_backpressure_pauses_reading_and_delivers_in_order() -> None:
         release.set()
         await until(lambda: len(got) == 2000)
         assert got == list(range(2000))
+
+
+async def test_backpressure_bounds_the_inbox_in_bytes() -> None:
+    """Large frames: the byte bound pauses reading long before the message count would."""
+    async with mesh(2, inbox_messages=1000, inbox_bytes=256 * 1024) as (a, b):
+        release = asyncio.Event()
+        got: list[int] = []
+
+        async def slow(link: Link, message: Message) -> None:
+            await release.wait()
+            assert isinstance(message, ArPart)
+            got.append(message.chunk)
+
+        b.dispatch[Channel.BULK][MsgType.AR_PART] = slow
+        values = np.arange(16384, dtype=np.float32)  # 64 KiB frames
+        chunk = encode_chunk(values, CodecSpec.parse("none"))
+        link = await a.pool.connect(b.address, Channel.BULK)
+
+        async def send_all() -> None:  # blocks once b's socket buffers are full: b reads no more
+            for i in range(100):
+                await link.send(ArPart(round_id=bytes(16), slice=0, chunk=i, data=chunk))
+
+        sender = asyncio.create_task(send_all())
+        await until(lambda: b.pool.get_open(a.address, Channel.BULK) is not None)
+        inbound = b.pool.get_open(a.address, Channel.BULK)
+        assert inbound is not None
+        await until(lambda: inbound.reading_paused)
+        assert inbound.inbox_size <= 5  # 256 KiB of 64 KiB frames (one more may be parsed)
+        release.set()
+        await sender
+        await until(lambda: len(got) == 100)
+        assert got == list(range(100))
 
 
 async def test_lost_connection_is_reported_not_graceful() -> None:
