@@ -564,7 +564,9 @@ class _Pump:
         self.stopped, self.flush = True, flush
         if not flush:
             for item in self.queue:
-                if isinstance(item, tuple):
+                # A part's encoding is this pump's alone; an average's is shared by every
+                # receiver's pump (``_Driver._averages``): only the round's end cancels those.
+                if isinstance(item, tuple) and item[0].kind is TensorKind.PART:
                     _discard(item[1])
             self.queue.clear()
         self.ready.set()
