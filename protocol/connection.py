@@ -12,12 +12,18 @@ States::
 ignored, ``send`` raises, and ``next_event`` returns the one ``ConnectionTerminated`` and
 then ``NEED_DATA`` forever.
 
-Receive path: ``receive_data`` only buffers; ``next_event`` parses one frame at a time
+Receive path: ``receive_data`` (or ``get_buffer`` / ``buffer_updated``, which let the socket
+write a large body in place) only buffers; ``next_event`` parses one frame at a time
 (lazily, so the frame-size cap that applies is always the one of the current state: 4 KiB
 during the handshake, 8 MiB after), decrypts it with the receive ``RecordCipher`` once the
 peer has switched to encryption, decodes it with ``protocol.schema.decode_body`` restricted to
 the tags allowed in the current state, and feeds handshake messages to
-``protocol.handshake.Handshake``. Any ``ProtocolError`` raised on this path is converted to
+``protocol.handshake.Handshake``. A large AES-GCM frame is opened in two steps instead: its
+first bytes, where ``split_head`` looks for a tensor message's payload, then the payload
+straight into a buffer of its own that the message keeps (no msgpack copy); any other large
+frame is decrypted whole and decoded as usual, so the verdict is the same either way.
+Send path: a tensor message is sealed from its header and its payload's own memory
+(``encode_split`` + ``RecordCipher.seal_parts_into``), every other message from one pack. Any ``ProtocolError`` raised on this path is converted to
 a ``RemoteProtocolError`` (h11's rule), an ERROR frame is queued for the peer, and the state
 becomes ERROR.
 
