@@ -6,7 +6,9 @@
 * ``hkdf`` is HKDF-SHA256 (RFC 5869); every derivation in the protocol goes through it.
 * ``RecordCipher`` seals/opens frame bodies for one direction of a connection with an
   implicit 64-bit counter nonce, so a tampered, replayed, dropped or reordered frame fails
-  authentication (``RemoteProtocolError`` with ``DECRYPT_FAILED``).
+  authentication (``RemoteProtocolError`` with ``DECRYPT_FAILED``). With AES-GCM a frame
+  can also be sealed from several buffers (``seal_parts_into``) and opened piece by piece
+  into buffers the caller picks (``FrameOpener``): the same bytes on the wire, fewer copies.
 
 No I/O and no clock here. Randomness comes from the caller (``token_bytes``).
 """
