@@ -179,6 +179,11 @@ def open_once(cipher: Cipher, key: bytes, ciphertext: bytes, ad: bytes, *, code:
         raise RemoteProtocolError("handshake payload failed authentication", code=code) from None
 
 
+def _forged(frame: int) -> RemoteProtocolError:
+    return RemoteProtocolError(f"frame {frame} failed authentication (tampered, replayed, reordered or wrong key)",
+                               code=ErrorCode.DECRYPT_FAILED)
+
+
 class RecordCipher:
     """One direction of an encrypted connection: AEAD with an implicit per-frame counter.
 
@@ -251,10 +256,7 @@ class RecordCipher:
         try:
             plaintext = self._aead.decrypt(n.to_bytes(NONCE_BYTES, "big"), ciphertext, None)
         except (InvalidTag, ValueError, OverflowError):
-            raise RemoteProtocolError(
-                f"frame {n} failed authentication (tampered, replayed, reordered or wrong key)",
-                code=ErrorCode.DECRYPT_FAILED,
-            ) from None
+            raise _forged(n) from None
         self.counter = n + 1
         return plaintext
 
@@ -272,10 +274,7 @@ class RecordCipher:
         try:
             self._aead.decrypt_into(n.to_bytes(NONCE_BYTES, "big"), ciphertext, None, view)
         except (InvalidTag, ValueError, OverflowError):
-            raise RemoteProtocolError(
-                f"frame {n} failed authentication (tampered, replayed, reordered or wrong key)",
-                code=ErrorCode.DECRYPT_FAILED,
-            ) from None
+            raise _forged(n) from None
         self.counter = n + 1
         return view
 
@@ -320,7 +319,4 @@ class FrameOpener:
         try:
             self._decryptor.finalize()
         except InvalidTag:
-            raise RemoteProtocolError(
-                f"frame {self._frame} failed authentication (tampered, replayed, reordered or wrong key)",
-                code=ErrorCode.DECRYPT_FAILED,
-            ) from None
+            raise _forged(self._frame) from None
