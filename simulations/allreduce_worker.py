@@ -105,8 +105,14 @@ async def _wait_group(node: Any, size: int, timeout: float) -> list[bytes]:
 
 async def _run_codec(node: Any, group: list[bytes], x: Floats, codec: str, args: argparse.Namespace,
                      first: bool) -> dict[str, Any]:
+    from node.allreduce import AllReduceConfig
+    from node.allreduce.adapter import DEFAULT_LINK_BYTES_PER_S
     from protocol.connection import Channel
 
+    config = None  # the node's defaults
+    if args.no_early_averages:
+        config = AllReduceConfig.for_transfer(numel=x.size, bytes_per_s=DEFAULT_LINK_BYTES_PER_S,
+                                              base=AllReduceConfig(early_averages=False))
     rounds, out = [], None
     y = np.empty_like(x)  # averaged in place, like gloo's all_reduce; refilled before the clock starts
     for r in range(args.rounds):
@@ -117,7 +123,7 @@ async def _run_codec(node: Any, group: list[bytes], x: Floats, codec: str, args:
         sent0, recv0 = dict(node.traffic.sent), dict(node.traffic.received)
         cpu0, t0 = cpu_seconds(), time.perf_counter()
         res = await node.all_reduce(y, group=group, codec=codec, timeout=args.timeout,
-                                    key=f"{codec}:{r}", in_place=True)
+                                    key=f"{codec}:{r}", in_place=True, config=config)
         seconds = time.perf_counter() - t0
         cpu = cpu_seconds() - cpu0
         sent = {c: node.traffic.sent[c] - sent0[c] for c in Channel}
@@ -252,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linger", type=float, default=0.5)
     p.add_argument("--die-after-chunks", type=int, default=0)
     p.add_argument("--stall-after-chunks", type=int, default=0)
+    p.add_argument("--no-early-averages", action="store_true",
+                   help="averages go out only after the commit (AllReduceConfig.early_averages=False)")
     p = sub.choices["gloo"]
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True)

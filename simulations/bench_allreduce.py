@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds per codec")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds (small tensor)")
     parser.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed reference")
+    parser.add_argument("--no-early-averages", action="store_true",
+                        help="rounds wait for the commit before any average goes out (AllReduceConfig.early_averages)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, outputs)")
     parser.add_argument("--json", action="store_true", help="print a final JSON line")
@@ -164,9 +166,10 @@ def measure(args: argparse.Namespace, work: Path, link: str, data: str, inputs: 
         if net is not None:
             net.create()
         t0 = time.monotonic()
+        extra = [["--no-early-averages"]] * args.nodes if args.no_early_averages else []
         mesh = procs.finish(procs.start_mesh(root, inputs, size=args.size, codecs=codecs,
                                              rounds=args.rounds, warmup=args.warmup,
-                                             timeout=timeout, net=net), total)
+                                             timeout=timeout, net=net, extra=extra), total)
         print(f"  {link}/{data}: mesh done in {time.monotonic() - t0:.1f}s", file=sys.stderr)
         gloo = None
         if not args.no_gloo:
