@@ -75,12 +75,17 @@ class SliceBuffer:
             start, count = chunk_span(self._length, self._chunk, index)
             chunks = [p.chunk(index) if isinstance(p, SliceBuffer) else p[start:start + count]
                       for p in self._parts]
-            mean = reduce_mean(chunks, self._chunk)
-            if self._roundtrip is not None:
-                mean = self._roundtrip(mean)
-                if mean.dtype != np.float32 or mean.shape != (count,):
-                    raise ValueError("average roundtrip must return float32 of the same length")
-            self.put(index, mean)
+            self.put_mean(index, chunks, self._roundtrip)
+
+    def put_mean(self, index: int, chunks: Sequence[Floats], roundtrip: Roundtrip | None) -> bool:
+        """Store chunk ``index`` as the mean of ``chunks`` (``reduce_mean``), passed through
+        ``roundtrip`` when given; ``put``'s result."""
+        mean = reduce_mean(chunks, self._chunk)
+        if roundtrip is not None:
+            mean = roundtrip(mean)
+            if mean.dtype != np.float32 or mean.shape != chunks[0].shape:
+                raise ValueError("average roundtrip must return float32 of the same length")
+        return self.put(index, mean)
 
     def ensure_all(self) -> None:
         for index in range(len(self.got)):

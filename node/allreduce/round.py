@@ -70,7 +70,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from node.allreduce import layout
-from node.allreduce.buffers import Roundtrip, SliceBuffer, reduce_mean
+from node.allreduce.buffers import Roundtrip, SliceBuffer
 from node.allreduce.config import AllReduceConfig
 from node.allreduce.decide import DecisionKind, LeaderView, decide
 from node.allreduce.events import (
@@ -453,10 +453,11 @@ class AllReduceRound:
         if c is None:
             return
         for s in self._nonempty:
-            mine = c.owners[s] == self._me
-            if mine and self._store.averages.get(s) is self._early and self._avg_valid(s, computing=True):
-                self._early_rest()
-            if c.owners[s] != self._me or self._avg_valid(s, computing=True):
+            if c.owners[s] != self._me:
+                continue
+            if self._avg_valid(s, computing=True):
+                if self._store.averages.get(s) is self._early:
+                    self._early_rest()
                 continue
             parts = self._store.complete_from(s, c.contributors)
             if parts is None:
@@ -609,10 +610,7 @@ class AllReduceRound:
         chunks = self._store.chunk_from(self._me, index, range(self._n))
         if chunks is None:
             return
-        mean = reduce_mean(chunks, self.config.chunk_elements)
-        if self._roundtrip is not None:
-            mean = self._roundtrip(mean)
-        early.put(index, mean)
+        early.put_mean(index, chunks, self._roundtrip)
         self._gen += 1  # a ready chunk for the outbox; our own average may be whole
 
     def _early_rest(self) -> None:
