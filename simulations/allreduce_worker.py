@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
-import json
-import logging
 import os
 import resource
 import signal
@@ -35,6 +33,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from simulations.worker_node import add_node_arguments, node_config, setup_logging, write_json
 
 Floats = NDArray[np.float32]
 
@@ -65,12 +65,6 @@ def cpu_seconds() -> float:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- node mode
@@ -145,15 +139,9 @@ async def _run_codec(node: Any, group: list[bytes], x: Floats, codec: str, args:
 
 
 async def _node_main(args: argparse.Namespace) -> int:
-    from node.config import NodeConfig, parse_address
     from node.runtime import Node
 
-    config = NodeConfig(
-        listen=parse_address(args.listen), data_dir=Path(args.data_dir),
-        seeds=tuple(parse_address(s) for s in args.join), mesh_key_file=Path(args.mesh_key_file),
-        preset=args.preset, ready_file=Path(args.ready_file) if args.ready_file else None,
-        log_level=args.log_level, seed=args.seed,
-    )
+    config = node_config(args, seed=args.seed)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     x = load_input(args.input, args.size)
@@ -171,18 +159,17 @@ async def _node_main(args: argparse.Namespace) -> int:
             for i, codec in enumerate(args.codecs.split(",")):
                 result["codecs"][codec] = await _run_codec(node, group, x, codec, args, i == 0)
                 result["peak_rss_bytes"] = peak_rss_bytes()
-                _write_json(out_dir / "results.json", result)
+                write_json(out_dir / "results.json", result)
         except Exception as exc:  # recorded for the harness, which reports it
             result["error"] = f"{type(exc).__name__}: {exc}"
-            _write_json(out_dir / "results.json", result)
+            write_json(out_dir / "results.json", result)
             raise
         await asyncio.sleep(args.linger)  # let the last FINISH reach everyone before leaving
     return 0
 
 
 def _node(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args)
     factory = None
     with contextlib.suppress(ImportError):
         import uvloop
@@ -222,7 +209,7 @@ def _gloo(args: argparse.Namespace) -> int:
         np.save(out_dir / "gloo.npy", y.numpy())
     dist.barrier()
     dist.destroy_process_group()
-    _write_json(out_dir / "results.json", {"rank": args.rank, "rounds": rounds,
+    write_json(out_dir / "results.json", {"rank": args.rank, "rounds": rounds,
                                            "peak_rss_bytes": peak_rss_bytes()})
     return 0
 
@@ -243,19 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out-dir", required=True)
         p.add_argument("--save-output", action="store_true", help="save the last output per codec")
     p = sub.choices["node"]
-    p.add_argument("--listen", default="127.0.0.1:0")
-    p.add_argument("--join", action="append", default=[])
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--mesh-key-file", required=True)
-    p.add_argument("--ready-file")
-    p.add_argument("--preset", default="local")
-    p.add_argument("--log-level", default="WARNING")
+    add_node_arguments(p)
     p.add_argument("--seed", type=int)
     p.add_argument("--group-size", type=int, required=True)
-    p.add_argument("--join-timeout", type=float, default=30.0)
     p.add_argument("--codecs", default="none")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--linger", type=float, default=0.5)
     p.add_argument("--die-after-chunks", type=int, default=0)
     p.add_argument("--stall-after-chunks", type=int, default=0)
     p.add_argument("--no-early-averages", action="store_true",

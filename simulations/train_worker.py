@@ -21,7 +21,6 @@ import collections
 import faulthandler
 import hashlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -34,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
+
+from simulations.worker_node import add_node_arguments, node_config, setup_logging, write_json
 
 #: Synthetic task: CLASSES Gaussian clusters in FEATURES dimensions (overlapping: not trivial).
 FEATURES = 16
@@ -124,12 +125,6 @@ def params_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- worker
 
 
@@ -174,20 +169,13 @@ def _train(args: argparse.Namespace, mesh: Any, group: list[bytes], progress: An
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from node.config import NodeConfig, parse_address
     from node.embedded import MeshNode
 
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args)
     torch.set_num_threads(1)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = NodeConfig(
-        listen=parse_address(args.listen), data_dir=Path(args.data_dir),
-        seeds=tuple(parse_address(s) for s in args.join), mesh_key_file=Path(args.mesh_key_file),
-        preset=args.preset, ready_file=Path(args.ready_file) if args.ready_file else None,
-        log_level=args.log_level, seed=args.rank,
-    )
+    config = node_config(args, seed=args.rank)
     result: dict[str, Any] = {"rank": args.rank, "pid": os.getpid(), "error": None}
     with MeshNode(config) as mesh, open(out_dir / "progress.jsonl", "w") as progress:
         result["node_id"] = mesh.node_id.hex()
@@ -196,9 +184,9 @@ def _worker(args: argparse.Namespace) -> int:
             result.update(_train(args, mesh, group, progress))
         except Exception as exc:  # recorded for the parent, which reports it
             result["error"] = f"{type(exc).__name__}: {exc}"
-            _write_json(out_dir / "results.json", result)
+            write_json(out_dir / "results.json", result)
             raise
-        _write_json(out_dir / "results.json", result)
+        write_json(out_dir / "results.json", result)
         time.sleep(args.linger)  # let the last round's FINISH reach everyone before leaving
     return 0
 
@@ -214,15 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="data, batch order and initial weights")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per gradient all-reduce")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--listen", default="127.0.0.1:0")
-    parser.add_argument("--join", action="append", default=[])
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--mesh-key-file", required=True)
-    parser.add_argument("--ready-file")
-    parser.add_argument("--preset", default="local")
-    parser.add_argument("--log-level", default="WARNING")
-    parser.add_argument("--join-timeout", type=float, default=30.0)
-    parser.add_argument("--linger", type=float, default=0.5)
+    add_node_arguments(parser)
     return parser
 
 
