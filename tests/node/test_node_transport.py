@@ -166,60 +166,54 @@ async def test_garbage_and_silent_clients_are_closed_others_served(caplog: pytes
         assert link.is_open
 
 
-async def test_backpressure_pauses_reading_and_delivers_in_order() -> None:
-    async with mesh(2, inbox_messages=8) as (a, b):
+def _acks() -> list[Message]:
+    return [Ack(seq=i) for i in range(2000)]
+
+
+def _parts() -> list[Message]:  # 64 KiB frames
+    chunk = encode_chunk(np.arange(16384, dtype=np.float32), CodecSpec.parse("none"))
+    return [ArPart(round_id=bytes(16), slice=0, chunk=i, data=chunk) for i in range(100)]
+
+
+@pytest.mark.parametrize(
+    ("settings", "make", "most"),
+    [
+        # bounded by count: the rest waits in the socket and the core
+        ({"inbox_messages": 8}, _acks, 8),
+        # large frames: the byte bound pauses reading long before the message count would
+        # (256 KiB of 64 KiB frames; one more may be parsed)
+        ({"inbox_messages": 1000, "inbox_bytes": 256 * 1024}, _parts, 5),
+    ],
+    ids=["messages", "bytes"],
+)
+async def test_backpressure_pauses_reading_and_delivers_in_order(
+        settings: dict[str, int], make: Callable[[], list[Message]], most: int) -> None:
+    messages = make()
+    async with mesh(2, **settings) as (a, b):
         release = asyncio.Event()
         got: list[int] = []
 
         async def slow(link: Link, message: Message) -> None:
             await release.wait()
-            assert isinstance(message, Ack)
-            got.append(message.seq)
+            got.append(message.seq if isinstance(message, Ack) else message.chunk)  # type: ignore[attr-defined]
 
-        b.dispatch[Channel.BULK][MsgType.ACK] = slow
-        link = await a.pool.connect(b.address, Channel.BULK)
-        for i in range(2000):
-            await link.send(Ack(seq=i))
-        await until(lambda: b.pool.get_open(a.address, Channel.BULK) is not None)
-        inbound = b.pool.get_open(a.address, Channel.BULK)
-        assert inbound is not None
-        await until(lambda: inbound.reading_paused)
-        assert inbound.inbox_size <= 8  # bounded: the rest waits in the socket and the core
-        release.set()
-        await until(lambda: len(got) == 2000)
-        assert got == list(range(2000))
-
-
-async def test_backpressure_bounds_the_inbox_in_bytes() -> None:
-    """Large frames: the byte bound pauses reading long before the message count would."""
-    async with mesh(2, inbox_messages=1000, inbox_bytes=256 * 1024) as (a, b):
-        release = asyncio.Event()
-        got: list[int] = []
-
-        async def slow(link: Link, message: Message) -> None:
-            await release.wait()
-            assert isinstance(message, ArPart)
-            got.append(message.chunk)
-
-        b.dispatch[Channel.BULK][MsgType.AR_PART] = slow
-        values = np.arange(16384, dtype=np.float32)  # 64 KiB frames
-        chunk = encode_chunk(values, CodecSpec.parse("none"))
+        b.dispatch[Channel.BULK][messages[0].TAG] = slow
         link = await a.pool.connect(b.address, Channel.BULK)
 
         async def send_all() -> None:  # blocks once b's socket buffers are full: b reads no more
-            for i in range(100):
-                await link.send(ArPart(round_id=bytes(16), slice=0, chunk=i, data=chunk))
+            for m in messages:
+                await link.send(m)
 
         sender = asyncio.create_task(send_all())
         await until(lambda: b.pool.get_open(a.address, Channel.BULK) is not None)
         inbound = b.pool.get_open(a.address, Channel.BULK)
         assert inbound is not None
         await until(lambda: inbound.reading_paused)
-        assert inbound.inbox_size <= 5  # 256 KiB of 64 KiB frames (one more may be parsed)
+        assert inbound.inbox_size <= most
         release.set()
         await sender
-        await until(lambda: len(got) == 100)
-        assert got == list(range(100))
+        await until(lambda: len(got) == len(messages))
+        assert got == list(range(len(messages)))
 
 
 async def test_lost_connection_is_reported_not_graceful() -> None:
