@@ -66,6 +66,7 @@ from protocol.limits import MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES
 from protocol.schema import (
     SPLIT_HEAD_BYTES,
     Message,
+    blob_size,
     decode_body,
     encode_body,
     encode_split,
@@ -152,6 +153,12 @@ _SPLIT_AT_LEAST = 64 * 1024
 
 #: A non-BULK connection drops its msgpack buffer after packing a message larger than this.
 _SHRINK_PACKER_ABOVE = 256 * 1024
+
+
+def _check_size(msg: Message, size: int) -> None:
+    if size > MAX_MESSAGE_BYTES:
+        raise LocalProtocolError(f"{msg.TAG.name} encodes to {size} bytes, over the "
+                                 f"{MAX_MESSAGE_BYTES}-byte message cap", code=ErrorCode.FRAME_TOO_LARGE)
 
 
 class Connection:
@@ -356,9 +363,10 @@ class Connection:
         if msg.TAG in _HANDSHAKE_TAGS or msg.TAG in _CLOSING_TAGS:
             raise LocalProtocolError(f"{msg.TAG.name} is sent by the connection itself (see close())",
                                      code=ErrorCode.UNEXPECTED_MESSAGE)
-        split = encode_split(msg) if msg.BLOB else None
-        if split is not None and len(split[1]) >= _SPLIT_AT_LEAST:
-            return self._seal_split(msg, *split)
+        if blob_size(msg) >= _SPLIT_AT_LEAST:
+            split = encode_split(msg)
+            if split is not None:
+                return self._seal_split(msg, *split)
         # One reusable msgpack buffer per connection: a multi-MiB message costs one pack into
         # warm memory and one seal, instead of a fresh allocation per step.
         packer = self._packer
@@ -366,9 +374,7 @@ class Connection:
         packer.pack(msg.to_wire())
         with packer.getbuffer() as body:
             size = len(body)
-            if size > MAX_MESSAGE_BYTES:
-                raise LocalProtocolError(f"{msg.TAG.name} encodes to {size} bytes, over the "
-                                         f"{MAX_MESSAGE_BYTES}-byte message cap", code=ErrorCode.FRAME_TOO_LARGE)
+            _check_size(msg, size)
             # Length prefix and sealed body in one fresh buffer (written once, never copied
             # again: the transport may hold it until the socket takes it).
             frame = bytearray(HEADER.size + size + TAG_BYTES)
@@ -383,9 +389,7 @@ class Connection:
         (no msgpack copy) into an uninitialized frame buffer (no zero-fill)."""
         assert self._tx is not None
         size = len(head) + len(blob)
-        if size > MAX_MESSAGE_BYTES:
-            raise LocalProtocolError(f"{msg.TAG.name} encodes to {size} bytes, over the "
-                                     f"{MAX_MESSAGE_BYTES}-byte message cap", code=ErrorCode.FRAME_TOO_LARGE)
+        _check_size(msg, size)
         frame = memoryview(np.empty(HEADER.size + size + TAG_BYTES, np.uint8).data).cast("B")
         HEADER.pack_into(frame, 0, size + TAG_BYTES)
         self._tx.seal_parts_into((head, blob), frame[HEADER.size:])

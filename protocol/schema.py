@@ -444,6 +444,14 @@ def bin_header(n: int) -> bytes:
     return b"\xc6" + n.to_bytes(4, "big")
 
 
+def blob_size(msg: Message) -> int:
+    """Bytes of ``msg``'s ``BLOB`` field (0 without one), read without encoding anything."""
+    obj: Any = msg
+    for name in type(msg).BLOB:
+        obj = getattr(obj, name)
+    return len(obj) if type(msg).BLOB else 0
+
+
 def encode_split(msg: Message) -> tuple[bytes, bytes | memoryview] | None:
     """``(head, blob)`` with ``head + blob == encode_body(msg)`` for a message whose ``BLOB``
     field encodes last (None otherwise): a sender can seal the two back to back and never copy
