@@ -304,7 +304,8 @@ REGISTRY: dict[MsgType, type[Message]] = {}
 M = TypeVar("M", bound=type[Message])
 
 
-_TAGS = frozenset(int(t) for t in MsgType)
+#: Message classes with a ``BLOB`` field, by their integer tag (what ``split_head`` reads).
+_BLOB_CLASSES: dict[int, type[Message]] = {}
 
 
 def _check_blob_path(cls: type[Message]) -> None:
@@ -334,6 +335,8 @@ def register(cls: M) -> M:
         raise TypeError(f"{cls.__name__}: field name 't' is reserved for the type tag")
     _check_blob_path(cls)
     REGISTRY[tag] = cls
+    if cls.BLOB:
+        _BLOB_CLASSES[int(tag)] = cls
     return cls
 
 
@@ -386,8 +389,8 @@ def split_head(head: bytes | bytearray | memoryview, size: int) -> tuple[dict[st
         if pairs < 1 or unpacker.unpack() != "t":
             return None
         tag = unpacker.unpack()
-        cls = REGISTRY.get(MsgType(tag)) if type(tag) is int and tag in _TAGS else None
-        if cls is None or not cls.BLOB:
+        cls = _BLOB_CLASSES.get(tag) if type(tag) is int else None
+        if cls is None:
             return None
         raw: dict[str, Any] = {"t": tag}
         obj, pairs = raw, pairs - 1
@@ -420,7 +423,7 @@ def split_head(head: bytes | bytearray | memoryview, size: int) -> tuple[dict[st
 
 def put_blob(raw: dict[str, Any], blob: bytes | memoryview) -> None:
     """Put a payload found by ``split_head`` back into its place in ``raw``."""
-    path = REGISTRY[MsgType(raw["t"])].BLOB
+    path = _BLOB_CLASSES[raw["t"]].BLOB
     obj = raw
     for name in path[:-1]:
         obj = obj[name]
