@@ -108,6 +108,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     _opt(p, "--idle-timeout", "IDLE_TIMEOUT", "300",
          "seconds without traffic after which a connection is closed (redialed when needed); "
          "0 keeps connections open", metavar="S")
+    _opt(p, "--bulk-congestion", "BULK_CONGESTION", "system",
+         "TCP congestion control of tensor (BULK) connections, e.g. cubic or bbr; "
+         "system keeps the kernel's default", metavar="NAME")
     _opt(p, "--loop", "LOOP", "auto",
          "event loop: uvloop when installed (auto), or plain asyncio", choices=("auto", "asyncio"))
     _opt(p, "--seed", "SEED", None,
@@ -187,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         inbox_messages=_int(args.inbox_messages, "--inbox-messages"),
         write_buffer_bytes=_int(args.write_buffer_bytes, "--write-buffer-bytes"),
         idle_timeout=_float(args.idle_timeout, "--idle-timeout"),
+        bulk_congestion=None if args.bulk_congestion == "system" else args.bulk_congestion,
         use_uvloop=args.loop == "auto",
         seed=None if args.seed is None else _int(args.seed, "--seed"),
     )

@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node import congestion
 from protocol.errors import ConfigError
 
 DEFAULT_PORT = 7400
@@ -153,6 +154,10 @@ class NodeConfig:
     direction, with nothing left to write, before it is closed with a goodbye; it is dialed
     again when next needed. 0 disables idle closing."""
 
+    bulk_congestion: str | None = None
+    """TCP congestion control of BULK (tensor) links, e.g. ``cubic`` or ``bbr``; None
+    keeps the system default. Checked when the node starts (``node.congestion``)."""
+
     use_uvloop: bool = True
     """Run on uvloop when it is installed."""
 
@@ -173,6 +178,8 @@ class NodeConfig:
         for name in ("max_connections", "max_handshaking", "inbox_messages", "write_buffer_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1")
+        if self.bulk_congestion is not None:
+            congestion.validate_name(self.bulk_congestion)
         if self.advertise is not None and (self.advertise.is_unspecified or self.advertise.port == 0):
             raise ConfigError(f"advertise address {self.advertise}: needs a concrete host and port")
 

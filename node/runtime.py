@@ -39,6 +39,7 @@ from typing import Any
 from discovery.config import SwimConfig
 from discovery.members import MemberView
 from discovery.swim import Swim
+from node import congestion
 from node import identity as files
 from node.allreduce.adapter import AllReduceOutcome, AllReduceService
 from node.config import Address, NodeConfig, parse_address
@@ -132,6 +133,8 @@ class Node:
         config = self.config
         loop = asyncio.get_running_loop()
         self._started = loop.time()
+        if config.bulk_congestion is not None:
+            congestion.check(config.bulk_congestion)
         lock = files.DataDirLock(config.data_dir)
         lock.acquire()
         self._stack.callback(lock.release)
@@ -149,7 +152,8 @@ class Node:
         settings = LinkSettings(identity=key, mesh_secret=secret, listen_address=None,
                                 handshake_timeout=config.handshake_timeout,
                                 inbox_messages=config.inbox_messages,
-                                write_buffer_bytes=config.write_buffer_bytes)
+                                write_buffer_bytes=config.write_buffer_bytes,
+                                bulk_congestion=config.bulk_congestion)
         pool = self._pool = Pool(
             settings=settings, dispatch=self._dispatch, spawn=self.spawn,
             dial_timeout=config.dial_timeout, max_connections=config.max_connections,

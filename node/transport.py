@@ -42,6 +42,7 @@ from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from node import congestion
 from protocol.connection import (
     NEED_DATA,
     Channel,
@@ -99,6 +100,9 @@ class LinkSettings:
     ``inbox_messages`` messages): with 8 MiB frames a message count alone would let a peer
     park half a GiB per connection."""
     write_buffer_bytes: int = 8 * 1024 * 1024
+    bulk_congestion: str | None = None
+    """TCP congestion control set on BULK links once their channel is known (None: the
+    system default; ``node.congestion``)."""
     traffic: Traffic = field(default_factory=Traffic)
     """Shared by every link of the node (``dataclasses.replace`` keeps the same object)."""
 
@@ -230,6 +234,8 @@ class Link(asyncio.BufferedProtocol):
                 self._inbox_ready.set()
             elif isinstance(event, HandshakeComplete):
                 self.peer = event.peer
+                if event.peer.channel is Channel.BULK and self.settings.bulk_congestion:
+                    congestion.apply_to_transport(self._transport, self.settings.bulk_congestion)
                 if not self.opened.done():
                     self.opened.set_result(event.peer)
                 self._on_open(self)
@@ -279,6 +285,15 @@ class Link(asyncio.BufferedProtocol):
             self.settings.traffic.sent[self._channel()] += len(data)
             self.last_active = self._loop.time()
             self._transport.write(data)
+
+    def congestion(self) -> str | None:
+        """The TCP congestion control of this link's socket (None: not connected, or the
+        platform does not say)."""
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        try:
+            return congestion.current(sock) if sock is not None else None
+        except (OSError, AttributeError):
+            return None
 
     def _channel(self) -> Channel:
         """The link's channel (an inbound link is CONTROL until the peer's handshake says)."""

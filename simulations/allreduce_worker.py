@@ -115,7 +115,7 @@ async def _run_codec(node: Any, group: list[bytes], x: Floats, codec: str, args:
             node.allreduce.observer = _self_signal_after(args.die_after_chunks or args.stall_after_chunks, sig)
         np.copyto(y, x)
         sent0, recv0 = dict(node.traffic.sent), dict(node.traffic.received)
-        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        cpu0, t0, started = cpu_seconds(), time.perf_counter(), time.time()
         res = await node.all_reduce(y, group=group, codec=codec, timeout=args.timeout,
                                     key=f"{codec}:{r}", in_place=True, config=config)
         seconds = time.perf_counter() - t0
@@ -124,7 +124,7 @@ async def _run_codec(node: Any, group: list[bytes], x: Floats, codec: str, args:
         recv = {c: node.traffic.received[c] - recv0[c] for c in Channel}
         out = res.tensor
         rounds.append({
-            "seconds": seconds, "cpu_s": cpu,
+            "seconds": seconds, "cpu_s": cpu, "started": started, "ended": started + seconds,
             "sent_bytes": sent[Channel.BULK] + sent[Channel.CONTROL],
             "received_bytes": recv[Channel.BULK] + recv[Channel.CONTROL],
             "bulk_sent_bytes": sent[Channel.BULK],

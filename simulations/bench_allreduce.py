@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed reference")
     parser.add_argument("--no-early-averages", action="store_true",
                         help="rounds wait for the commit before any average goes out (AllReduceConfig.early_averages)")
+    parser.add_argument("--bulk-congestion", metavar="NAME",
+                        help="TCP congestion control of the nodes' tensor links (node --bulk-congestion), "
+                             "e.g. cubic or bbr; default: the system's (gloo always uses the system's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, outputs)")
     parser.add_argument("--json", action="store_true", help="print a final JSON line")
@@ -87,6 +90,7 @@ class Row:
     peak_rss_bytes: int
     identical: bool
     dropped: int
+    bulk_congestion: str
     gloo_seconds: float | None = None
     link_optimum_seconds: float | None = None
     link_optimum_ratio: float | None = None
@@ -142,6 +146,14 @@ def exact_mean(inputs: list[str], size: int) -> NDArray[np.float64]:
     return acc
 
 
+def system_congestion() -> str:
+    """The kernel's default TCP congestion control (what gloo and a default node use)."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def rel_error(out: Floats, exact: NDArray[np.float64]) -> float:
     return float(np.linalg.norm(out.astype(np.float64) - exact)) / max(float(np.linalg.norm(exact)), 1e-300)
 
@@ -166,7 +178,9 @@ def measure(args: argparse.Namespace, work: Path, link: str, data: str, inputs: 
         if net is not None:
             net.create()
         t0 = time.monotonic()
-        extra = [["--no-early-averages"]] * args.nodes if args.no_early_averages else []
+        flags = (["--no-early-averages"] if args.no_early_averages else []) + (
+            ["--bulk-congestion", args.bulk_congestion] if args.bulk_congestion else [])
+        extra = [flags] * args.nodes
         mesh = procs.finish(procs.start_mesh(root, inputs, size=args.size, codecs=codecs,
                                              rounds=args.rounds, warmup=args.warmup,
                                              timeout=timeout, net=net, extra=extra), total)
@@ -196,7 +210,8 @@ def _row(args: argparse.Namespace, link: str, data: str, codec: str, mesh: list[
               rel_error=rel_error(outs[0], exact), cpu_seconds=cpu,
               peak_rss_bytes=max(w["peak_rss_bytes"] for w in mesh),
               identical=all(np.array_equal(o, outs[0]) for o in outs),
-              dropped=sum(len(r["dropped"]) for p in per for r in p), gloo_seconds=gloo_s)
+              dropped=sum(len(r["dropped"]) for p in per for r in p), gloo_seconds=gloo_s,
+              bulk_congestion=args.bulk_congestion or f"system ({system_congestion()})")
     if rate:
         row.link_optimum_seconds = wire / rate
         row.link_optimum_ratio = seconds / row.link_optimum_seconds
@@ -270,7 +285,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print(f"all-reduce of {args.size} float32 elements, {args.nodes} node processes, median of "
-          f"{args.rounds} rounds (slowest node); encryption on; t/opt = time / link optimum")
+          f"{args.rounds} rounds (slowest node); encryption on; t/opt = time / link optimum; TCP "
+          f"congestion control of the nodes' tensor links: {args.bulk_congestion or 'system'}, "
+          f"gloo's and the system's: {system_congestion()}")
     print_table(rows)
     for line in check_targets(rows):
         print(line)

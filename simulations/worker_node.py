@@ -26,6 +26,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--join-timeout", type=float, default=30.0)
     parser.add_argument("--linger", type=float, default=0.5)
+    parser.add_argument("--bulk-congestion", help="TCP congestion control of BULK links (default: the system's)")
 
 
 def node_config(args: argparse.Namespace, *, seed: int | None) -> NodeConfig:
@@ -34,7 +35,7 @@ def node_config(args: argparse.Namespace, *, seed: int | None) -> NodeConfig:
         listen=parse_address(args.listen), data_dir=Path(args.data_dir),
         seeds=tuple(parse_address(s) for s in args.join), mesh_key_file=Path(args.mesh_key_file),
         preset=args.preset, ready_file=Path(args.ready_file) if args.ready_file else None,
-        log_level=args.log_level, seed=seed,
+        log_level=args.log_level, seed=seed, bulk_congestion=args.bulk_congestion,
     )
 
 
