@@ -16,6 +16,9 @@ link-limited optimum ``2(N-1)/N x encoded bytes / bandwidth`` (= bytes a node se
 bandwidth) and the efficiency optimum/time, the relative L2 error of the result against the
 exact fp64 mean, CPU seconds per round per node, peak RSS per node, and gloo's time.
 With ``--json`` the last line is a JSON list with one object per (codec, link, data set).
+``--bulk-congestion NAME`` runs the nodes with that TCP congestion control on their tensor
+links (``python -m node --bulk-congestion``); gloo always runs on the system's, and the
+header line says which each side used.
 """
 
 from __future__ import annotations
