@@ -74,3 +74,21 @@ def test_any_bits_encode_like_the_reference(words: list[int]) -> None:
     assert half is not None and bf is not None
     np.testing.assert_array_equal(half.view(np.uint16), float_to_half(x).view(np.uint16))
     np.testing.assert_array_equal(bf, float_to_bfloat16(x))
+
+
+def test_codecs_give_the_same_bytes_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch is not installed the codecs use the numpy reference: same chunks."""
+    from protocol.tensor import CodecSpec
+    from protocol.tensor.pipeline import decode_chunk, encode_chunk
+
+    x = _adversarial(7)
+    specs = [CodecSpec.parse(name) for name in ("fp16", "bf16", "fp16+zstd")]
+    with_torch = [encode_chunk(x, spec, offset=0) for spec in specs]
+    decoded = [decode_chunk(chunk) for chunk in with_torch]
+    monkeypatch.setattr(fastcast, "_torch", None)
+    monkeypatch.setattr(fastcast, "_tried", True)
+    assert fastcast.to_half(x) is None
+    for spec, chunk, values in zip(specs, with_torch, decoded, strict=True):
+        again = encode_chunk(x, spec, offset=0)
+        assert bytes(again.payload) == bytes(chunk.payload)
+        np.testing.assert_array_equal(decode_chunk(again).view(np.uint32), values.view(np.uint32))
