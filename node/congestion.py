@@ -6,8 +6,10 @@ well those flows fill the links, and the right one depends on the links: measure
 project's shaped network namespaces (``python -m simulations bench allreduce --shape
 100mbit``, tbf with a 100 ms drop-tail queue, no propagation delay), four nodes reached
 94-95% of the link optimum with ``cubic`` and 81-90% with ``bbr``, whose flows into one
-receiver sometimes settle for seconds below their share while every sender has room. On
-long, lossy paths the ranking can reverse. So the node leaves the system default alone
+receiver sometimes settle for seconds below their share while every sender has room: with
+no propagation delay bbr's min RTT is 0.02-0.06 ms while the shared queues make the real
+RTT 20-50 ms, and its window (about twice bandwidth x min RTT) starves those flows. On real,
+long or lossy paths that does not happen and bbr is often the better choice. So the node leaves the system default alone
 unless told (``NodeConfig.bulk_congestion``), and then sets the named algorithm on each
 BULK socket only: gossip and status links keep the system default.
 
