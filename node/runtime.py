@@ -333,6 +333,11 @@ class Node:
         link = await self.link_to(node_id, channel=channel)
         await link.send(message)
 
+    def links(self) -> list[Link]:
+        """Every connection of this node, oldest first, handshaking ones included (diagnostics:
+        ``link.peer``, ``link.congestion()``, ...)."""
+        return self._pool.links() if self._pool is not None else []
+
     @property
     def traffic(self) -> Traffic:
         """Bytes this node wrote and read on its connections, per channel (only grows)."""

@@ -140,6 +140,7 @@ async def _run_codec(node: Any, group: list[bytes], x: Floats, codec: str, args:
 
 async def _node_main(args: argparse.Namespace) -> int:
     from node.runtime import Node
+    from protocol.connection import Channel
 
     config = node_config(args, seed=args.seed)
     out_dir = Path(args.out_dir)
@@ -164,6 +165,9 @@ async def _node_main(args: argparse.Namespace) -> int:
             result["error"] = f"{type(exc).__name__}: {exc}"
             write_json(out_dir / "results.json", result)
             raise
+        result["bulk_congestion"] = sorted({link.congestion() or "unknown" for link in node.links()
+                                            if link.peer is not None and link.peer.channel is Channel.BULK})
+        write_json(out_dir / "results.json", result)
         await asyncio.sleep(args.linger)  # let the last FINISH reach everyone before leaving
     return 0
 

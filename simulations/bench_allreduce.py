@@ -94,6 +94,7 @@ class Row:
     identical: bool
     dropped: int
     bulk_congestion: str
+    """What the nodes' tensor sockets used (read back from them at the end)."""
     gloo_seconds: float | None = None
     link_optimum_seconds: float | None = None
     link_optimum_ratio: float | None = None
@@ -214,7 +215,7 @@ def _row(args: argparse.Namespace, link: str, data: str, codec: str, mesh: list[
               peak_rss_bytes=max(w["peak_rss_bytes"] for w in mesh),
               identical=all(np.array_equal(o, outs[0]) for o in outs),
               dropped=sum(len(r["dropped"]) for p in per for r in p), gloo_seconds=gloo_s,
-              bulk_congestion=args.bulk_congestion or f"system ({system_congestion()})")
+              bulk_congestion=",".join(sorted({cc for w in mesh for cc in w.get("bulk_congestion", [])})))
     if rate:
         row.link_optimum_seconds = wire / rate
         row.link_optimum_ratio = seconds / row.link_optimum_seconds

@@ -115,10 +115,12 @@ def test_shaped_links_in_namespaces(tmp_path: Path) -> None:
     inputs = _inputs(n)
     with ShapedNet(n, rate=rate) as net:
         mesh = procs.finish(procs.start_mesh(tmp_path, inputs, size=size, codecs=["none"], rounds=1,
-                                             timeout=60, net=net), 120)
+                                             timeout=60, net=net, extra=[["--bulk-congestion", "reno"]] * n),
+                            120)
     exact = _exact_mean(inputs, size)
     for r in mesh:
         np.testing.assert_array_equal(_output(r, "none"), exact)
+        assert r["bulk_congestion"] == ["reno"]  # every tensor link of every node, both directions
         assert r["address"].startswith(net.addresses[0].rsplit(".", 1)[0])
         (round_,) = r["codecs"]["none"]["rounds"]
         # a node sends 2(N-1)/N of the tensor; the link cannot carry it faster than its rate

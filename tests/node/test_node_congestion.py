@@ -94,8 +94,7 @@ async def test_bulk_links_use_the_chosen_algorithm_and_control_links_keep_the_de
                                         b.all_reduce(xs[1], group=group, timeout=20))
             np.testing.assert_array_equal(outs[0].tensor, np.full(1000, 2.0, np.float32))
             for node in (a, b):  # both the dialing and the accepting side of every link
-                assert node._pool is not None
-                links = [(lk.peer.channel, lk.congestion()) for lk in node._pool.links() if lk.peer is not None]
+                links = [(lk.peer.channel, lk.congestion()) for lk in node.links() if lk.peer is not None]
                 bulk = [cc for channel, cc in links if channel is Channel.BULK]
                 control = [cc for channel, cc in links if channel is Channel.CONTROL]
                 assert bulk and set(bulk) == {chosen}
