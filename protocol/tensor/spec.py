@@ -38,8 +38,11 @@ MAX_CHUNK_ELEMENTS = MAX_DECOMPRESSED_CHUNK_BYTES // 4
 #: reduce pipeline while every codec's payload fits ``MAX_TENSOR_CHUNK_BYTES``.
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
-#: int8 absmax block size (elements per float32 scale). 128 puts int8 at 0.2578x of fp32.
-DEFAULT_INT8_BLOCK = 128
+#: int8 absmax block size (elements per float32 scale): 512 puts int8 at 0.2520x of fp32.
+#: Measured on the wire (``bench allreduce --data grad``, the round's result against the exact
+#: mean): int8+zstd 0.208x / 0.202x / 0.198x / 0.193x of fp32 at blocks 128 / 256 / 512 / 1024,
+#: error 0.0087 / 0.0095 / 0.0106 / 0.0122. 512 is the smallest block under 0.2x with zstd.
+DEFAULT_INT8_BLOCK = 512
 MIN_INT8_BLOCK = 8
 MAX_INT8_BLOCK = 1 << 16
 
