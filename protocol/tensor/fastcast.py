@@ -38,13 +38,13 @@ _tried = False
 
 
 def torch_module() -> Any:
-    """torch, imported once; None if it is not installed."""
+    """torch, imported once; None if it is not installed or does not import."""
     global _torch, _tried
     if not _tried:
         _tried = True
         try:
             _torch = importlib.import_module("torch")
-        except ImportError:
+        except Exception:  # not installed, or a broken install (e.g. missing CUDA libraries)
             _torch = None
     return _torch
 
