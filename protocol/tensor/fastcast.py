@@ -40,12 +40,12 @@ _tried = False
 def torch_module() -> Any:
     """torch, imported once; None if it is not installed or does not import."""
     global _torch, _tried
-    if not _tried:
-        _tried = True
+    if not _tried:  # codec threads may race here: each imports (the import system locks)
         try:
-            _torch = importlib.import_module("torch")
+            module = importlib.import_module("torch")
         except Exception:  # not installed, or a broken install (e.g. missing CUDA libraries)
-            _torch = None
+            module = None
+        _torch, _tried = module, True
     return _torch
 
 
