@@ -96,8 +96,8 @@ def _restore_torch(original: Any, average: Floats, *, in_place: bool) -> Any:
     import torch
 
     if in_place:
-        same = (original.device.type == "cpu" and original.dtype == torch.float32 and original.is_contiguous()
-                and original.data_ptr() == average.__array_interface__["data"][0])
+        same = (original.device.type == "cpu" and original.dtype == torch.float32
+                and _same_memory(original.detach().numpy(), average))
         if not same:  # else the round wrote the input's own memory already
             with torch.no_grad():
                 original.copy_(torch.from_numpy(_writable(average)).view(tuple(original.shape)))

@@ -78,6 +78,15 @@ def current(sock: Any) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii")
 
 
+def system_default() -> str:
+    """The algorithm a new TCP socket of this process gets ("unknown" where the platform
+    does not say)."""
+    if not hasattr(socket, "TCP_CONGESTION"):
+        return "unknown"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return current(probe)
+
+
 def apply_to_transport(transport: Any, name: str) -> None:
     """Set ``name`` on a transport's socket; a refusal is logged, never raised (``check``
     already ran at startup, so this only happens if the system changed since)."""

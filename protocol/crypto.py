@@ -202,20 +202,22 @@ class RecordCipher:
         self.counter = 0
         self._scratch = bytearray()
 
+    def _seal_counter(self) -> int:
+        """The nonce counter of the frame about to be sealed (``LIMIT_EXCEEDED`` once spent)."""
+        if self.counter >= MAX_COUNTER:
+            raise LocalProtocolError("AEAD counter exhausted; reconnect", code=ErrorCode.LIMIT_EXCEEDED)
+        return self.counter
+
     def seal(self, plaintext: bytes | bytearray | memoryview) -> bytes:
         """Encrypt the next frame body; ``LocalProtocolError(LIMIT_EXCEEDED)`` once the counter is spent."""
-        n = self.counter
-        if n >= MAX_COUNTER:
-            raise LocalProtocolError("AEAD counter exhausted; reconnect", code=ErrorCode.LIMIT_EXCEEDED)
+        n = self._seal_counter()
         self.counter = n + 1
         return self._aead.encrypt(n.to_bytes(NONCE_BYTES, "big"), plaintext, None)
 
     def seal_into(self, plaintext: bytes | bytearray | memoryview, out: memoryview) -> None:
         """Like ``seal`` but writes the sealed body (``len(plaintext) + TAG_BYTES`` bytes, the
         exact size of ``out``) into ``out``: a caller framing it saves a multi-MiB copy."""
-        n = self.counter
-        if n >= MAX_COUNTER:
-            raise LocalProtocolError("AEAD counter exhausted; reconnect", code=ErrorCode.LIMIT_EXCEEDED)
+        n = self._seal_counter()
         self._aead.encrypt_into(n.to_bytes(NONCE_BYTES, "big"), plaintext, None, out)
         self.counter = n + 1
 
@@ -226,9 +228,7 @@ class RecordCipher:
         if self._aes is None:
             self.seal_into(b"".join(parts), out)
             return
-        n = self.counter
-        if n >= MAX_COUNTER:
-            raise LocalProtocolError("AEAD counter exhausted; reconnect", code=ErrorCode.LIMIT_EXCEEDED)
+        n = self._seal_counter()
         encryptor = CipherContext(self._aes, modes.GCM(n.to_bytes(NONCE_BYTES, "big"))).encryptor()
         pos = 0
         for part in parts:  # GCM output is as long as its input; ``out`` has room for the tag after

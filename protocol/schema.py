@@ -421,13 +421,17 @@ def split_head(head: bytes | bytearray | memoryview, size: int) -> tuple[dict[st
     return raw, offset
 
 
+def _blob_parent(wire: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """The map of a wire-form message that holds the ``BLOB`` field at ``path``."""
+    for name in path[:-1]:
+        wire = wire[name]
+    return wire
+
+
 def put_blob(raw: dict[str, Any], blob: bytes | memoryview) -> None:
     """Put a payload found by ``split_head`` back into its place in ``raw``."""
     path = _BLOB_CLASSES[raw["t"]].BLOB
-    obj = raw
-    for name in path[:-1]:
-        obj = obj[name]
-    obj[path[-1]] = blob
+    _blob_parent(raw, path)[path[-1]] = blob
 
 
 def encode_body(msg: Message) -> bytes:
@@ -463,9 +467,7 @@ def encode_split(msg: Message) -> tuple[bytes, bytes | memoryview] | None:
     if not path:
         return None
     wire = msg.to_wire()
-    parent = wire
-    for name in path[:-1]:
-        parent = parent[name]
+    parent = _blob_parent(wire, path)
     blob = parent[path[-1]]
     parent[path[-1]] = b""
     packed: bytes = msgpack.packb(wire, use_bin_type=True)

@@ -160,14 +160,13 @@ async def _node_main(args: argparse.Namespace) -> int:
             for i, codec in enumerate(args.codecs.split(",")):
                 result["codecs"][codec] = await _run_codec(node, group, x, codec, args, i == 0)
                 result["peak_rss_bytes"] = peak_rss_bytes()
+                result["bulk_congestion"] = sorted({link.congestion() or "unknown" for link in node.links()
+                                                    if link.peer is not None and link.peer.channel is Channel.BULK})
                 write_json(out_dir / "results.json", result)
         except Exception as exc:  # recorded for the harness, which reports it
             result["error"] = f"{type(exc).__name__}: {exc}"
             write_json(out_dir / "results.json", result)
             raise
-        result["bulk_congestion"] = sorted({link.congestion() or "unknown" for link in node.links()
-                                            if link.peer is not None and link.peer.channel is Channel.BULK})
-        write_json(out_dir / "results.json", result)
         await asyncio.sleep(args.linger)  # let the last FINISH reach everyone before leaving
     return 0
 

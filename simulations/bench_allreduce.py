@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from node import congestion
 from simulations import allreduce_procs as procs
 from simulations.allreduce_worker import codec_file, load_input
 from simulations.netshape import ShapedNet, rate_bytes_per_s, unavailable
@@ -148,14 +149,6 @@ def exact_mean(inputs: list[str], size: int) -> NDArray[np.float64]:
         acc += load_input(spec, size)
     acc /= len(inputs)
     return acc
-
-
-def system_congestion() -> str:
-    """The kernel's default TCP congestion control (what gloo and a default node use)."""
-    try:
-        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    except OSError:
-        return "unknown"
 
 
 def rel_error(out: Floats, exact: NDArray[np.float64]) -> float:
@@ -291,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"all-reduce of {args.size} float32 elements, {args.nodes} node processes, median of "
           f"{args.rounds} rounds (slowest node); encryption on; t/opt = time / link optimum; TCP "
           f"congestion control of the nodes' tensor links: {args.bulk_congestion or 'system'}, "
-          f"gloo's and the system's: {system_congestion()}")
+          f"gloo's and the system's: {congestion.system_default()}")
     print_table(rows)
     for line in check_targets(rows):
         print(line)

@@ -204,10 +204,6 @@ def sq_norm(values: Floats, block: int) -> float:
     return total
 
 
-def all_finite(values: Floats) -> bool:
-    return math.isfinite(chunk_sq(values))
-
-
 #: Elements reduced at a time: the fp64 accumulator (512 KiB) stays in the core's cache.
 REDUCE_BLOCK = 1 << 16
 

@@ -19,14 +19,9 @@ from protocol.errors import ConfigError
 needs_linux = pytest.mark.skipif(not hasattr(socket, "TCP_CONGESTION"), reason="needs TCP_CONGESTION (Linux)")
 
 
-def _system_default() -> str:
-    with socket.socket() as s:
-        return congestion.current(s)
-
-
 def _other_usable() -> str | None:
     """An algorithm this process may set that is not the system default (None: none)."""
-    default = _system_default()
+    default = congestion.system_default()
     for name in congestion.available():
         if name == default:
             continue
@@ -61,7 +56,7 @@ def test_unknown_algorithm_fails_the_check_with_the_offered_list() -> None:
 
 @needs_linux
 def test_apply_and_current_round_trip() -> None:
-    default = _system_default()
+    default = congestion.system_default()
     congestion.check(default)
     with socket.socket() as s:
         congestion.apply(s, default)
@@ -75,7 +70,7 @@ async def test_bulk_links_use_the_chosen_algorithm_and_control_links_keep_the_de
     chosen = _other_usable()
     if chosen is None:
         pytest.skip("this kernel offers this process no second congestion control to choose")
-    default = _system_default()
+    default = congestion.system_default()
     key = tmp_path / "mesh.key"
 
     def config(name: str, seeds: tuple[Address, ...] = ()) -> NodeConfig:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,8 +15,8 @@ from discovery.events import EventKind, MemberEvent
 from node.config import Address, NodeConfig
 from node.pool import RETIRED_QUIET_S, Pool, retired_quiet, sweep_interval
 from node.runtime import Node
-from node.transport import Handler, Link, LinkSettings
-from protocol import crypto
+from node.testing import loopback_pools
+from node.transport import Link
 from protocol.connection import Channel, Role
 from protocol.messages.gossip import Ack, Alive, GpuInfo, MemberStatus, NodeMeta
 from protocol.schema import Message
@@ -54,20 +53,11 @@ async def pools(n: int, *, idle_timeout: float, inbox_messages: int = 64,
     """``n`` pools on loopback; each records the ACKs (their seq) and ALIVEs (a bulky message:
     their incarnation) it receives on BULK with their link (pool ``i`` after ``gates[i]`` is
     set, if given: a slow handler)."""
-    secret = crypto.new_mesh_secret()
-    async with asyncio.TaskGroup() as group:
-
-        def spawn(coro: Coroutine[Any, Any, None]) -> None:
-            group.create_task(coro)
-
+    async with loopback_pools(n, idle_timeout=idle_timeout, inbox_messages=inbox_messages) as loopback:
         peers: list[Peer] = []
-        for i in range(n):
+        for i, lp in enumerate(loopback):
             gate = gates[i] if i < len(gates) else None
-            key = crypto.generate_identity()
-            base = LinkSettings(identity=key, mesh_secret=secret, listen_address=None,
-                                inbox_messages=inbox_messages)
             got: list[tuple[Link, int]] = []
-            lost: list[tuple[Link, BaseException | None]] = []
 
             async def on_bulk(link: Link, message: Message, got: list[tuple[Link, int]] = got,
                               gate: asyncio.Event | None = gate) -> None:
@@ -76,21 +66,9 @@ async def pools(n: int, *, idle_timeout: float, inbox_messages: int = 64,
                     await gate.wait()
                 got.append((link, message.seq if isinstance(message, Ack) else message.incarnation))
 
-            dispatch: dict[Channel, dict[MsgType, Handler]] = {c: {} for c in Channel}
-            dispatch[Channel.BULK][MsgType.ACK] = dispatch[Channel.BULK][MsgType.ALIVE] = on_bulk
-            pool = Pool(settings=base, dispatch=dispatch, spawn=spawn, dial_timeout=2.0,
-                        max_connections=64, max_handshaking=8,
-                        on_lost=lambda link, error, lost=lost: lost.append((link, error)),
-                        idle_timeout=idle_timeout)
-            bound = await pool.listen(Address("127.0.0.1", 0))
-            pool.set_listen_address(dataclasses.replace(base, listen_address=str(bound)))
-            await pool.start_serving()
-            peers.append(Peer(pool, str(bound), crypto.node_id_of(key), got, lost, gate))
-        try:
-            yield peers
-        finally:
-            for peer in peers:
-                await peer.pool.close(linger=0.2)
+            lp.dispatch[Channel.BULK][MsgType.ACK] = lp.dispatch[Channel.BULK][MsgType.ALIVE] = on_bulk
+            peers.append(Peer(lp.pool, lp.address, lp.node_id, got, lp.lost, gate))
+        yield peers
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

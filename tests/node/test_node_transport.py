@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from node.config import Address
-from node.pool import Pool
-from node.transport import Handler, Link, LinkSettings
+from node.testing import loopback_pools
+from node.transport import Handler, Link
 from protocol import crypto
 from protocol.connection import Channel
 from protocol.errors import ErrorCode, RemoteProtocolError, TransportError
@@ -28,48 +24,6 @@ from protocol.tags import MsgType
 from protocol.tensor import CodecSpec, encode_chunk
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-@dataclasses.dataclass
-class Peer:
-    pool: Pool
-    address: str
-    node_id: bytes
-    dispatch: dict[Channel, dict[MsgType, Handler]]
-    lost: list[tuple[Link, BaseException | None]]
-
-
-@asynccontextmanager
-async def mesh(n: int, *, secrets: list[bytes] | None = None, **settings: Any) -> AsyncIterator[list[Peer]]:
-    """``n`` pools listening on loopback, each with an empty dispatch table to fill."""
-    secret = crypto.new_mesh_secret()
-    async with asyncio.TaskGroup() as group:
-
-        def spawn(coro: Coroutine[Any, Any, None]) -> None:
-            group.create_task(coro)
-
-        peers = []
-        for i in range(n):
-            key = crypto.generate_identity()
-            base = LinkSettings(identity=key, mesh_secret=secrets[i] if secrets else secret,
-                                listen_address=None, **settings)
-            dispatch: dict[Channel, dict[MsgType, Handler]] = {c: {} for c in Channel}
-            lost: list[tuple[Link, BaseException | None]] = []
-
-            def on_lost(link: Link, error: BaseException | None, lost: list[Any] = lost) -> None:
-                lost.append((link, error))
-
-            pool = Pool(settings=base, dispatch=dispatch, spawn=spawn, dial_timeout=2.0,
-                        max_connections=64, max_handshaking=8, on_lost=on_lost)
-            bound = await pool.listen(Address("127.0.0.1", 0))
-            pool.set_listen_address(dataclasses.replace(base, listen_address=str(bound)))
-            await pool.start_serving()
-            peers.append(Peer(pool, str(bound), crypto.node_id_of(key), dispatch, lost))
-        try:
-            yield peers
-        finally:
-            for peer in peers:
-                await peer.pool.close(linger=0.2)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -87,7 +41,7 @@ def collector(into: list[tuple[bytes, Message]]) -> Handler:
 
 
 async def test_send_and_reply_on_the_same_link() -> None:
-    async with mesh(2) as (a, b):
+    async with loopback_pools(2) as (a, b):
         got_b: list[tuple[bytes, Message]] = []
         got_a: list[tuple[bytes, Message]] = []
 
@@ -108,7 +62,7 @@ async def test_send_and_reply_on_the_same_link() -> None:
 
 
 async def test_concurrent_dials_share_one_connection_and_inbound_is_reused() -> None:
-    async with mesh(2) as (a, b):
+    async with loopback_pools(2) as (a, b):
         links = await asyncio.gather(*(a.pool.connect(b.address, Channel.CONTROL) for _ in range(5)))
         assert len({id(link) for link in links}) == 1
         await until(lambda: b.pool.get_open(a.address, Channel.CONTROL) is not None)
@@ -119,7 +73,7 @@ async def test_concurrent_dials_share_one_connection_and_inbound_is_reused() -> 
 
 async def test_wrong_mesh_key_is_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
-    async with mesh(2, secrets=[crypto.new_mesh_secret(), crypto.new_mesh_secret()]) as (a, b):
+    async with loopback_pools(2, secrets=[crypto.new_mesh_secret(), crypto.new_mesh_secret()]) as (a, b):
         with pytest.raises(RemoteProtocolError) as info:
             await a.pool.connect(b.address, Channel.CONTROL)
         assert info.value.code is ErrorCode.AUTH_FAILED
@@ -129,7 +83,7 @@ async def test_wrong_mesh_key_is_refused_and_logged(caplog: pytest.LogCaptureFix
 
 
 async def test_dial_to_closed_port_is_transport_error() -> None:
-    async with mesh(1) as (a,):
+    async with loopback_pools(1) as (a,):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -144,7 +98,7 @@ async def _raw(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
 
 async def test_garbage_and_silent_clients_are_closed_others_served(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
-    async with mesh(2, handshake_timeout=0.5) as (a, b):
+    async with loopback_pools(2, handshake_timeout=0.5) as (a, b):
         got: list[tuple[bytes, Message]] = []
         b.dispatch[Channel.BULK][MsgType.ACK] = collector(got)
         silent_r, silent_w = await _raw(b.address)
@@ -189,7 +143,7 @@ def _parts() -> list[Message]:  # 64 KiB frames
 async def test_backpressure_pauses_reading_and_delivers_in_order(
         settings: dict[str, int], make: Callable[[], list[Message]], most: int) -> None:
     messages = make()
-    async with mesh(2, **settings) as (a, b):
+    async with loopback_pools(2, **settings) as (a, b):
         release = asyncio.Event()
         got: list[int] = []
 
@@ -217,7 +171,7 @@ async def test_backpressure_pauses_reading_and_delivers_in_order(
 
 
 async def test_lost_connection_is_reported_not_graceful() -> None:
-    async with mesh(2) as (a, b):
+    async with loopback_pools(2) as (a, b):
         link = await a.pool.connect(b.address, Channel.CONTROL)
         await until(lambda: b.pool.get_open(a.address, Channel.CONTROL) is not None)
         inbound = b.pool.get_open(a.address, Channel.CONTROL)
@@ -234,7 +188,7 @@ async def test_lost_connection_is_reported_not_graceful() -> None:
 
 @pytest.mark.parametrize("goodbye", [True, False])
 async def test_messages_before_close_are_delivered(goodbye: bool) -> None:
-    async with mesh(2, inbox_messages=4) as (a, b):
+    async with loopback_pools(2, inbox_messages=4) as (a, b):
         release = asyncio.Event()
         got: list[int] = []
 
@@ -261,7 +215,7 @@ async def test_messages_before_close_are_delivered(goodbye: bool) -> None:
 
 async def test_message_not_accepted_on_channel_is_rejected_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
-    async with mesh(2) as (a, b):
+    async with loopback_pools(2) as (a, b):
         link = await a.pool.connect(b.address, Channel.CLIENT)
         await link.send(Ack(seq=1))  # CLIENT links carry STATUS_REQUEST only
         await until(lambda: not link.is_open)
