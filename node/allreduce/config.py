@@ -108,3 +108,32 @@ class AllReduceConfig:
         total = b.join_timeout + part + gather + 4 * (b.report_grace + b.leader_timeout)
         return b.replace(part_timeout=part, gather_timeout=gather,
                          round_timeout=max(b.round_timeout, 2 * total))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AllReduceSettings:
+    """Node-wide all-reduce defaults (``NodeConfig.allreduce``; every field is a CLI flag):
+    what a round gets when its caller passes no ``AllReduceConfig``."""
+
+    link_bytes_per_s: float = 12.5e6
+    """Assumed bytes per second of a member's link (default 100 Mbit/s); the transfer
+    deadlines of a round default to a few times the time its tensor takes at this speed."""
+    window_bytes: int = 8 << 20
+    """Raw (fp32) bytes of tensor chunks in flight per destination (``AllReduceConfig``)."""
+    early_averages: bool = True
+    """Owners stream each chunk's average as soon as every part of it is in."""
+    outlier_factor: float | None = 100.0
+    """Exclude a contribution whose L2 norm exceeds this times the median; None: never."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.link_bytes_per_s, int | float) and math.isfinite(self.link_bytes_per_s)
+                and self.link_bytes_per_s > 0):
+            raise ConfigError(f"link_bytes_per_s must be a positive number, got {self.link_bytes_per_s!r}")
+        AllReduceConfig(window_bytes=self.window_bytes, early_averages=self.early_averages,
+                        outlier_factor=self.outlier_factor)  # the same checks as a round's
+
+    def round_config(self, numel: int) -> AllReduceConfig:
+        """The config of a round of ``numel`` elements whose caller gave none."""
+        base = AllReduceConfig(window_bytes=self.window_bytes, early_averages=self.early_averages,
+                               outlier_factor=self.outlier_factor)
+        return AllReduceConfig.for_transfer(numel=numel, bytes_per_s=self.link_bytes_per_s, base=base)
