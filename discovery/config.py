@@ -9,6 +9,7 @@ the ``now`` clock the runtime feeds the core. Formulas that use these fields liv
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from protocol.errors import ConfigError
@@ -225,3 +226,13 @@ class SwimConfig:
             dead_reap_after=4.0,
             join_retry_interval=0.5,
         )
+
+
+#: The named timing presets, the one table of them (``NodeConfig.preset``, ``--preset`` of the
+#: node and of ``simulations gossip``): name -> constructor.
+PRESETS: Mapping[str, Callable[[], SwimConfig]] = {
+    "lan": SwimConfig.lan,
+    "wan": SwimConfig.wan,
+    "local": SwimConfig.local,
+    "test": SwimConfig.test,
+}

@@ -83,6 +83,10 @@ class MemberTable:
         """We left the mesh: refute nothing any more."""
         self.health = 0
         """Lifeguard local health score (awareness), in ``[0, awareness_max - 1]``."""
+        self.suspicions = 0
+        """Suspicions started here (a member went ALIVE -> SUSPECT), by our probes or gossip."""
+        self.refutations = 0
+        """Claims about us refuted (each raised our incarnation)."""
 
     # ----------------------------------------------------------------- helpers
 
@@ -233,6 +237,7 @@ class MemberTable:
         k = expected_confirmations(self.config.suspicion_mult, n)
         m.suspicion = Suspicion(sender=sender, k=k, min_timeout=min_t, max_timeout=max_t, now=now)
         self.suspects[node] = m
+        self.suspicions += 1
         self.emit(EventKind.SUSPECTED, m, now)
 
     def dead(
@@ -261,6 +266,7 @@ class MemberTable:
         """Raise our incarnation above ``accused_inc`` and broadcast Alive (memberlist refute)."""
         me = self.me
         me.incarnation = max(me.incarnation, accused_inc) + 1
+        self.refutations += 1
         self.adjust_health(+1)
         self.broadcasts.queue(
             me.node_id,

@@ -55,6 +55,10 @@ after it we stop probing and syncing but keep answering pings and gossiping.
 Transport hints: ``on_unreachable(address)`` (a failed dial or dropped connection) makes
 that member the next probe target, and skips the wait for a direct ack when it is the
 current one. A hint never declares anything dead by itself.
+
+Observation: ``stats()`` reads the member counts by status, the drop counters of every bounded
+queue and the probe / suspicion / refutation counters without changing anything (the node
+serves them as Prometheus metrics).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ from protocol.schema import Message
 _log = logging.getLogger("discovery.swim")
 
 ALIVE, SUSPECT = MemberStatus.ALIVE, MemberStatus.SUSPECT
+_STATE_NAMES = {status: status.name.lower() for status in MemberStatus}
 _SEQ_MOD = 1 << 32
 _MAX_SEEDS = 64
 _FOLLOW_UP_TRIES = 5
@@ -117,6 +122,10 @@ class Swim:
         self._outbox: list[tuple[str, Message]] = []
         self.dropped_messages = 0
         """Outgoing messages dropped because ``max_outbox`` was reached between drains."""
+        self._probes = 0
+        self._probe_failures = 0
+        self._indirect_probes = 0
+        self._push_pulls = 0
         self._probe_order: list[bytes] = []
         self._probe_index = 0
         self._table = MemberTable(
@@ -271,6 +280,32 @@ class Swim:
         )
         self._table.emit(EventKind.UPDATED, me, now)
 
+    def stats(self) -> dict[str, float | dict[str, float]]:
+        """Counters and gauges, read without changing anything (names as ``node.metrics``
+        serves them, without its prefix): ``members`` by status, ourselves included; the
+        ``*_dropped_*`` counters of the outbox (``max_outbox``), the broadcast queue
+        (``max_broadcasts``) and the event queue (``max_events``); our probes and what became
+        of them; suspicions we started and claims about us we refuted."""
+        table = self._table
+        members = dict.fromkeys(_STATE_NAMES.values(), 0.0)
+        for m in table.members.values():
+            members[_STATE_NAMES[m.status]] += 1
+        return {
+            "members": members,
+            "incarnation": self._me.incarnation,
+            "local_health": table.health,
+            "gossip_pending_broadcasts": len(table.broadcasts),
+            "gossip_dropped_messages_total": self.dropped_messages,
+            "gossip_broadcasts_dropped_total": table.broadcasts.dropped,
+            "gossip_events_dropped_total": table.events_dropped,
+            "probes_total": self._probes,
+            "probe_failures_total": self._probe_failures,
+            "indirect_probes_total": self._indirect_probes,
+            "suspicions_total": table.suspicions,
+            "refutations_total": table.refutations,
+            "push_pull_rounds_total": self._push_pulls,
+        }
+
     @property
     def node_id(self) -> bytes:
         return self._me.node_id
@@ -374,6 +409,7 @@ class Swim:
         if target is None:
             return
         self._last_probe_start = now
+        self._probes += 1
         seq = self._next_seq()
         self._probe = Probe(
             target=target.node_id, seq=seq, timeout_at=now + cfg.probe_timeout, end_at=now + period
@@ -394,12 +430,15 @@ class Swim:
             self._cfg.indirect_checks, lambda m: m.status is ALIVE and m.node_id != probe.target
         )
         probe.expected_nacks = len(helpers)
+        if helpers:
+            self._indirect_probes += 1
         for m in helpers:
             req = PingReq(seq=probe.seq, target=probe.target, address=target.address, nack=True)
             self._send_with_gossip(m.address, req)
 
     def _probe_failed(self, probe: Probe, now: float) -> None:
         self._probe = None
+        self._probe_failures += 1
         if probe.expected_nacks > 0:
             self._table.adjust_health(max(0, probe.expected_nacks - probe.nacks))
         else:
@@ -447,6 +486,9 @@ class Swim:
         )
 
     def _push_pull(self, now: float) -> None:
+        """One anti-entropy round: a sync with a random alive member (or the join follow-up
+        pull), and one with a member we believe dead."""
+        self._push_pulls += 1
         if self._sync_next is not None:
             # Right after a join: *pull* from the seed, which knows the most. The seed
             # knows us already, so we send only our own entry; it answers with everything.

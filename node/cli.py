@@ -1,7 +1,9 @@
 """``python -m node``: run a node (default), ``status``, ``mesh-key new``.
 
 Every setting has a flag, a ``STARMESH_*`` environment variable and a default; a flag wins
-over the variable, which wins over the default. ``--help`` on each command lists them.
+over the variable, which wins over the default. They are generated from the config fields
+(``node/options.py``: the field's docstring is its help, its default is the dataclass's);
+``RUN_OVERRIDES`` holds the few flags spelled otherwise. ``--help`` on each command lists them.
 Exit codes: 0 ok, 1 the operation failed (peer unreachable, refused), 2 bad configuration.
 """
 
@@ -16,12 +18,13 @@ from pathlib import Path
 from node.config import (
     DEFAULT_PORT,
     LOG_LEVELS,
-    PRESETS,
+    PRESET_NAMES,
+    Address,
+    ClientConfig,
     NodeConfig,
-    default_data_dir,
-    env_default,
     parse_address,
 )
+from node.options import Option, Override, add_options, options_of, resolve, section_docs
 from protocol.errors import ConfigError, StarmeshError
 
 COMMANDS = ("run", "status", "mesh-key")
@@ -38,32 +41,40 @@ other commands:
 """
 
 
-def _opt(
-    parser: argparse.ArgumentParser,
-    flag: str,
-    env: str,
-    default: str | None,
-    help_: str,
-    shown: str | None = None,
-    **kwargs: object,
-) -> None:
-    """Add ``flag`` whose default is ``$STARMESH_<env>`` or ``default``; the help says both."""
-    shown = shown or ("none" if default is None else default)
-    parser.add_argument(
-        flag,
-        default=env_default(env, default),
-        help=f"{help_} [env STARMESH_{env}; default: {shown}]".replace("%", "%%"),
-        **kwargs,  # type: ignore[arg-type]
-    )
+def _addresses(text: str, what: str) -> tuple[Address, ...]:
+    parts = (part.strip() for part in text.split(","))
+    return tuple(parse_address(p, what=what, default_port=DEFAULT_PORT) for p in parts if p)
 
 
-def _add_key_options(parser: argparse.ArgumentParser, *, create: bool) -> None:
-    _opt(parser, "--data-dir", "DATA_DIR", "~/.starmesh",
-         "directory with this node's identity key, mesh key and last incarnation", metavar="DIR")
-    _opt(parser, "--mesh-key-file", "MESH_KEY_FILE", None,
-         "the mesh secret file" + ("; created (0600) if it does not exist" if create else ""),
-         shown="DATA_DIR/mesh.key",
-         metavar="PATH")
+def _address_or_port(text: str, what: str) -> Address:
+    return parse_address(text, what=what, default_port=DEFAULT_PORT)
+
+
+#: Where the ``run`` command spells a ``NodeConfig`` field differently from its name and type.
+#: Flags and variables otherwise follow the field names (``links.idle_timeout``:
+#: ``--idle-timeout``, ``STARMESH_IDLE_TIMEOUT``), with ``RUN_PREFIXES`` for nested configs.
+RUN_OVERRIDES: dict[str, Override] = {
+    "listen": Override(parse=_address_or_port),
+    "seeds": Override(flag="join", repeat=True, metavar="HOST:PORT", parse=_addresses),
+    "data_dir": Override(metavar="DIR"),
+    "mesh_key_file": Override(show=lambda path: "DATA_DIR/mesh.key" if path is None else str(path)),
+    "preset": Override(choices=PRESET_NAMES),
+    "log_level": Override(choices=LOG_LEVELS, fold=str.upper),
+    "use_uvloop": Override(flag="loop", choices=("auto", "asyncio"),
+                           parse=lambda text, what: text.strip() == "auto",
+                           show=lambda on: "auto" if on else "asyncio"),
+    "links.bulk_congestion": Override(
+        metavar="NAME", show=lambda name: name or "system",
+        parse=lambda text, what: None if text.strip() == "system" else text.strip()),
+}
+
+#: Flag prefix of each nested config's fields (none for ``links`` and ``executors``).
+RUN_PREFIXES: dict[str, str] = {"allreduce": "allreduce-"}
+
+
+def run_options() -> tuple[Option, ...]:
+    """The ``run`` command's options: one per leaf field of ``NodeConfig``."""
+    return options_of(NodeConfig(), overrides=RUN_OVERRIDES, prefixes=RUN_PREFIXES)
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -72,51 +83,42 @@ def build_run_parser() -> argparse.ArgumentParser:
         description=RUN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _opt(p, "--listen", "LISTEN", f"0.0.0.0:{DEFAULT_PORT}",
-         "HOST:PORT to accept connections on; port 0 picks a free port", metavar="HOST:PORT")
-    _opt(p, "--advertise", "ADVERTISE", None,
-         "HOST:PORT peers dial to reach this node; by default the listen address, with a "
-         "wildcard host replaced by this host's outward IP", metavar="HOST:PORT")
-    p.add_argument(
-        "--join", action="append", metavar="HOST:PORT",
-        default=None,
-        help="a member to join through; repeat for several seeds "
-        "[env STARMESH_JOIN, comma separated; default: the live members remembered in "
-        "DATA_DIR/peers from the last run, else start a new mesh]",
-    )
-    _add_key_options(p, create=True)
-    _opt(p, "--preset", "PRESET", "lan",
-         "SWIM timing preset: lan, wan, local (one host) or test (fast)", choices=PRESETS)
-    _opt(p, "--log-level", "LOG_LEVEL", "INFO", "lowest log level printed to stderr",
-         choices=LOG_LEVELS, type=str.upper)
-    _opt(p, "--ready-file", "READY_FILE", None,
-         "write JSON {address, listen, node_id, pid, ready_at} here once listening", metavar="PATH")
-    _opt(p, "--handshake-timeout", "HANDSHAKE_TIMEOUT", "5.0",
-         "seconds a connection may take to finish its handshake", metavar="S")
-    _opt(p, "--dial-timeout", "DIAL_TIMEOUT", "2.0",
-         "seconds a TCP connect may take before the peer counts as unreachable", metavar="S")
-    _opt(p, "--leave-timeout", "LEAVE_TIMEOUT", "1.0",
-         "seconds spent on shutdown flushing the leave announcement", metavar="S")
-    _opt(p, "--max-connections", "MAX_CONNECTIONS", "512",
-         "most open connections; further inbound ones are refused", metavar="N")
-    _opt(p, "--max-handshaking", "MAX_HANDSHAKING", "64",
-         "most inbound connections still in their handshake; further ones are refused", metavar="N")
-    _opt(p, "--inbox-messages", "INBOX_MESSAGES", "64",
-         "messages buffered per connection before reading it pauses (backpressure)", metavar="N")
-    _opt(p, "--write-buffer-bytes", "WRITE_BUFFER_BYTES", str(8 * 1024 * 1024),
-         "per-connection write buffer above which gossip is dropped and senders wait", metavar="N")
-    _opt(p, "--idle-timeout", "IDLE_TIMEOUT", "300",
-         "seconds without traffic after which a connection is closed (redialed when needed); "
-         "0 keeps connections open", metavar="S")
-    _opt(p, "--bulk-congestion", "BULK_CONGESTION", "system",
-         "TCP congestion control of tensor (BULK) connections, e.g. cubic or bbr; "
-         "system keeps the kernel's default", metavar="NAME")
-    _opt(p, "--loop", "LOOP", "auto",
-         "event loop: uvloop when installed (auto), or plain asyncio", choices=("auto", "asyncio"))
-    _opt(p, "--seed", "SEED", None,
-         "seed of the node's random number generator (probe order, jitter); "
-         "none means from the OS", metavar="INT")
+    add_options(p, run_options(), sections=section_docs(NodeConfig()))
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """Turn parsed ``run`` arguments (and ``STARMESH_*``) into a validated ``NodeConfig``
+    (``ConfigError`` naming the flag if not)."""
+    return resolve(NodeConfig(), run_options(), args)
+
+
+class ClientOptions:
+    """The flags every client command shares, from ``ClientConfig``: ``--connect``,
+    ``--data-dir``, ``--mesh-key-file``, ``--timeout``. The variables are ``STARMESH_CONNECT``,
+    ``STARMESH_DATA_DIR``, ``STARMESH_MESH_KEY_FILE`` and ``STARMESH_<COMMAND>_TIMEOUT``
+    (each command waits its own time). Use::
+
+        client = ClientOptions("status")
+        client.add_to(parser)           # then the command's own flags
+        config = client.resolve(parser.parse_args(argv))
+    """
+
+    def __init__(self, command: str, *, default: ClientConfig | None = None) -> None:
+        self.default = default if default is not None else ClientConfig()
+        env = command.upper().replace("-", "_")
+        self.options = options_of(self.default, overrides={
+            "connect": Override(parse=_address_or_port),
+            "data_dir": Override(metavar="DIR"),
+            "mesh_key_file": RUN_OVERRIDES["mesh_key_file"],
+            "timeout": Override(env=f"{env}_TIMEOUT"),
+        })
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        add_options(parser, self.options)
+
+    def resolve(self, args: argparse.Namespace) -> ClientConfig:
+        return resolve(self.default, self.options, args)
 
 
 def build_status_parser() -> argparse.ArgumentParser:
@@ -124,12 +126,9 @@ def build_status_parser() -> argparse.ArgumentParser:
         prog="python -m node status",
         description="Show the members of the mesh as one node sees them.",
     )
-    _opt(p, "--connect", "CONNECT", f"127.0.0.1:{DEFAULT_PORT}",
-         "HOST:PORT of the node to ask", metavar="HOST:PORT")
-    _add_key_options(p, create=False)
+    ClientOptions("status").add_to(p)
     p.add_argument("--json", action="store_true",
                    help='print one JSON object {"self": ..., "members": [...]} instead of a table')
-    _opt(p, "--timeout", "STATUS_TIMEOUT", "3.0", "seconds to wait for the answer", metavar="S")
     return p
 
 
@@ -142,58 +141,6 @@ def build_mesh_key_parser() -> argparse.ArgumentParser:
     new = sub.add_parser("new", help="write a new mesh secret to PATH (0600); PATH must not exist")
     new.add_argument("path", metavar="PATH")
     return p
-
-
-def _float(text: str, what: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{what} {text!r}: expected a number of seconds") from None
-
-
-def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"{what} {text!r}: expected an integer") from None
-
-
-def _path(text: str | None) -> Path | None:
-    return None if text is None else Path(text).expanduser()
-
-
-def _seeds(args: argparse.Namespace) -> tuple[str, ...]:
-    if args.join is not None:
-        raw: list[str] = [part for value in args.join for part in value.split(",")]
-    else:
-        raw = (env_default("JOIN", "") or "").split(",")
-    return tuple(s.strip() for s in raw if s.strip())
-
-
-def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    """Turn parsed ``run`` arguments into a validated ``NodeConfig`` (``ConfigError`` if not)."""
-    data_dir = _path(args.data_dir) or default_data_dir()
-    return NodeConfig(
-        listen=parse_address(args.listen, what="--listen", default_port=DEFAULT_PORT),
-        advertise=None if args.advertise is None else parse_address(args.advertise, what="--advertise"),
-        data_dir=data_dir,
-        seeds=tuple(parse_address(s, what="--join", default_port=DEFAULT_PORT) for s in _seeds(args)),
-        mesh_key_file=_path(args.mesh_key_file),
-        preset=args.preset,
-        log_level=args.log_level.upper(),
-        ready_file=_path(args.ready_file),
-        handshake_timeout=_float(args.handshake_timeout, "--handshake-timeout"),
-        dial_timeout=_float(args.dial_timeout, "--dial-timeout"),
-        leave_timeout=_float(args.leave_timeout, "--leave-timeout"),
-        max_connections=_int(args.max_connections, "--max-connections"),
-        max_handshaking=_int(args.max_handshaking, "--max-handshaking"),
-        inbox_messages=_int(args.inbox_messages, "--inbox-messages"),
-        write_buffer_bytes=_int(args.write_buffer_bytes, "--write-buffer-bytes"),
-        idle_timeout=_float(args.idle_timeout, "--idle-timeout"),
-        bulk_congestion=None if args.bulk_congestion == "system" else args.bulk_congestion,
-        use_uvloop=args.loop == "auto",
-        seed=None if args.seed is None else _int(args.seed, "--seed"),
-    )
 
 
 def setup_logging(level: str) -> None:
@@ -216,15 +163,11 @@ def _run(argv: Sequence[str]) -> int:
 
 def _status(argv: Sequence[str]) -> int:
     args = build_status_parser().parse_args(argv)
+    client = ClientOptions("status").resolve(args)
     from node.status import run_status_command
 
-    data_dir = _path(args.data_dir) or default_data_dir()
-    return run_status_command(
-        connect=parse_address(args.connect, what="--connect", default_port=DEFAULT_PORT),
-        mesh_key_file=_path(args.mesh_key_file) or data_dir / "mesh.key",
-        as_json=args.json,
-        timeout=_float(args.timeout, "--timeout"),
-    )
+    return run_status_command(connect=client.connect, mesh_key_file=client.mesh_key_path,
+                              as_json=args.json, timeout=client.timeout)
 
 
 def _mesh_key(argv: Sequence[str]) -> int:

@@ -1,8 +1,15 @@
-"""The node's one frozen configuration, and the parsing of addresses it is made of.
+"""The node's one configuration tree, and the parsing of addresses it is made of.
 
-Everything a user may set is a field here with a flag and a ``STARMESH_*`` environment
-variable (the table ``OPTIONS`` in ``node/cli.py`` binds the three together). Invalid
-values raise ``ConfigError`` with a message that names the setting.
+``NodeConfig`` holds what the node itself needs and one nested frozen config per layer:
+``links`` (``LinkConfig``: every connection), ``executors`` (``ExecutorConfig``: the thread
+pools), ``allreduce`` (``node.allreduce.config.AllReduceSettings``). SWIM timing is a named
+preset of ``discovery.config.PRESETS``. ``ClientConfig`` is what the client commands
+(``status`` ...) share.
+
+Every field is written once, here: its type, its default and the docstring under it. The
+``run`` command's flags and ``STARMESH_*`` environment variables are generated from these
+fields (``node/options.py``; the docstring is the ``--help`` text). Each class validates its
+own fields in ``__post_init__``: invalid values raise ``ConfigError`` naming the setting.
 """
 
 from __future__ import annotations
@@ -10,17 +17,20 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node import congestion
+from discovery.config import PRESETS as SWIM_PRESETS
+from node.allreduce.config import AllReduceSettings
 from protocol.errors import ConfigError
 
 DEFAULT_PORT = 7400
 
-#: SWIM timing presets a node can run with (``discovery.config.SwimConfig`` constructors).
-PRESETS = ("lan", "wan", "local", "test")
+DEFAULT_DATA_DIR = "~/.starmesh"
+
+#: SWIM timing presets a node can run with: the names of ``discovery.config.PRESETS``.
+PRESET_NAMES: tuple[str, ...] = tuple(SWIM_PRESETS)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -79,63 +89,45 @@ def parse_address(text: str, *, what: str = "address", default_port: int | None 
     return Address(host, int(port_text))
 
 
-def guess_local_ip() -> str:
-    """Best guess of this host's outward-facing IP (no packet is sent); loopback if none."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routing decision only
-        ip: str = probe.getsockname()[0]
-    except OSError:
-        ip = "127.0.0.1"
-    finally:
-        probe.close()
-    return ip
+_CONGESTION_NAME = re.compile(r"[a-z0-9_]{1,15}")
+
+
+def validate_congestion_name(name: str) -> str:
+    """``name`` if it can be a TCP congestion control algorithm's name, else ``ConfigError``
+    (whether this kernel offers it is checked when the node starts: ``node.congestion``)."""
+    if not _CONGESTION_NAME.fullmatch(name):
+        raise ConfigError(f"congestion control {name!r}: expected a name such as cubic or bbr")
+    return name
 
 
 def default_data_dir() -> Path:
-    return Path("~/.starmesh").expanduser()
+    """``DEFAULT_DATA_DIR`` with ``~`` expanded (read when a config is built)."""
+    return Path(DEFAULT_DATA_DIR).expanduser()
+
+
+def _seconds(name: str, value: float, low: float, high: float, *, zero_ok: bool = False) -> None:
+    """Reject ``value`` (NaN too) outside ``(low, high]`` (``[low, high]`` when ``zero_ok``)."""
+    ok = low <= value <= high if zero_ok else low < value <= high
+    if not ok:
+        span = f"[{low:g}, {high:g}] (0: off)" if zero_ok else f"({low:g}, {high:g}]"
+        raise ConfigError(f"{name.replace('_', ' ')} {value!r}: expected seconds in {span}")
+
+
+def _at_least_one(owner: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(owner, name) < 1:
+            raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(owner, name)!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class NodeConfig:
-    """How one node runs. Build it with ``NodeConfig(...)`` or from the CLI (``node/cli.py``)."""
-
-    listen: Address = field(default_factory=lambda: Address("0.0.0.0", DEFAULT_PORT))
-    """Where to accept TCP connections. Port 0 picks a free port (see ``ready_file``)."""
-
-    advertise: Address | None = None
-    """The address peers dial to reach us. None: the listen address, except that a wildcard
-    host is replaced by ``guess_local_ip()`` (loopback when listening on loopback); a port of
-    0 is replaced by the port actually bound."""
-
-    data_dir: Path = field(default_factory=default_data_dir)
-    """Holds ``identity.key`` (Ed25519, 0600), ``incarnation`` and, by default, ``mesh.key``."""
-
-    seeds: tuple[Address, ...] = ()
-    """Members to join through (push/pull with the first that answers). Empty: the live
-    members remembered in ``<data_dir>/peers`` from the last run, if any, else a new mesh."""
-
-    mesh_key_file: Path | None = None
-    """The mesh secret file; None means ``<data_dir>/mesh.key``. Created (0600) if missing."""
-
-    preset: str = "lan"
-    """SWIM timing preset: ``lan``, ``wan``, ``local`` (one host) or ``test`` (fast, for tests)."""
-
-    log_level: str = "INFO"
-    """Lowest log level printed to stderr: DEBUG, INFO, WARNING or ERROR."""
-
-    ready_file: Path | None = None
-    """If set, written once listening and joining: JSON ``{"address", "listen", "node_id", "pid",
-    "ready_at"}`` (``ready_at``: Unix time, for benchmarks measuring from that moment)."""
+class LinkConfig:
+    """What every connection of one node shares: timeouts, limits, buffers."""
 
     handshake_timeout: float = 5.0
     """Seconds a connection may take to finish its handshake before it is closed."""
 
     dial_timeout: float = 2.0
     """Seconds a TCP connect to a peer may take before the peer counts as unreachable."""
-
-    leave_timeout: float = 1.0
-    """Seconds spent, on shutdown, flushing our leave announcement before closing sockets."""
 
     max_connections: int = 512
     """Most open connections (inbound and outbound); further inbound ones are refused."""
@@ -145,6 +137,11 @@ class NodeConfig:
 
     inbox_messages: int = 64
     """Messages buffered per connection before reading from it is paused (backpressure)."""
+
+    inbox_bytes: int = 32 * 1024 * 1024
+    """Bytes of frames buffered per connection before reading from it is paused (or
+    ``inbox_messages`` messages, whichever comes first): with 8 MiB frames a message count
+    alone would let a peer park half a GiB per connection."""
 
     write_buffer_bytes: int = 8 * 1024 * 1024
     """Per-connection write buffer above which best-effort gossip is dropped and senders wait."""
@@ -158,28 +155,101 @@ class NodeConfig:
     """TCP congestion control of BULK (tensor) links, e.g. ``cubic`` or ``bbr``; None
     keeps the system default. Checked when the node starts (``node.congestion``)."""
 
+    def __post_init__(self) -> None:
+        _seconds("handshake_timeout", self.handshake_timeout, 0.0, 600.0)
+        _seconds("dial_timeout", self.dial_timeout, 0.0, 600.0)
+        _seconds("idle_timeout", self.idle_timeout, 0.0, 86400.0, zero_ok=True)
+        _at_least_one(self, ("max_connections", "max_handshaking", "inbox_messages",
+                             "inbox_bytes", "write_buffer_bytes"))
+        if self.bulk_congestion is not None:
+            validate_congestion_name(self.bulk_congestion)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutorConfig:
+    """Sizes of the node's thread pools, one per kind of work (``node.context.Executors``),
+    so services never starve each other."""
+
+    codec_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    """Threads for tensor encode/decode and zstd (short CPU bursts that release the GIL);
+    ``min(4, os.cpu_count())`` unless set."""
+
+    compute_threads: int = 2
+    """Threads for longer CPU work (hashing, assembling results)."""
+
+    io_threads: int = 4
+    """Threads for blocking disk reads and writes."""
+
+    def __post_init__(self) -> None:
+        for name in ("codec_threads", "compute_threads", "io_threads"):
+            value = getattr(self, name)
+            if type(value) is not int or not 1 <= value <= 1024:
+                raise ConfigError(f"{name.replace('_', ' ')} {value!r}: expected an integer in 1..1024")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """How one node runs. Build it with ``NodeConfig(...)`` or from the CLI (``node/cli.py``)."""
+
+    listen: Address = field(default_factory=lambda: Address("0.0.0.0", DEFAULT_PORT))
+    """Where to accept TCP connections (HOST:PORT, or HOST for the default port). Port 0
+    picks a free port (see ``ready_file``)."""
+
+    advertise: Address | None = None
+    """The address peers dial to reach us. None: the listen address, except that a wildcard
+    host is replaced by this host's outward-facing IP (loopback when listening on loopback);
+    a port of 0 is replaced by the port actually bound."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    """Holds ``identity.key`` (Ed25519, 0600), ``incarnation``, ``peers`` and, by default,
+    ``mesh.key``."""
+
+    seeds: tuple[Address, ...] = ()
+    """Members to join through (push/pull with the first that answers). Empty: the live
+    members remembered in ``<data_dir>/peers`` from the last run, if any, else a new mesh."""
+
+    mesh_key_file: Path | None = None
+    """The mesh secret file; None means ``<data_dir>/mesh.key``. Created (0600) if missing."""
+
+    preset: str = "lan"
+    """SWIM timing preset (``discovery.config.PRESETS``): ``lan``, ``wan``, ``local`` (one
+    host) or ``test`` (fast, for tests)."""
+
+    log_level: str = "INFO"
+    """Lowest log level printed to stderr: DEBUG, INFO, WARNING or ERROR."""
+
+    ready_file: Path | None = None
+    """If set, written once listening and joining: JSON ``{"address", "listen", "node_id", "pid",
+    "ready_at"}`` (``ready_at``: Unix time, for benchmarks measuring from that moment)."""
+
+    leave_timeout: float = 1.0
+    """Seconds spent, on shutdown, flushing our leave announcement before closing sockets."""
+
     use_uvloop: bool = True
-    """Run on uvloop when it is installed."""
+    """Run on uvloop when it is installed (``auto``), else on plain asyncio."""
 
     seed: int | None = None
     """Seed of the node's ``random.Random`` (probe order, jitter). None: from the OS."""
 
+    metrics_listen: Address | None = None
+    """Serve Prometheus metrics over HTTP on this HOST:PORT (path ``/metrics``). None: no
+    metrics endpoint."""
+
+    links: LinkConfig = field(default_factory=LinkConfig)
+    """Connections: timeouts, limits and buffers every link of the node shares."""
+
+    executors: ExecutorConfig = field(default_factory=ExecutorConfig)
+    """Thread pools of the node, one per kind of work."""
+
+    allreduce: AllReduceSettings = field(default_factory=AllReduceSettings)
+    """All-reduce defaults: what a round gets when its caller passes no ``AllReduceConfig``."""
+
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ConfigError(f"preset {self.preset!r}: expected one of {', '.join(PRESETS)}")
+        if self.preset not in PRESET_NAMES:
+            raise ConfigError(f"preset {self.preset!r}: expected one of {', '.join(PRESET_NAMES)}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log level {self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
-        for name in ("handshake_timeout", "dial_timeout", "leave_timeout"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 600.0:
-                raise ConfigError(f"{name.replace('_', ' ')} {value!r}: expected seconds in (0, 600]")
-        if not 0.0 <= self.idle_timeout <= 86400.0:
-            raise ConfigError(f"idle timeout {self.idle_timeout!r}: expected seconds in [0, 86400] (0: off)")
-        for name in ("max_connections", "max_handshaking", "inbox_messages", "write_buffer_bytes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', ' ')} must be >= 1")
-        if self.bulk_congestion is not None:
-            congestion.validate_name(self.bulk_congestion)
+        _seconds("leave_timeout", self.leave_timeout, 0.0, 600.0)
         if self.advertise is not None and (self.advertise.is_unspecified or self.advertise.port == 0):
             raise ConfigError(f"advertise address {self.advertise}: needs a concrete host and port")
 
@@ -199,19 +269,39 @@ class NodeConfig:
     def peers_path(self) -> Path:
         return self.data_dir / "peers"
 
-    def advertise_for(self, bound: Address) -> Address:
-        """The address to advertise once the listener is bound to ``bound``."""
+    def advertise_for(self, bound: Address, *, local_ip: Callable[[], str]) -> Address:
+        """The address to advertise once the listener is bound to ``bound``; a wildcard
+        listen host is replaced by ``local_ip()`` (``node.pool.guess_local_ip``)."""
         if self.advertise is not None:
             return self.advertise
         host = self.listen.host
         if self.listen.is_unspecified:
-            host = guess_local_ip()
+            host = local_ip()
         elif host == "localhost":
             host = "127.0.0.1"
         return Address(host, bound.port)
 
 
-def env_default(name: str, fallback: str | None = None) -> str | None:
-    """The value of ``STARMESH_<name>`` if set and non-empty, else ``fallback``."""
-    value = os.environ.get(f"STARMESH_{name}", "")
-    return value if value.strip() else fallback
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """What every client command (``status``, ...) needs to ask a running node
+    (``node.cli.ClientOptions`` makes its flags)."""
+
+    connect: Address = field(default_factory=lambda: Address("127.0.0.1", DEFAULT_PORT))
+    """HOST:PORT of the node to ask (HOST alone: the default port)."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    """Directory whose ``mesh.key`` is used unless ``mesh_key_file`` is given."""
+
+    mesh_key_file: Path | None = None
+    """The mesh secret file; None means ``<data_dir>/mesh.key``. Never created."""
+
+    timeout: float = 3.0
+    """Seconds to wait for the answer."""
+
+    def __post_init__(self) -> None:
+        _seconds("timeout", self.timeout, 0.0, 86400.0)
+
+    @property
+    def mesh_key_path(self) -> Path:
+        return self.mesh_key_file if self.mesh_key_file is not None else self.data_dir / "mesh.key"

@@ -10,7 +10,7 @@ receiver sometimes settle for seconds below their share while every sender has r
 no propagation delay bbr's min RTT is 0.02-0.06 ms while the shared queues make the real
 RTT 20-50 ms, and its window (about twice bandwidth x min RTT) starves those flows. On real,
 long or lossy paths that does not happen and bbr is often the better choice. So the node leaves the system default alone
-unless told (``NodeConfig.bulk_congestion``), and then sets the named algorithm on each
+unless told (``NodeConfig.links.bulk_congestion``), and then sets the named algorithm on each
 BULK socket only: gossip and status links keep the system default.
 
 Linux only (``TCP_CONGESTION``). ``check`` runs when the node starts, so a name the kernel
@@ -22,26 +22,22 @@ instead of a warning per connection.
 from __future__ import annotations
 
 import logging
-import re
 import socket
 from typing import Any
 
+from node.config import validate_congestion_name
 from protocol.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 #: ``TCP_CA_NAME_MAX`` is 16 bytes including the terminating NUL.
-_NAME = re.compile(r"^[a-z0-9_]{1,15}$")
 
 #: Where Linux lists the algorithms it has.
 AVAILABLE_PATH = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 
 
-def validate_name(name: str) -> str:
-    """``name`` if it can be a congestion control algorithm's name, else ``ConfigError``."""
-    if not _NAME.match(name):
-        raise ConfigError(f"congestion control {name!r}: expected a name such as cubic or bbr")
-    return name
+validate_name = validate_congestion_name
+"""``name`` if it can be an algorithm's name, else ``ConfigError`` (``node.config``)."""
 
 
 def available() -> list[str]:

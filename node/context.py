@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,7 +28,7 @@ from protocol.schema import Message
 from protocol.tags import MsgType
 
 if TYPE_CHECKING:
-    from node.config import NodeConfig
+    from node.config import ExecutorConfig, NodeConfig
     from node.core import Stats
     from node.membership import Membership
     from node.pool import Pool
@@ -42,25 +40,17 @@ Spawn = Callable[[Coroutine[Any, Any, None]], None]
 LIVE = (MemberStatus.ALIVE, MemberStatus.SUSPECT)
 
 
-@dataclass(slots=True)
 class Executors:
     """The node's thread pools, one per kind of work, so services never starve each other:
     ``codec`` (tensor encode/decode, zstd: short CPU bursts that release the GIL), ``compute``
     (longer CPU work: hashing, assembling results), ``io`` (blocking disk reads and writes).
-    Threads start on first use."""
+    Sized by ``ExecutorConfig``; threads start on first use."""
 
-    codec_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    compute_threads: int = 2
-    io_threads: int = 4
-    codec: concurrent.futures.ThreadPoolExecutor = field(init=False)
-    compute: concurrent.futures.ThreadPoolExecutor = field(init=False)
-    io: concurrent.futures.ThreadPoolExecutor = field(init=False)
-
-    def __post_init__(self) -> None:
+    def __init__(self, config: ExecutorConfig) -> None:
         pool = concurrent.futures.ThreadPoolExecutor
-        self.codec = pool(self.codec_threads, thread_name_prefix="starmesh-codec")
-        self.compute = pool(self.compute_threads, thread_name_prefix="starmesh-compute")
-        self.io = pool(self.io_threads, thread_name_prefix="starmesh-io")
+        self.codec = pool(config.codec_threads, thread_name_prefix="starmesh-codec")
+        self.compute = pool(config.compute_threads, thread_name_prefix="starmesh-compute")
+        self.io = pool(config.io_threads, thread_name_prefix="starmesh-io")
 
     def shutdown(self) -> None:
         for executor in (self.codec, self.compute, self.io):

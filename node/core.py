@@ -20,7 +20,7 @@ from typing import Generic, Protocol, TypeAlias, TypeVar
 
 from protocol.connection import Channel
 
-P = TypeVar("P")
+P = TypeVar("P", covariant=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

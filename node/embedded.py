@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from discovery.members import MemberStatus, MemberView
-from node.allreduce.adapter import AllReduceOutcome
+from node.allreduce import AllReduceOutcome
 from node.config import NodeConfig
 from node.runtime import Node
 from protocol.errors import ConfigError, StarmeshError, TimeoutError

@@ -6,9 +6,11 @@
 ``peers``         addresses of live members last seen (one per line), to rejoin after a restart.
 ``node.lock``     held (``flock``) while a node runs, so two nodes never share an identity.
 
-Secrets are created with ``O_EXCL`` and mode 0600 from the first byte (no chmod race), and
-rewritten files go through a temporary file and ``os.replace`` so a crash never leaves a
-half-written key. Any unusable file raises ``ConfigError`` naming the file and the fix.
+Every file is written with ``node.files.atomic_write`` (a temporary file, fsync, rename), so a
+crash never leaves half a file. Secrets are mode 0600 from the first byte (no chmod race) and
+never overwritten: a new one is written under a private name and hard-linked into place, which
+fails if the file exists, so two creators racing keep one key and no reader sees half of it.
+Any unusable file raises ``ConfigError`` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import stat
 from pathlib import Path
 from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from node.files import atomic_write
 from protocol import crypto
 from protocol.errors import ConfigError, StarmeshError
 
@@ -29,19 +33,25 @@ SECRET_MODE = 0o600
 MAX_KEY_FILE_BYTES = 4096
 
 
-def _write_new_secret(path: Path, data: bytes) -> None:
-    """Create ``path`` (must not exist) with mode 0600 and ``data``, durably."""
+def _write_new_secret(path: Path, data: bytes, what: str) -> None:
+    """Create ``path`` (must not exist) with mode 0600 and ``data``, durably and whole."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create: {exc.strerror or exc}") from None
+    if path.exists():  # the common refusal, without writing anything
+        raise ConfigError(f"{path}: already exists; refusing to overwrite a key")
+    staged = path.with_name(f".{path.name}.{secrets.token_hex(8)}.new")
+    atomic_write(staged, data, mode=SECRET_MODE, what=what)
+    try:
+        os.link(staged, path)  # unlike a rename, fails if a racing creator got there first
     except FileExistsError:
         raise ConfigError(f"{path}: already exists; refusing to overwrite a key") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot create: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            staged.unlink()
 
 
 def _read_secret(path: Path, what: str) -> bytes:
@@ -65,7 +75,7 @@ def _read_secret(path: Path, what: str) -> bytes:
 def create_mesh_key(path: Path) -> bytes:
     """Write a fresh mesh secret to ``path`` (which must not exist) and return it."""
     secret = crypto.new_mesh_secret()
-    _write_new_secret(path, (crypto.mesh_secret_to_text(secret).strip() + "\n").encode())
+    _write_new_secret(path, (crypto.mesh_secret_to_text(secret).strip() + "\n").encode(), "mesh key")
     return secret
 
 
@@ -93,7 +103,7 @@ def load_or_create_identity(path: Path) -> tuple[Ed25519PrivateKey, bool]:
     if not path.exists():
         key = crypto.generate_identity()
         with contextlib.suppress(ConfigError):
-            _write_new_secret(path, crypto.identity_to_bytes(key))
+            _write_new_secret(path, crypto.identity_to_bytes(key), "identity key")
             return key, True
     data = _read_secret(path, "identity key")
     try:
@@ -117,16 +127,7 @@ def load_incarnation(path: Path) -> int:
 
 def store_incarnation(path: Path, incarnation: int) -> None:
     """Durably replace the incarnation at ``path`` (temp file + fsync + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(f"{incarnation}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot store incarnation: {exc.strerror or exc}") from None
+    atomic_write(path, f"{incarnation}\n", what="incarnation")
 
 
 #: Most remembered peer addresses (a restarted node tries them all as seeds).
@@ -143,13 +144,9 @@ def load_peers(path: Path) -> list[str]:
 
 
 def store_peers(path: Path, addresses: list[str]) -> None:
-    """Replace the remembered peer addresses (at most ``MAX_PEERS``), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text("".join(f"{a}\n" for a in addresses[:MAX_PEERS]), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot store peers: {exc.strerror or exc}") from None
+    """Replace the remembered peer addresses (at most ``MAX_PEERS``), atomically (not fsynced:
+    a hint for the next start, rewritten as membership changes)."""
+    atomic_write(path, "".join(f"{a}\n" for a in addresses[:MAX_PEERS]), what="peers", fsync=False)
 
 
 class DataDirLock:

@@ -21,7 +21,6 @@ every claim the others still hold about its previous run.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 from collections.abc import Callable, Sequence
@@ -29,6 +28,8 @@ from collections.abc import Callable, Sequence
 from discovery.events import EventKind, MemberEvent
 from discovery.members import MemberView
 from discovery.swim import Swim
+from node.core import Stats
+from node.driver import Driver
 from node.pool import Pool
 from node.transport import Handler, Link, Spawn, describe_error
 from protocol.connection import Channel
@@ -113,9 +114,7 @@ class Membership:
         self._on_incarnation = on_incarnation
         self._on_peers = on_peers
         self._peers: list[str] = []
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.Handle | None = None
-        self._timer_at = 0.0
+        self._driver = Driver(swim, drain=self._drain)
         self._pending: dict[str, collections.deque[Message]] = {}
         self._warned: dict[str, float] = {}
         self._listeners: list[EventListener] = []
@@ -133,15 +132,15 @@ class Membership:
         assert peer is not None
         if self._stopped:
             return
-        self.swim.on_message(peer.listen_address or link.remote, peer.node_id, message, now=self._loop.time())
+        self.swim.on_message(peer.listen_address or link.remote, peer.node_id, message, now=self._driver.now())
         self.step()
 
     def join(self, seeds: Sequence[str]) -> None:
-        self.swim.join(list(seeds), now=self._loop.time())
+        self.swim.join(list(seeds), now=self._driver.now())
         self.step()
 
     def update_meta(self, meta: NodeMeta) -> None:
-        self.swim.update_meta(meta, now=self._loop.time())
+        self.swim.update_meta(meta, now=self._driver.now())
         self.step()
 
     def link_lost(self, link: Link, error: BaseException | None) -> None:
@@ -150,19 +149,17 @@ class Membership:
         if self._stopped or error is None or peer is None or peer.channel is not Channel.CONTROL:
             return
         if peer.listen_address:
-            self.swim.on_unreachable(peer.listen_address, now=self._loop.time())
-            self.step()
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if not self._stopped:
-            self.swim.handle_timer(now=self._loop.time())
+            self.swim.on_unreachable(peer.listen_address, now=self._driver.now())
             self.step()
 
     # ---- outputs --------------------------------------------------------------------
 
     def step(self) -> None:
         """After every input: send, report events, re-arm the one timer."""
+        self._driver.step()
+
+    def _drain(self) -> None:
+        """Write ``messages_to_send()``, report ``next_event()``, persist the incarnation."""
         batch: list[Message] = []
         batch_to = ""
         for address, message in self.swim.messages_to_send():
@@ -182,17 +179,6 @@ class Membership:
         if self.swim.incarnation != self._incarnation:
             self._incarnation = self.swim.incarnation
             self._on_incarnation(self._incarnation)
-        self._arm()
-
-    def _arm(self) -> None:
-        deadline = None if self._stopped else self.swim.next_deadline()
-        if self._timer is not None and deadline != self._timer_at:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None and self._timer is None:
-            # uvloop returns a plain Handle (no ``when()``) for past deadlines: remember it.
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
 
     def _report(self, event: MemberEvent) -> None:
         member = event.member
@@ -243,7 +229,7 @@ class Membership:
 
     def _should_warn(self, key: str) -> bool:
         """At most one warning per ``key`` every ``WARN_EVERY_S`` seconds."""
-        now = self._loop.time()
+        now = self._driver.now()
         if now - self._warned.get(key, -WARN_EVERY_S) < WARN_EVERY_S:
             return False
         if len(self._warned) > MAX_PENDING_ADDRESSES:
@@ -252,7 +238,7 @@ class Membership:
         return True
 
     def _unreachable(self, address: str, error: StarmeshError) -> None:
-        now = self._loop.time()
+        now = self._driver.now()
         if isinstance(error, RemoteProtocolError) and self._should_warn(address):
             log.warning("%s refused our handshake: %s", address, describe_error(error))
         else:
@@ -266,12 +252,9 @@ class Membership:
     def members(self) -> list[MemberView]:
         return self.swim.members()
 
-    def alive_address(self, node_id: bytes) -> str | None:
-        """The address of ``node_id`` if it is a live (alive or suspect) member."""
-        for member in self.swim.members():
-            if member.node_id == node_id and member.status in (MemberStatus.ALIVE, MemberStatus.SUSPECT):
-                return member.address
-        return None
+    def stats(self) -> Stats:
+        """``Swim.stats()`` and the gossip waiting for a dial."""
+        return {**self.swim.stats(), "gossip_pending_dials": float(len(self._pending))}
 
     def add_listener(self, listener: EventListener) -> None:
         self._listeners.append(listener)
@@ -287,12 +270,10 @@ class Membership:
 
     def leave(self) -> None:
         """Announce a graceful leave (``Dead`` about ourselves); gossip keeps running."""
-        self.swim.leave(now=self._loop.time())
+        self.swim.leave(now=self._driver.now())
         self.step()
 
     def stop(self) -> None:
         """Stop driving Swim: no timer, no more input."""
         self._stopped = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._driver.stop()

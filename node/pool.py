@@ -58,14 +58,17 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 
 from node.config import Address, parse_address
+from node.core import Stats
 from node.transport import (
     DispatchTable,
     Link,
     LinkSettings,
     Spawn,
+    Traffic,
     describe_error,
     handshake_failure,
 )
@@ -89,6 +92,19 @@ PeerKey = tuple[bytes, Channel]
 #: Bounds of the idle sweep period (seconds).
 SWEEP_MIN_S = 0.05
 SWEEP_MAX_S = 30.0
+
+
+def guess_local_ip() -> str:
+    """Best guess of this host's outward-facing IP (no packet is sent); loopback if none."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routing decision only
+        ip: str = probe.getsockname()[0]
+    except OSError:
+        ip = "127.0.0.1"
+    finally:
+        probe.close()
+    return ip
 
 
 def sweep_interval(idle_timeout: float) -> float:
@@ -125,8 +141,9 @@ def prefer(older: Link, newer: Link, self_id: bytes) -> Link:
 class _Refused(asyncio.Protocol):
     """Closes an inbound connection at once (over a connection limit)."""
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, traffic: Traffic) -> None:
         self.why = why
+        traffic.rejected["refused"] += 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         log.warning("refused connection from %s: %s", transport.get_extra_info("peername"), self.why)
@@ -142,21 +159,18 @@ class Pool:
         settings: LinkSettings,
         dispatch: DispatchTable,
         spawn: Spawn,
-        dial_timeout: float,
-        max_connections: int,
-        max_handshaking: int,
         on_lost: Callable[[Link, BaseException | None], None],
-        idle_timeout: float = 0.0,
     ) -> None:
         self.settings = settings
+        config = settings.config
         self._dispatch = dispatch
         self._spawn = spawn
-        self._dial_timeout = dial_timeout
-        self._max_connections = max_connections
-        self._max_handshaking = max_handshaking
+        self._dial_timeout = config.dial_timeout
+        self._max_connections = config.max_connections
+        self._max_handshaking = config.max_handshaking
         self._on_lost = on_lost
-        self._idle_timeout = idle_timeout
-        self._retired_quiet = retired_quiet(idle_timeout)
+        self._idle_timeout = config.idle_timeout
+        self._retired_quiet = retired_quiet(config.idle_timeout)
         self._self_id = crypto.node_id_of(settings.identity)
         self._links: dict[Key, Link] = {}
         self._preferred: dict[PeerKey, Link] = {}
@@ -196,12 +210,14 @@ class Pool:
 
     def _accept(self) -> asyncio.BaseProtocol:
         if self._closing:
-            return _Refused("shutting down")
+            return _Refused("shutting down", self.settings.traffic)
         if len(self._all) >= self._max_connections:
-            return _Refused(f"{len(self._all)} connections open (limit {self._max_connections})")
+            return _Refused(f"{len(self._all)} connections open (limit {self._max_connections})",
+                            self.settings.traffic)
         handshaking = sum(1 for link in self._all if link.role is Role.RESPONDER and link.peer is None)
         if handshaking >= self._max_handshaking:
-            return _Refused(f"{handshaking} handshakes in progress (limit {self._max_handshaking})")
+            return _Refused(f"{handshaking} handshakes in progress (limit {self._max_handshaking})",
+                            self.settings.traffic)
         return self._new_link(Role.RESPONDER, Channel.CONTROL)
 
     def _new_link(self, role: Role, channel: Channel) -> Link:
@@ -273,6 +289,8 @@ class Pool:
         rejected = isinstance(error, RemoteProtocolError) or (link.peer is None and not ours)
         if link.role is Role.RESPONDER and rejected and not self._closing:
             log.warning("rejected %s: %s", link.describe(), describe_error(error))
+            code = error.code.name if isinstance(error, RemoteProtocolError) else "handshake_failed"
+            self.settings.traffic.rejected[code] += 1
         self._on_lost(link, error)
 
     # ---- dialing --------------------------------------------------------------------
@@ -440,6 +458,27 @@ class Pool:
                     link.close()
                     closed += 1
         return closed
+
+    def stats(self) -> Stats:
+        """Connections open per channel (``handshaking`` before the peer said), and the
+        traffic counters of every link (``Traffic``)."""
+        open_links = dict.fromkeys([c.name.lower() for c in Channel] + ["handshaking"], 0.0)
+        for link in self._all:
+            open_links[link.peer.channel.name.lower() if link.peer is not None else "handshaking"] += 1
+        t = self.settings.traffic
+
+        def per_channel(counts: dict[Channel, int]) -> dict[str, float]:
+            return {c.name.lower(): float(n) for c, n in counts.items()}
+
+        return {
+            "connections": open_links,
+            "sent_bytes_total": per_channel(t.sent),
+            "received_bytes_total": per_channel(t.received),
+            "sent_frames_total": per_channel(t.frames_sent),
+            "received_frames_total": per_channel(t.frames_received),
+            "dropped_messages_total": per_channel(t.dropped),
+            "rejected_peers_total": {reason: float(n) for reason, n in t.rejected.items()},
+        }
 
     def write_buffers_empty(self) -> bool:
         return all(link.buffered_bytes() == 0 for link in self._all)

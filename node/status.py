@@ -1,6 +1,6 @@
 """``python -m node status``: a node's membership view, served and fetched over CLIENT links.
 
-Server side: ``build_status_reply`` turns the Swim view into a ``StatusReply`` (the runtime
+Server side: ``build_status_reply`` turns the Swim view into a ``StatusReply`` (``StatusService``
 answers each ``StatusRequest`` on a CLIENT-channel link with one). Client side:
 ``StatusClient`` keeps one CLIENT link open for repeated requests (benchmarks poll with it);
 ``fetch_status`` dials with a throwaway identity and the mesh secret, asks once and closes;
@@ -20,13 +20,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from discovery.members import MemberView
-from node.config import Address
+from node.config import Address, LinkConfig
 from node.identity import load_mesh_key
 from node.transport import Link, LinkSettings, Spawn, handshake_failure
 from protocol import crypto
 from protocol.connection import Channel, Role
 from protocol.errors import StarmeshError, TimeoutError, TransportError
-from protocol.messages.control import MemberReport, StatusReply, StatusRequest
+from protocol.messages.control import MemberReport, MetricSample, StatusReply, StatusRequest
 from protocol.messages.gossip import MemberStatus
 from protocol.schema import Message
 from protocol.tags import MsgType
@@ -53,12 +53,15 @@ def member_report(view: MemberView, *, now: float, self_id: bytes) -> MemberRepo
 
 
 def build_status_reply(
-    members: Iterable[MemberView], *, self_id: bytes, now: float, uptime_s: float
+    members: Iterable[MemberView], *, self_id: bytes, now: float, uptime_s: float,
+    metrics: tuple[MetricSample, ...] = (),
 ) -> StatusReply:
-    """The answer to a ``StatusRequest``: every member we know (ourselves included)."""
+    """The answer to a ``StatusRequest``: every member we know (ourselves included) and the
+    node's metrics."""
     reports = tuple(member_report(m, now=now, self_id=self_id) for m in members)
     own = next(r for r in reports if r.node == self_id)
-    return StatusReply(self_report=own, uptime_s=max(0.0, float(uptime_s)), members=reports)
+    return StatusReply(self_report=own, uptime_s=max(0.0, float(uptime_s)), members=reports,
+                       metrics=metrics)
 
 
 def report_to_json(report: MemberReport) -> dict[str, Any]:
@@ -82,11 +85,13 @@ def report_to_json(report: MemberReport) -> dict[str, Any]:
 
 
 def reply_to_json(reply: StatusReply) -> dict[str, Any]:
-    """``{"self": ..., "uptime_s": ..., "members": [{"id", "address", "state", ...}]}``."""
+    """``{"self": ..., "uptime_s": ..., "members": [{"id", "address", "state", ...}],
+    "metrics": {"members{state=\"alive\"}": 3.0, ...}}``."""
     return {
         "self": report_to_json(reply.self_report),
         "uptime_s": round(reply.uptime_s, 3),
         "members": [report_to_json(r) for r in reply.members],
+        "metrics": {m.name: m.value for m in reply.metrics},
     }
 
 
@@ -158,7 +163,8 @@ class StatusClient:
         ``RemoteProtocolError`` (refused, e.g. another mesh key)."""
         client = cls()
         settings = LinkSettings(identity=identity or crypto.generate_identity(), mesh_secret=mesh_secret,
-                                listen_address=None, handshake_timeout=timeout)
+                                listen_address=None,
+                                config=LinkConfig(handshake_timeout=min(timeout, 600.0)))
         dispatch = {Channel.CLIENT: {MsgType.STATUS_REPLY: client._on_reply}}
 
         def make_link() -> Link:

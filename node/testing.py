@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
-from node.config import Address
+from node.config import Address, LinkConfig
 from node.pool import Pool
 from node.transport import Handler, Link, LinkSettings
 from protocol import crypto
@@ -36,7 +36,7 @@ class LoopbackPeer:
 async def loopback_pools(n: int, *, secrets: list[bytes] | None = None, idle_timeout: float = 0.0,
                          **settings: Any) -> AsyncIterator[list[LoopbackPeer]]:
     """``n`` pools on loopback sharing one mesh secret (or ``secrets[i]`` each); ``settings``
-    go to every pool's ``LinkSettings``, ``idle_timeout`` to the pools."""
+    go to every pool's ``LinkConfig`` (besides 64 connections, 8 handshaking, ``idle_timeout``)."""
     secret = crypto.new_mesh_secret()
     async with asyncio.TaskGroup() as group:
 
@@ -46,16 +46,17 @@ async def loopback_pools(n: int, *, secrets: list[bytes] | None = None, idle_tim
         peers = []
         for i in range(n):
             key = crypto.generate_identity()
+            config = LinkConfig(**{"max_connections": 64, "max_handshaking": 8,
+                                   "idle_timeout": idle_timeout, **settings})
             base = LinkSettings(identity=key, mesh_secret=secrets[i] if secrets else secret,
-                                listen_address=None, **settings)
+                                listen_address=None, config=config)
             dispatch: dict[Channel, dict[MsgType, Handler]] = {c: {} for c in Channel}
             lost: list[tuple[Link, BaseException | None]] = []
 
             def on_lost(link: Link, error: BaseException | None, lost: list[Any] = lost) -> None:
                 lost.append((link, error))
 
-            pool = Pool(settings=base, dispatch=dispatch, spawn=spawn, dial_timeout=2.0,
-                        max_connections=64, max_handshaking=8, on_lost=on_lost, idle_timeout=idle_timeout)
+            pool = Pool(settings=base, dispatch=dispatch, spawn=spawn, on_lost=on_lost)
             bound = await pool.listen(Address("127.0.0.1", 0))
             pool.set_listen_address(dataclasses.replace(base, listen_address=str(bound)))
             await pool.start_serving()

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from node.allreduce.adapter import AllReduceOutcome
+from node.allreduce import AllReduceOutcome
 from node.allreduce.config import AllReduceConfig
 from node.embedded import GroupSpec, MeshNode
 from protocol.tensor import ErrorFeedback

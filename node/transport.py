@@ -43,6 +43,8 @@ from typing import Any, cast
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node import congestion
+from node.config import LinkConfig
+from node.driver import Driver
 from protocol.connection import (
     NEED_DATA,
     Channel,
@@ -79,30 +81,29 @@ Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
 @dataclass(slots=True)
 class Traffic:
-    """Bytes one node moved over TCP (frames as written and read, encryption included), per
-    channel. Counters only grow; a benchmark subtracts two readings."""
+    """What one node's connections moved and refused, per channel: bytes (frames as written
+    and read, encryption included), frames, best-effort messages dropped, peers rejected by
+    reason. Counters only grow; a benchmark subtracts two readings."""
 
     sent: dict[Channel, int] = field(default_factory=lambda: dict.fromkeys(Channel, 0))
     received: dict[Channel, int] = field(default_factory=lambda: dict.fromkeys(Channel, 0))
+    frames_sent: dict[Channel, int] = field(default_factory=lambda: dict.fromkeys(Channel, 0))
+    frames_received: dict[Channel, int] = field(default_factory=lambda: dict.fromkeys(Channel, 0))
+    dropped: dict[Channel, int] = field(default_factory=lambda: dict.fromkeys(Channel, 0))
+    """Best-effort messages (gossip) not written: link not open or its write buffer full."""
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Connections closed for a peer's fault, by ``ErrorCode`` name (or ``refused``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LinkSettings:
-    """What every link of one node shares."""
+    """What every link of one node shares: its keys, its advertised address, the limits
+    (``LinkConfig``, where every default lives) and the traffic counters."""
 
     identity: Ed25519PrivateKey
     mesh_secret: bytes
     listen_address: str | None
-    handshake_timeout: float = 5.0
-    inbox_messages: int = 64
-    inbox_bytes: int = 32 * 1024 * 1024
-    """A link stops reading while its inbox holds this many bytes of frames (or
-    ``inbox_messages`` messages): with 8 MiB frames a message count alone would let a peer
-    park half a GiB per connection."""
-    write_buffer_bytes: int = 8 * 1024 * 1024
-    bulk_congestion: str | None = None
-    """TCP congestion control set on BULK links once their channel is known (None: the
-    system default; ``node.congestion``)."""
+    config: LinkConfig = field(default_factory=LinkConfig)
     traffic: Traffic = field(default_factory=Traffic)
     """Shared by every link of the node (``dataclasses.replace`` keeps the same object)."""
 
@@ -143,7 +144,7 @@ class Link(asyncio.BufferedProtocol):
                 channel=channel,
             ),
             now=self._loop.time(),
-            handshake_timeout=settings.handshake_timeout,
+            handshake_timeout=settings.config.handshake_timeout,
         )
         self.peer: PeerInfo | None = None
         self.remote = "?"
@@ -157,8 +158,7 @@ class Link(asyncio.BufferedProtocol):
         self._on_open = on_open
         self._on_close = on_close
         self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.Handle | None = None
-        self._timer_at = 0.0
+        self._driver = Driver(self.core, drain=self._drain, loop=self._loop)
         self._inbox: collections.deque[tuple[Message, int]] = collections.deque()
         self._inbox_bytes = 0
         self._inbox_ready = asyncio.Event()
@@ -179,7 +179,7 @@ class Link(asyncio.BufferedProtocol):
         if isinstance(peername, tuple) and len(peername) >= 2:
             host = str(peername[0])
             self.remote = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
-        self._transport.set_write_buffer_limits(high=min(1 << 20, self.settings.write_buffer_bytes))
+        self._transport.set_write_buffer_limits(high=min(1 << 20, self.settings.config.write_buffer_bytes))
         self._spawn(self._reader())
         self._pump()
 
@@ -217,7 +217,11 @@ class Link(asyncio.BufferedProtocol):
     # ---- core driving ---------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Drain the core's events and output after any input; re-arm its one timer.
+        """After any input: drain the core (``_drain``) and re-arm its one timer."""
+        self._driver.step()
+
+    def _drain(self) -> None:
+        """Drain the core's events and output.
 
         Stops pulling events while the inbox is full (the rest stay parsed-later in the core,
         at most one socket read) and pauses reading; the reader task resumes both."""
@@ -232,10 +236,11 @@ class Link(asyncio.BufferedProtocol):
                 self._inbox.append((event.message, event.size))
                 self._inbox_bytes += event.size
                 self._inbox_ready.set()
+                self.settings.traffic.frames_received[self._channel()] += 1
             elif isinstance(event, HandshakeComplete):
                 self.peer = event.peer
-                if event.peer.channel is Channel.BULK and self.settings.bulk_congestion:
-                    congestion.apply_to_transport(self._transport, self.settings.bulk_congestion)
+                if event.peer.channel is Channel.BULK and self.settings.config.bulk_congestion:
+                    congestion.apply_to_transport(self._transport, self.settings.config.bulk_congestion)
                 if not self.opened.done():
                     self.opened.set_result(event.peer)
                 self._on_open(self)
@@ -246,10 +251,8 @@ class Link(asyncio.BufferedProtocol):
                     error = TransportError("connection closed without goodbye")
                 self._finish(error)
                 return
-        if self._done:
-            return
-        self._write(self.core.data_to_send())
-        self._arm_timer()
+        if not self._done:
+            self._write(self.core.data_to_send())
 
     def _pause_reading(self) -> None:
         if not self._reading_paused:
@@ -263,22 +266,6 @@ class Link(asyncio.BufferedProtocol):
         self._pump()
         if not self._reading_paused and not self._done and self._transport is not None:
             self._transport.resume_reading()
-
-    def _arm_timer(self) -> None:
-        deadline = self.core.next_deadline()
-        if self._timer is not None and deadline != self._timer_at:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None and self._timer is None:
-            # uvloop returns a plain Handle (no ``when()``) for past deadlines: remember it.
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if not self._done:
-            self.core.handle_timer(now=self._loop.time())
-            self._pump()
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         if data and self._transport is not None and not self._transport.is_closing():
@@ -305,9 +292,7 @@ class Link(asyncio.BufferedProtocol):
             return
         self._done = True
         self.close_reason = error
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._driver.stop()
         if self._transport is not None:
             self._transport.close()
         if not self.opened.done():
@@ -335,11 +320,11 @@ class Link(asyncio.BufferedProtocol):
             await self._handle(message)
 
     def _inbox_full(self) -> bool:
-        s = self.settings
+        s = self.settings.config
         return len(self._inbox) >= s.inbox_messages or self._inbox_bytes >= s.inbox_bytes
 
     def _inbox_half_empty(self) -> bool:
-        s = self.settings
+        s = self.settings.config
         return len(self._inbox) <= s.inbox_messages // 2 and self._inbox_bytes <= s.inbox_bytes // 2
 
     async def _handle(self, message: Message) -> None:
@@ -388,16 +373,17 @@ class Link(asyncio.BufferedProtocol):
         if (
             not self.is_open
             or transport is None
-            or transport.get_write_buffer_size() > self.settings.write_buffer_bytes
+            or transport.get_write_buffer_size() > self.settings.config.write_buffer_bytes
         ):
-            self.dropped += len(messages)
+            self._drop(len(messages))
             return False
         try:
             data = self.core.send_many(messages)
         except LocalProtocolError as exc:  # a message over the size cap: our bug, not the peer's
             log.error("%s: cannot send: %s", self.describe(), exc)
-            self.dropped += len(messages)
+            self._drop(len(messages))
             return False
+        self.settings.traffic.frames_sent[self._channel()] += len(messages)
         self._write(data)
         return True
 
@@ -413,7 +399,12 @@ class Link(asyncio.BufferedProtocol):
             data = self.core.send(message)
         except LocalProtocolError as exc:
             raise TransportError(f"{self.describe()}: cannot send: {exc}") from exc
+        self.settings.traffic.frames_sent[self._channel()] += 1
         self._write(data)
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        self.settings.traffic.dropped[self._channel()] += n
 
     def close(self, code: ErrorCode | None = None, reason: str = "") -> None:
         """Say goodbye (or send an error ``code``) and close the socket."""
@@ -430,6 +421,7 @@ class Link(asyncio.BufferedProtocol):
         self._inbox.clear()
         self._inbox_bytes = 0
         log.warning("rejected %s: %s: %s", self.describe(), code.name, reason)
+        self.settings.traffic.rejected[code.name] += 1
         self.close(code, reason)
 
     def force_close(self) -> None:

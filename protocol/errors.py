@@ -13,7 +13,8 @@
     └── ConfigError                   a user-supplied setting or file is unusable
 
 Foreign exceptions (msgpack, zstandard, cryptography, OSError) are mapped into this tree
-at the call site (``map_exceptions``); nothing else escapes a decoder. The receive path of a
+at the call site (``map_exceptions``; msgpack's all in ``protocol.schema.unpack_body``);
+nothing else escapes a decoder. The receive path of a
 connection converts ``LocalProtocolError`` raised while parsing peer bytes into
 ``RemoteProtocolError`` and moves the connection to its ERROR state (h11's rule).
 """
@@ -109,10 +110,14 @@ def map_exceptions(
 ) -> Iterator[None]:
     """Re-raise foreign exceptions listed in ``mapping`` as the mapped Starmesh error.
 
-    ``code`` is used when the target is a ``ProtocolError`` subclass. Example::
+    ``code`` is used when the target is a ``ProtocolError`` subclass. Example (decoding a
+    tensor chunk off the wire)::
 
-        with map_exceptions({msgpack.UnpackException: RemoteProtocolError}, code=ErrorCode.BAD_MSGPACK):
-            obj = msgpack.unpackb(body)
+        with map_exceptions({ValueError: RemoteCodecError}, code=ErrorCode.CODEC_ERROR):
+            values = VALUES[value].decode(parts, block=chunk.block)
+
+    msgpack is not unpacked this way: every decoder goes through
+    ``protocol.schema.unpack_body``, which maps all of msgpack's failures in one place.
     """
     try:
         yield

@@ -60,9 +60,9 @@ from protocol.schema import (
     Str,
     Struct,
     UInt,
-    _unpack,
     register,
     spec,
+    unpack_body,
 )
 from protocol.tags import MsgType
 
@@ -262,14 +262,13 @@ def _pack_struct(s: Struct) -> bytes:
 
 
 def _unpack_struct(cls: type[Struct], data: bytes) -> Any:
+    raw = unpack_body(data, what="sealed identity")
     try:
-        return cls.from_wire(_unpack(data))
+        return cls.from_wire(raw)
     except SchemaViolation as exc:
         raise RemoteProtocolError(str(exc), code=ErrorCode.SCHEMA_VIOLATION) from None
     except LocalProtocolError as exc:
         raise exc.to_remote() from None
-    except (msgpack.UnpackException, ValueError, TypeError, RecursionError) as exc:
-        raise RemoteProtocolError(f"bad msgpack in sealed identity: {type(exc).__name__}", code=ErrorCode.BAD_MSGPACK) from None
 
 
 def _verify(node_id: bytes, signature: bytes, data: bytes) -> None:

@@ -34,7 +34,9 @@ MAX_STR_BYTES = 1024
 #: Most members carried in one push/pull state sync (larger meshes sync in several messages).
 MAX_MEMBERS_PER_SYNC = 4096
 
-#: Largest encoded member metadata (resources, versions, load).
+#: Largest encoded member metadata (resources, versions, load): ``NodeMeta`` encoded with every
+#: field present (``protocol.messages.gossip.encoded_meta_size``), checked when one is built, so
+#: a received one over it is a ``RemoteProtocolError`` and ours a ``LocalProtocolError``.
 MAX_META_BYTES = 4096
 
 #: Longest "host:port" address string.

@@ -363,8 +363,28 @@ def _unpack_options() -> dict[str, Any]:
     }
 
 
-def _unpack(body: bytes) -> Any:
-    return msgpack.unpackb(body, **_unpack_options())
+#: Everything unpacking hostile bytes can raise: msgpack's own errors (``ExtraData``,
+#: ``FormatError``, ``StackError``, ``OutOfData`` and friends are ``ValueError`` subclasses),
+#: ``TypeError`` (e.g. an unhashable map key), ``RecursionError`` (deep nesting) and the
+#: ``SchemaViolation`` of our hooks (an ext type, the container budget).
+UNPACK_ERRORS: tuple[type[Exception], ...] = (
+    msgpack.UnpackException, ValueError, TypeError, RecursionError, SchemaViolation,
+)
+
+
+def unpack_body(body: bytes, *, what: str = "") -> Any:
+    """Unpack one msgpack value within the caps of PROTOCOL.md §7 (no ext types, one budget of
+    containers). Anything wrong is ``RemoteProtocolError(BAD_MSGPACK)``; ``what`` names the
+    value in the message (``"sealed identity"``). The one unpack of every decoder."""
+    try:
+        return msgpack.unpackb(body, **_unpack_options())
+    except UNPACK_ERRORS as exc:
+        if isinstance(exc, SchemaViolation):
+            detail = str(exc)
+        else:
+            where = f" in {what}" if what else ""
+            detail = f"bad msgpack{where}: {type(exc).__name__}: {exc}"
+        raise RemoteProtocolError(detail[:200], code=ErrorCode.BAD_MSGPACK) from None
 
 
 #: Bytes of a body ``split_head`` looks at: a BLOB message's fields before its payload fit.
@@ -409,7 +429,7 @@ def split_head(head: bytes | bytearray | memoryview, size: int) -> tuple[dict[st
             obj[name] = child
             obj = child
         pos = unpacker.tell()
-    except (msgpack.UnpackException, ValueError, TypeError, SchemaViolation, RecursionError):
+    except UNPACK_ERRORS:
         return None  # anything odd: the full decoder gives the verdict
     width = _BIN_HEADERS.get(head[pos]) if pos < len(head) else None
     if width is None or pos + 1 + width > len(head):
@@ -481,14 +501,7 @@ def decode_body(body: bytes, *, allowed: Callable[[MsgType], bool] | None = None
 
     ``allowed`` optionally restricts which tags are acceptable in the current state.
     """
-    try:
-        raw = _unpack(body)
-    except SchemaViolation as exc:
-        raise RemoteProtocolError(str(exc), code=ErrorCode.BAD_MSGPACK) from None
-    except (msgpack.UnpackException, ValueError, TypeError, RecursionError) as exc:
-        # ExtraData, FormatError, StackError, OutOfData and friends are ValueError subclasses.
-        raise RemoteProtocolError(f"bad msgpack: {type(exc).__name__}: {exc}"[:200], code=ErrorCode.BAD_MSGPACK) from None
-    return message_from_obj(raw, allowed=allowed)
+    return message_from_obj(unpack_body(body), allowed=allowed)
 
 
 def message_from_obj(raw: Any, *, allowed: Callable[[MsgType], bool] | None = None) -> Message:

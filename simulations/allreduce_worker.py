@@ -99,14 +99,12 @@ async def _wait_group(node: Any, size: int, timeout: float) -> list[bytes]:
 
 async def _run_codec(node: Any, group: list[bytes], x: Floats, codec: str, args: argparse.Namespace,
                      first: bool) -> dict[str, Any]:
-    from node.allreduce import AllReduceConfig
-    from node.allreduce.adapter import DEFAULT_LINK_BYTES_PER_S
+    from node.allreduce import AllReduceSettings
     from protocol.connection import Channel
 
     config = None  # the node's defaults
     if args.no_early_averages:
-        config = AllReduceConfig.for_transfer(numel=x.size, bytes_per_s=DEFAULT_LINK_BYTES_PER_S,
-                                              base=AllReduceConfig(early_averages=False))
+        config = AllReduceSettings(early_averages=False).round_config(x.size)
     rounds, out = [], None
     y = np.empty_like(x)  # averaged in place, like gloo's all_reduce; refilled before the clock starts
     for r in range(args.rounds):

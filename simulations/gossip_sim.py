@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from discovery.config import SwimConfig
+from discovery.config import PRESETS
 from discovery.events import EventKind, MemberEvent
 from protocol.errors import ConfigError
 from protocol.limits import MAX_MEMBERS_PER_SYNC
@@ -38,12 +38,6 @@ from protocol.messages.gossip import MemberState, NodeMeta, PushPull
 from protocol.schema import encode_body
 from simulations.simnet import FRAME_OVERHEAD, Faults, SimNet, SimTimeFilter
 
-PRESETS = {
-    "lan": SwimConfig.lan,
-    "wan": SwimConfig.wan,
-    "local": SwimConfig.local,
-    "test": SwimConfig.test,
-}
 SAMPLE_EVERY = 0.25
 _LIVE_KINDS = (EventKind.JOINED, EventKind.REFUTED)
 _GONE_KINDS = (EventKind.DEAD, EventKind.LEFT, EventKind.REAPED)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from node.config import NodeConfig, parse_address
+from node.config import LinkConfig, NodeConfig, parse_address
 
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def node_config(args: argparse.Namespace, *, seed: int | None) -> NodeConfig:
         listen=parse_address(args.listen), data_dir=Path(args.data_dir),
         seeds=tuple(parse_address(s) for s in args.join), mesh_key_file=Path(args.mesh_key_file),
         preset=args.preset, ready_file=Path(args.ready_file) if args.ready_file else None,
-        log_level=args.log_level, seed=seed, bulk_congestion=args.bulk_congestion,
+        log_level=args.log_level, seed=seed, links=LinkConfig(bulk_congestion=args.bulk_congestion),
     )
 
 

@@ -18,15 +18,13 @@ overflow fp64), so a huge-but-finite value is never mistaken for NaN/Inf.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from node.allreduce.events import Floats
 from node.allreduce.layout import chunk_count, chunk_span
 from protocol.messages.tensor import DropReason, Holding
-
-Roundtrip = Callable[[Floats], Floats]
 
 
 class SliceBuffer:
@@ -35,8 +33,8 @@ class SliceBuffer:
     first use and ``copy_into`` writes them straight into a result. A lazy average (``mean_of``)
     and a ``full`` buffer are one contiguous array (``values``), sliced per chunk."""
 
-    __slots__ = ("_chunk", "_chunks", "_length", "_parts", "_roundtrip", "_sq", "_values", "epoch",
-                 "got", "owner", "remaining", "sq_norm")
+    __slots__ = ("_chunk", "_chunks", "_length", "_parts", "_sq", "_values", "epoch", "got", "owner",
+                 "remaining", "sq_norm")
 
     def __init__(self, length: int, chunk_elements: int, *, epoch: int = 0, owner: int = -1,
                  norms: bool = False) -> None:
@@ -53,20 +51,19 @@ class SliceBuffer:
         """The slice's squared L2 norm once complete (a contribution, ``norms=True``), else 0."""
         self._sq: list[float] | None = [0.0] * n if norms else None
         self._parts: Sequence[Floats | SliceBuffer] = ()
-        self._roundtrip: Roundtrip | None = None
 
     @classmethod
     def mean_of(cls, parts: Sequence[Floats | SliceBuffer], chunk_elements: int, *, epoch: int,
-                owner: int, roundtrip: Roundtrip | None = None) -> SliceBuffer:
+                owner: int) -> SliceBuffer:
         """An average computed lazily, chunk by chunk (``ensure``), from equally long ``parts``
-        in the given order, so reducing pipelines with sending. ``roundtrip`` (a lossy
-        codec's decode(encode(x))) is applied to each chunk, so this member keeps exactly
-        what its receivers will decode."""
+        in the given order, so reducing pipelines with sending. (With a lossy codec the
+        adapter replaces it in the result with what its receivers decode:
+        ``rounds.same_as_receivers``.)"""
         first = parts[0]
         length = first.size if isinstance(first, np.ndarray) else first._length
         buf = cls(length, chunk_elements, epoch=epoch, owner=owner)
         buf._values = np.empty(length, np.float32)
-        buf._parts, buf._roundtrip = parts, roundtrip
+        buf._parts = parts
         return buf
 
     def ensure(self, index: int) -> None:
@@ -75,17 +72,11 @@ class SliceBuffer:
             start, count = chunk_span(self._length, self._chunk, index)
             chunks = [p.chunk(index) if isinstance(p, SliceBuffer) else p[start:start + count]
                       for p in self._parts]
-            self.put_mean(index, chunks, self._roundtrip)
+            self.put_mean(index, chunks)
 
-    def put_mean(self, index: int, chunks: Sequence[Floats], roundtrip: Roundtrip | None) -> bool:
-        """Store chunk ``index`` as the mean of ``chunks`` (``reduce_mean``), passed through
-        ``roundtrip`` when given; ``put``'s result."""
-        mean = reduce_mean(chunks, self._chunk)
-        if roundtrip is not None:
-            mean = roundtrip(mean)
-            if mean.dtype != np.float32 or mean.shape != chunks[0].shape:
-                raise ValueError("average roundtrip must return float32 of the same length")
-        return self.put(index, mean)
+    def put_mean(self, index: int, chunks: Sequence[Floats]) -> bool:
+        """Store chunk ``index`` as the mean of ``chunks`` (``reduce_mean``); ``put``'s result."""
+        return self.put(index, reduce_mean(chunks, self._chunk))
 
     def ensure_all(self) -> None:
         for index in range(len(self.got)):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from node.core import Send
 from protocol.errors import StarmeshError
 from protocol.messages.tensor import ArAverage, ArPart, DropReason
 from protocol.schema import Message
@@ -24,24 +26,16 @@ class TensorKind(enum.Enum):
     """An average chunk, slice owner -> receiver (all-gather)."""
 
 
-@dataclass(frozen=True, slots=True)
-class SendMessage:
-    """Send ``message`` (a small control message) to ``dest`` on the CONTROL channel."""
-
-    dest: bytes
-    message: Message
-
-
 @dataclass(frozen=True, slots=True, eq=False)
-class SendTensor:
-    """Encode ``values`` with the round's codec, wrap it with ``to_message``, send it to
-    ``dest`` on the BULK channel, then call ``on_sent(dest, nbytes)`` once it is written.
+class OutgoingChunk:
+    """A tensor chunk a round asks its adapter to send (the ``message`` of a BULK ``Send``):
+    encode ``values`` with the round's codec, wrap it with ``to_message``, write it to the
+    ``Send``'s ``dest``, then call ``on_sent(dest, nbytes)`` once it is written.
 
     ``values`` is a read-only view into the round's buffers; it stays valid and unchanged
     until the round ends (encode it in an executor without copying).
     """
 
-    dest: bytes
     kind: TensorKind
     round_id: bytes
     epoch: int
@@ -63,7 +57,9 @@ class SendTensor:
                          chunk=self.chunk, data=data)
 
 
-Send = SendMessage | SendTensor
+RoundSend = Send[Message | OutgoingChunk]
+"""One output of a round (``node.core.Send``): a control ``Message`` on CONTROL, or an
+``OutgoingChunk`` to encode and send on BULK."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -111,3 +107,23 @@ class PeerDropped:
 
 
 Event = RoundFinished | RoundFailed | PeerDropped
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AllReduceOutcome:
+    """What ``AllReduceService.all_reduce`` (``Node.all_reduce``) returns: the average and
+    the report of who contributed."""
+
+    tensor: Any
+    """The average as the caller's kind of tensor (numpy / torch, shape, dtype, device); the
+    input object itself when ``in_place``."""
+    contributors: tuple[bytes, ...]
+    """Node ids whose tensors are in the average, ascending."""
+    dropped: Mapping[bytes, DropReason]
+    """Every other member of the group, with the reason it is not in the average."""
+    round_id: bytes
+    epoch: int
+    contributed: bool
+    """Whether this node's own tensor is in the average."""
+    seconds: float
+    """Wall time of the call."""

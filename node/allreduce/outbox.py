@@ -1,7 +1,7 @@
 """Per-destination queues of tensor chunks with a bounded in-flight window (backpressure).
 
 A *job* is "send slice ``s`` of this array to ``dest``, chunk by chunk". Jobs are lazy: a
-chunk becomes a ``SendTensor`` only when the destination's window has room, so nothing is
+chunk becomes a ``Send`` (BULK, an ``OutgoingChunk``) only when the destination's window has room, so nothing is
 buffered but the arrays the round holds anyway. The adapter calls ``on_sent(dest, nbytes)``
 when a chunk's frame is written; until then its raw bytes count against the window. At
 least one chunk may always be in flight, so a window smaller than a chunk still progresses.
@@ -17,8 +17,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node.allreduce.events import Floats, SendTensor, TensorKind
+from node.allreduce.events import Floats, OutgoingChunk, RoundSend, TensorKind
 from node.allreduce.layout import chunk_count, chunk_span
+from node.core import Send
+from protocol.connection import Channel
 
 
 @dataclass(slots=True)
@@ -75,8 +77,8 @@ class Outbox:
         """Jobs queued over all destinations."""
         return sum(len(j) for j in self._jobs.values())
 
-    def drain(self) -> list[SendTensor]:
-        out: list[SendTensor] = []
+    def drain(self) -> list[RoundSend]:
+        out: list[RoundSend] = []
         progress = True
         while progress:
             progress = False
@@ -87,7 +89,7 @@ class Outbox:
                     progress = True
         return out
 
-    def _next(self, dest: bytes) -> SendTensor | None:
+    def _next(self, dest: bytes) -> RoundSend | None:
         jobs = self._jobs[dest]
         for _ in range(len(jobs)):
             if jobs[0].ready is None or jobs[0].ready(jobs[0].next_chunk):
@@ -103,12 +105,12 @@ class Outbox:
             return None
         if job.prepare is not None:
             job.prepare(job.next_chunk)
-        send = SendTensor(dest=dest, kind=job.kind, round_id=self._round_id, epoch=job.epoch,
-                          slice=job.slice, chunk=job.next_chunk, offset=job.offset + start,
-                          values=job.values[start:start + count])
+        chunk = OutgoingChunk(kind=job.kind, round_id=self._round_id, epoch=job.epoch, slice=job.slice,
+                              chunk=job.next_chunk, offset=job.offset + start,
+                              values=job.values[start:start + count])
         self._in_flight[dest] = flying + nbytes
         job.next_chunk += 1
         jobs.popleft()
         if job.next_chunk < chunk_count(job.values.size, self._chunk):
             jobs.append(job)  # its next chunk waits for the other jobs' next ones
-        return send
+        return Send(dest=dest, channel=Channel.BULK, message=chunk)

@@ -12,7 +12,10 @@ import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
-from protocol.limits import MAX_ADDRESS_LEN, MAX_MEMBERS_PER_SYNC, NODE_ID_BYTES
+import msgpack
+
+from protocol.errors import ErrorCode, LocalProtocolError
+from protocol.limits import MAX_ADDRESS_LEN, MAX_MEMBERS_PER_SYNC, MAX_META_BYTES, NODE_ID_BYTES
 from protocol.schema import (
     Bool,
     Bytes,
@@ -65,6 +68,36 @@ class NodeMeta(Struct):
     cuda_version: str = spec(Str(64), default="")
     load: int = spec(UInt(32), default=0)
     """Tasks this node is running now."""
+
+    def __post_init__(self) -> None:
+        Struct.__post_init__(self)
+        if meta_size_bound(self) > MAX_META_BYTES:  # rare: encode to know for sure
+            size = encoded_meta_size(self)
+            if size > MAX_META_BYTES:
+                raise LocalProtocolError(
+                    f"NodeMeta encodes to {size} bytes, over the {MAX_META_BYTES}-byte cap",
+                    code=ErrorCode.SCHEMA_VIOLATION,
+                )
+
+
+#: Bytes of an encoded ``NodeMeta`` besides its strings' UTF-8 and its GPUs: the map header,
+#: the eight keys, the largest encodings of its integers, str16 and array16 headers (114).
+_META_FIXED_BYTES = 114
+#: The same for one ``GpuInfo`` besides its name's UTF-8 (31).
+_GPU_FIXED_BYTES = 31
+
+
+def encoded_meta_size(meta: NodeMeta) -> int:
+    """Bytes of ``meta`` encoded with every field present (what ``MAX_META_BYTES`` caps)."""
+    return len(msgpack.packb(meta.to_wire(), use_bin_type=True))
+
+
+def meta_size_bound(meta: NodeMeta) -> int:
+    """An upper bound of ``encoded_meta_size(meta)`` that encodes nothing (a character is at
+    most 4 bytes of UTF-8), so validating a typical meta costs no extra encode."""
+    chars = len(meta.hostname) + len(meta.torch_version) + len(meta.cuda_version)
+    gpus = sum(_GPU_FIXED_BYTES + 4 * len(g.name) for g in meta.gpus)
+    return _META_FIXED_BYTES + 4 * chars + gpus
 
 
 @register

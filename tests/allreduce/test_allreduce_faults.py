@@ -1,7 +1,7 @@
 """All-reduce state machines on virtual time: exact survivor means, every fault case, no hang.
 
 Each test runs N real ``AllReduceRound`` cores through the real codecs in
-``simulations.allreduce_sim`` (seeded delivery order, scripted faults) and checks what every
+``node.allreduce.testing`` (seeded delivery order, scripted faults) and checks what every
 member returned: survivors all finish with exactly the fp64 mean of the survivors' inputs
 cast to fp32 (bit for bit), report who was dropped and why, and nobody is left waiting.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from node.allreduce import AllReduceConfig, DropReason
-from simulations.allreduce_sim import AllReduceSim, NodeOutcome, NodeScript, exact_mean
+from node.allreduce.testing import AllReduceSim, NodeOutcome, NodeScript, exact_mean
 
 CFG = AllReduceConfig.test()
 #: Virtual seconds within which every round here must be over (the longest fault path is

@@ -173,20 +173,20 @@ def test_outbox_window_backpressure() -> None:
     box.add(C, _job(3, slice_=1))
     sends = box.drain()
     # round-robin: B, C, B, then B's window (40 bytes) is full after 2 chunks of 16 bytes + ...
-    assert [(s.dest, s.chunk, s.offset, s.nbytes) for s in sends] == [
+    assert [(s.dest, s.message.chunk, s.message.offset, s.message.nbytes) for s in sends] == [
         (B, 0, 100, 16), (C, 0, 100, 12), (B, 1, 104, 16)]
     assert box.drain() == [] and box.in_flight(B) == 32
     box.on_sent(B, 16)
-    assert [(s.chunk, s.values.tolist()) for s in box.drain()] == [(2, [8.0, 9.0, 10.0, 11.0])]
+    assert [(s.message.chunk, s.message.values.tolist()) for s in box.drain()] == [(2, [8.0, 9.0, 10.0, 11.0])]
     box.on_sent(B, 32)
-    assert [s.chunk for s in box.drain()] == [3, 4] and box.pending() == 0
+    assert [s.message.chunk for s in box.drain()] == [3, 4] and box.pending() == 0
 
 
 def test_outbox_one_chunk_always_fits_and_cancel() -> None:
     box = Outbox(round_id=b"r" * 16, order=(B,), window_bytes=1, chunk_elements=4)
     box.add(B, _job(8))
     box.add(B, _job(0))  # empty slices are not queued
-    assert [s.chunk for s in box.drain()] == [0]
+    assert [s.message.chunk for s in box.drain()] == [0]
     box.cancel(lambda dest, job: False)
     box.on_sent(B, 16)
     assert box.drain() == [] and box.pending() == 0

@@ -6,6 +6,8 @@ other members are played by hand-built messages.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
@@ -13,15 +15,17 @@ from node.allreduce import (
     AllReduceConfig,
     AllReduceRound,
     DropReason,
+    OutgoingChunk,
     PeerDropped,
     RoundFailed,
     RoundFinished,
     RoundState,
-    SendMessage,
-    SendTensor,
     TensorKind,
 )
 from node.allreduce.layout import layout_digest, slice_sizes
+from node.allreduce.testing import node_ids
+from node.core import Send
+from protocol.connection import Channel
 from protocol.errors import ConfigError, LocalProtocolError
 from protocol.messages.tensor import (
     ArAverage,
@@ -35,8 +39,8 @@ from protocol.messages.tensor import (
     Exclusion,
     Holding,
 )
+from protocol.schema import Message
 from protocol.tensor import CodecSpec, encode_chunk
-from simulations.allreduce_sim import node_ids
 
 CFG = AllReduceConfig.test().replace(chunk_elements=4, window_bytes=32)
 IDS = node_ids(3)
@@ -58,13 +62,53 @@ def part(r: AllReduceRound, s: int, chunk: int, values: np.ndarray) -> tuple[ArP
     return ArPart(round_id=r.round_id, slice=s, chunk=chunk, data=encode_chunk(values, CodecSpec())), values
 
 
-def drain(r: AllReduceRound) -> tuple[list[SendMessage], list[SendTensor], list[object]]:
+@dataclass(frozen=True)
+class Chunk:
+    """A BULK output flattened for asserts: its ``Send.dest`` and its ``OutgoingChunk``."""
+
+    dest: bytes
+    out: OutgoingChunk
+
+    @property
+    def kind(self) -> TensorKind:
+        return self.out.kind
+
+    @property
+    def slice(self) -> int:
+        return self.out.slice
+
+    @property
+    def chunk(self) -> int:
+        return self.out.chunk
+
+    @property
+    def offset(self) -> int:
+        return self.out.offset
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.out.values
+
+    @property
+    def nbytes(self) -> int:
+        return self.out.nbytes
+
+
+def drain(r: AllReduceRound) -> tuple[list[Send[Message]], list[Chunk], list[object]]:
     sends = r.messages_to_send()
     events = []
     while (ev := r.next_event()) is not None:
         events.append(ev)
-    return ([s for s in sends if isinstance(s, SendMessage)], [s for s in sends if isinstance(s, SendTensor)],
-            events)
+    control: list[Send[Message]] = []
+    chunks: list[Chunk] = []
+    for s in sends:
+        if isinstance(s.message, OutgoingChunk):
+            assert s.channel is Channel.BULK
+            chunks.append(Chunk(s.dest, s.message))
+        else:
+            assert s.channel is Channel.CONTROL
+            control.append(Send(dest=s.dest, channel=s.channel, message=s.message))
+    return control, chunks, events
 
 
 def test_start_announces_itself_and_arms_the_join_deadline() -> None:
@@ -88,7 +132,7 @@ def test_parts_wait_for_the_owner_and_respect_the_window() -> None:
     r.on_sent(IDS[2], 16, now=0.2)
     _, tensors, _ = drain(r)
     assert [(t.chunk, t.offset) for t in tensors] == [(1, 20)]
-    msg = tensors[0].to_message(encode_chunk(tensors[0].values, CodecSpec()))
+    msg = tensors[0].out.to_message(encode_chunk(tensors[0].values, CodecSpec()))
     assert isinstance(msg, ArPart) and (msg.slice, msg.chunk) == (2, 1)
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from node.allreduce import layout
-from node.allreduce.adapter import MAX_PENDING_ROUNDS
+from node.allreduce.rounds import MAX_PENDING_ROUNDS
 from node.config import NodeConfig, parse_address
 from node.embedded import MeshNode
 from node.identity import create_mesh_key

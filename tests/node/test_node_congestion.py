@@ -11,7 +11,7 @@ import pytest
 
 from node import congestion
 from node.cli import build_run_parser, config_from_args
-from node.config import Address, NodeConfig
+from node.config import Address, LinkConfig, NodeConfig
 from node.runtime import Node
 from protocol.connection import Channel
 from protocol.errors import ConfigError
@@ -38,14 +38,14 @@ def test_bad_names_are_config_errors(name: str) -> None:
     with pytest.raises(ConfigError):
         congestion.validate_name(name)
     with pytest.raises(ConfigError):
-        NodeConfig(data_dir=Path("/nonexistent"), bulk_congestion=name)
+        NodeConfig(data_dir=Path("/nonexistent"), links=LinkConfig(bulk_congestion=name))
 
 
 def test_cli_flag_and_system_default() -> None:
     parser = build_run_parser()
-    assert config_from_args(parser.parse_args([])).bulk_congestion is None
-    assert config_from_args(parser.parse_args(["--bulk-congestion", "system"])).bulk_congestion is None
-    assert config_from_args(parser.parse_args(["--bulk-congestion", "reno"])).bulk_congestion == "reno"
+    assert config_from_args(parser.parse_args([])).links.bulk_congestion is None
+    assert config_from_args(parser.parse_args(["--bulk-congestion", "system"])).links.bulk_congestion is None
+    assert config_from_args(parser.parse_args(["--bulk-congestion", "reno"])).links.bulk_congestion == "reno"
 
 
 @needs_linux
@@ -75,7 +75,8 @@ async def test_bulk_links_use_the_chosen_algorithm_and_control_links_keep_the_de
 
     def config(name: str, seeds: tuple[Address, ...] = ()) -> NodeConfig:
         return NodeConfig(listen=Address("127.0.0.1", 0), data_dir=tmp_path / name, mesh_key_file=key,
-                          seeds=seeds, preset="test", use_uvloop=False, bulk_congestion=chosen)
+                          seeds=seeds, preset="test", use_uvloop=False,
+                          links=LinkConfig(bulk_congestion=chosen))
 
     async with Node(config("a")) as a:
         seed = (Address("127.0.0.1", int(a.address.rsplit(":", 1)[1])),)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from discovery.events import EventKind, MemberEvent
-from node.config import Address, NodeConfig
+from node.config import Address, LinkConfig, NodeConfig
 from node.pool import RETIRED_QUIET_S, Pool, retired_quiet, sweep_interval
 from node.runtime import Node
 from node.testing import loopback_pools
@@ -250,7 +250,7 @@ async def test_closing_the_preferred_link_promotes_the_retired_one() -> None:
 
 def _config(tmp_path: Path, name: str, key: Path, seeds: tuple[Address, ...] = ()) -> NodeConfig:
     return NodeConfig(listen=Address("127.0.0.1", 0), data_dir=tmp_path / name, mesh_key_file=key,
-                      seeds=seeds, preset="test", use_uvloop=False, idle_timeout=0.2)
+                      seeds=seeds, preset="test", use_uvloop=False, links=LinkConfig(idle_timeout=0.2))
 
 
 async def test_nodes_close_idle_links_without_suspicion_and_redial(

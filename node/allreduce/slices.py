@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from node.allreduce.buffers import Roundtrip, SliceBuffer, chunk_sq, holdings_of
+from node.allreduce.buffers import SliceBuffer, chunk_sq, holdings_of
 from node.allreduce.events import Floats
 from protocol.errors import RemoteProtocolError
 from protocol.messages.tensor import DropReason, Holding
@@ -100,9 +100,8 @@ class SliceStore:
         avg = self.averages[s] = SliceBuffer.blank(self.sizes[s], self.chunk, epoch=0, owner=owner)
         return avg
 
-    def start_average(self, s: int, parts: list[SliceBuffer], *, epoch: int, owner: int,
-                      roundtrip: Roundtrip | None) -> SliceBuffer:
-        avg = SliceBuffer.mean_of(parts, self.chunk, epoch=epoch, owner=owner, roundtrip=roundtrip)
+    def start_average(self, s: int, parts: list[SliceBuffer], *, epoch: int, owner: int) -> SliceBuffer:
+        avg = SliceBuffer.mean_of(parts, self.chunk, epoch=epoch, owner=owner)
         self.averages[s] = avg
         return avg
 

@@ -1,0 +1,251 @@
+"""Prometheus metrics: every core's and service's pure ``stats()``, served over HTTP.
+
+Theory of operation
+-------------------
+Nothing here keeps state of its own: ``Node.stats()`` merges the ``stats()`` of membership,
+the pool and every service (``node.core.Stats``: name -> number, numbers by one label's
+value, or a ``Histogram``) at the moment it is asked. ``METRICS`` names every metric once,
+with its kind, its label and its help; ``exposition(stats)`` renders one snapshot in the
+Prometheus text format (prometheus-client's families and encoder), and ``flatten(stats)``
+gives the same samples as ``{"name{label=\\"v\\"}": value}`` for ``status --json``.
+
+``MetricsServer`` answers ``GET /metrics`` on ``--metrics-listen HOST:PORT`` with
+``asyncio.Protocol`` callbacks (no task per client): a request head is read up to
+``MAX_REQUEST_BYTES`` within ``REQUEST_TIMEOUT_S``, answered, and the connection closed; at
+most ``MAX_CLIENTS`` connections at once, further ones are closed at accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from node.config import Address
+from node.core import Histogram, Stats
+from protocol.errors import ConfigError
+
+log = logging.getLogger("starmesh.metrics")
+
+PREFIX = "starmesh_"
+MAX_REQUEST_BYTES = 8192
+REQUEST_TIMEOUT_S = 5.0
+MAX_CLIENTS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    kind: Literal["counter", "gauge", "histogram"]
+    help: str
+    label: str | None = None
+
+
+def _c(help_: str, label: str | None = None) -> MetricSpec:
+    return MetricSpec("counter", help_, label)
+
+
+def _g(help_: str, label: str | None = None) -> MetricSpec:
+    return MetricSpec("gauge", help_, label)
+
+
+#: Every metric a node serves (names without ``starmesh_``). The README lists them.
+METRICS: Mapping[str, MetricSpec] = {
+    "uptime_seconds": _g("Seconds since this node started."),
+    "status_requests_total": _c("Status requests answered."),
+    # membership (discovery.Swim, node.membership)
+    "members": _g("Members this node knows, by state (itself included).", "state"),
+    "incarnation": _g("This node's own incarnation number."),
+    "gossip_pending_broadcasts": _g("Gossip updates still queued for piggybacking."),
+    "gossip_pending_dials": _g("Addresses with gossip waiting for a connection."),
+    "gossip_dropped_messages_total": _c("Outgoing gossip dropped: outbox full between drains."),
+    "gossip_broadcasts_dropped_total": _c("Gossip updates dropped: broadcast queue full."),
+    "gossip_events_dropped_total": _c("Membership events dropped: event queue full."),
+    "local_health": _g("Lifeguard local health multiplier (0: healthy; higher: slower to suspect)."),
+    "probes_total": _c("Probes this node started."),
+    "probe_failures_total": _c("Probes that got no ack, directly or indirectly."),
+    "indirect_probes_total": _c("Probes that went on to indirect probes through k peers."),
+    "suspicions_total": _c("Suspicions this node started."),
+    "refutations_total": _c("Claims about this node it refuted with a higher incarnation."),
+    "push_pull_rounds_total": _c("Push/pull anti-entropy exchanges this node started."),
+    # connections (node.pool, node.transport)
+    "connections": _g("Open connections by channel (handshaking: not yet authenticated).", "channel"),
+    "sent_bytes_total": _c("Bytes written to connections (frames, encryption included).", "channel"),
+    "received_bytes_total": _c("Bytes read from connections.", "channel"),
+    "sent_frames_total": _c("Frames (messages) written.", "channel"),
+    "received_frames_total": _c("Frames (messages) received and decoded.", "channel"),
+    "dropped_messages_total": _c("Best-effort messages not written (link closed or backed up).",
+                                 "channel"),
+    "rejected_peers_total": _c("Connections closed for the peer's fault, by reason.", "reason"),
+    # all-reduce (node.allreduce.service)
+    "allreduce_rounds_total": _c("All-reduce rounds ended here, by outcome.", "outcome"),
+    "allreduce_round_seconds": MetricSpec("histogram", "Duration of finished all-reduce rounds."),
+    "allreduce_rounds_active": _g("All-reduce rounds running here."),
+    "allreduce_pending_rounds": _g("Round ids with messages held for a round not started here."),
+    "allreduce_pending_bytes": _g("Bytes of messages held for rounds not started here."),
+    "allreduce_dropped_messages_total": _c("All-reduce messages dropped, by reason.", "reason"),
+    "allreduce_tensor_bytes_total": _c("Tensor chunk payload bytes, by direction.", "direction"),
+}
+
+_UNKNOWN = _g("(no description)", "key")
+
+
+def spec_of(name: str, value: object) -> MetricSpec:
+    """The spec of ``name``; one not in ``METRICS`` is served as an undocumented gauge."""
+    spec = METRICS.get(name)
+    if spec is not None:
+        return spec
+    return MetricSpec("histogram", "(no description)") if isinstance(value, Histogram) else _UNKNOWN
+
+
+def families(stats: Stats) -> Iterable[Metric]:
+    """prometheus-client metric families for one snapshot of ``stats``."""
+    for name in sorted(stats):
+        value = stats[name]
+        spec = spec_of(name, value)
+        full = PREFIX + name
+        if isinstance(value, Histogram):
+            yield HistogramMetricFamily(full, spec.help,
+                                        buckets=[(le, float(n)) for le, n in value.cumulative()],
+                                        sum_value=value.total)
+            continue
+        family_type = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
+        if isinstance(value, Mapping):
+            label = spec.label or "key"
+            family = family_type(full, spec.help, labels=[label])
+            for key in sorted(value):
+                family.add_metric([str(key)], float(value[key]))
+        else:
+            family = family_type(full, spec.help, value=float(value))
+        yield family
+
+
+class _Snapshot:
+    """A one-shot prometheus-client collector over one ``stats`` snapshot."""
+
+    def __init__(self, stats: Stats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        return families(self._stats)
+
+
+def exposition(stats: Stats) -> bytes:
+    """``stats`` in the Prometheus text exposition format (version 0.0.4)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(stats))
+    return bytes(generate_latest(registry))
+
+
+def flatten(stats: Stats) -> dict[str, float]:
+    """Every sample as ``{"name{label=\\"value\\"}": number}`` (histograms: ``_count``,
+    ``_sum`` and ``_bucket{le=...}``), names without the prefix."""
+    out: dict[str, float] = {}
+    for name in sorted(stats):
+        value = stats[name]
+        if isinstance(value, Histogram):
+            out[f"{name}_count"] = float(value.count)
+            out[f"{name}_sum"] = value.total
+            for le, n in value.cumulative():
+                out[f'{name}_bucket{{le="{le}"}}'] = float(n)
+        elif isinstance(value, Mapping):
+            label = spec_of(name, value).label or "key"
+            for key in sorted(value):
+                out[f'{name}{{{label}="{key}"}}'] = float(value[key])
+        else:
+            out[name] = float(value)
+    return out
+
+
+class _Request(asyncio.Protocol):
+    """One HTTP/1.x request on the metrics port: read the head, answer, close."""
+
+    def __init__(self, server: MetricsServer) -> None:
+        self._server = server
+        self._buf = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        if len(self._server.clients) >= MAX_CLIENTS:
+            transport.close()
+            return
+        self._server.clients.add(self)
+        self._timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._buf += data
+        if b"\r\n\r\n" in self._buf or b"\n\n" in self._buf:
+            self._answer(bytes(self._buf.split(b"\n", 1)[0]))
+        elif len(self._buf) > MAX_REQUEST_BYTES:
+            self._respond(431, b"request header too large\n", "text/plain")
+
+    def _answer(self, request_line: bytes) -> None:
+        parts = request_line.decode("latin-1").split()
+        if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+            self._respond(405, b"only GET /metrics\n", "text/plain")
+            return
+        path = parts[1].split("?", 1)[0]
+        if path not in ("/metrics", "/"):
+            self._respond(404, b"see /metrics\n", "text/plain")
+            return
+        try:
+            body = exposition(self._server.source())
+        except Exception:
+            log.exception("metrics: collecting failed")
+            self._respond(500, b"collecting metrics failed\n", "text/plain")
+            return
+        self._respond(200, b"" if parts[0] == "HEAD" else body, "text/plain; version=0.0.4; charset=utf-8")
+
+    def _respond(self, code: int, body: bytes, content_type: str) -> None:
+        assert self._transport is not None
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+                  500: "Internal Server Error"}[code]
+        head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        self._transport.write(head + body)
+        self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._server.clients.discard(self)
+
+
+class MetricsServer:
+    """Serves ``exposition(source())`` at ``http://HOST:PORT/metrics``."""
+
+    def __init__(self, source: Callable[[], Stats]) -> None:
+        self.source = source
+        self.clients: set[_Request] = set()
+        self._server: asyncio.Server | None = None
+
+    async def listen(self, address: Address) -> Address:
+        """Bind and serve; returns the address bound (port 0 picks one)."""
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(lambda: _Request(self), address.host, address.port,
+                                                    reuse_address=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return Address(str(host), int(port))
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.clients):
+            if client._transport is not None:
+                client._transport.close()
