@@ -21,15 +21,10 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 from node.config import Address
 from node.core import Histogram, Stats
@@ -108,7 +103,10 @@ def spec_of(name: str, value: object) -> MetricSpec:
 
 
 def families(stats: Stats) -> Iterable[Metric]:
-    """prometheus-client metric families for one snapshot of ``stats``."""
+    """prometheus-client metric families for one snapshot of ``stats`` (prometheus-client is
+    imported here, on the first scrape: a node without ``--metrics-listen`` never loads it)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
     for name in sorted(stats):
         value = stats[name]
         spec = spec_of(name, value)
@@ -141,6 +139,8 @@ class _Snapshot:
 
 def exposition(stats: Stats) -> bytes:
     """``stats`` in the Prometheus text exposition format (version 0.0.4)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(stats))
     return bytes(generate_latest(registry))
