@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from discovery.suspicion import Suspicion
-from protocol.messages.gossip import MemberState, MemberStatus, NodeMeta
+from protocol.messages.gossip import MemberState, MemberStatus, NodeMeta, encoded_size
 
 __all__ = ["Member", "MemberStatus", "MemberView"]
 
@@ -30,6 +30,8 @@ class Member:
     """Mutable state of one member inside ``Swim`` (memberlist's ``nodeState``)."""
 
     __slots__ = (
+        "_size",
+        "_sized",
         "_state",
         "address",
         "incarnation",
@@ -61,6 +63,8 @@ class Member:
         """When ``status`` last changed (drives gossip-to-the-dead and reaping)."""
         self.suspicion: Suspicion | None = None
         self._state: MemberState | None = None
+        self._sized: MemberState | None = None
+        self._size = 0
 
     @property
     def live(self) -> bool:
@@ -96,3 +100,10 @@ class Member:
             meta=self.meta,
         )
         return c
+
+    def state_size(self) -> int:
+        """Bytes of ``state()`` encoded (cached with it): what this entry adds to a sync."""
+        state = self.state()
+        if self._sized is not state:
+            self._sized, self._size = state, encoded_size(state)
+        return self._size

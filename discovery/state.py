@@ -37,6 +37,7 @@ from collections.abc import Callable
 from discovery.broadcast import BroadcastQueue
 from discovery.config import SwimConfig
 from discovery.events import EventKind, MemberEvent
+from discovery.incarnation import refutation_incarnation
 from discovery.members import Member
 from discovery.suspicion import Suspicion, expected_confirmations, suspicion_timeout
 from protocol.messages.gossip import Alive, Dead, MemberStatus, NodeMeta, Suspect
@@ -87,6 +88,8 @@ class MemberTable:
         """Suspicions started here (a member went ALIVE -> SUSPECT), by our probes or gossip."""
         self.refutations = 0
         """Claims about us refuted (each raised our incarnation)."""
+        self.claims_refused = 0
+        """Claims about us refused as implausible (``refutation_incarnation`` is None)."""
 
     # ----------------------------------------------------------------- helpers
 
@@ -263,9 +266,16 @@ class MemberTable:
         self.emit(EventKind.LEFT if status is LEFT else EventKind.DEAD, m, now)
 
     def refute(self, accused_inc: int, now: float) -> None:
-        """Raise our incarnation above ``accused_inc`` and broadcast Alive (memberlist refute)."""
+        """Raise our incarnation above ``accused_inc`` and broadcast Alive (memberlist refute),
+        unless the claim is implausible (``refutation_incarnation``): then only count it."""
         me = self.me
-        me.incarnation = max(me.incarnation, accused_inc) + 1
+        inc = refutation_incarnation(me.incarnation, accused_inc)
+        if inc is None:
+            self.claims_refused += 1
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug("refused a claim about us at incarnation %d (ours: %d)", accused_inc, me.incarnation)
+            return
+        me.incarnation = inc
         self.refutations += 1
         self.adjust_health(+1)
         self.broadcasts.queue(

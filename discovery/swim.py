@@ -37,6 +37,9 @@ Anti-entropy: every ``push_pull_interval`` (stretched linearly above
 ``push_pull_scale_threshold`` members, so sync bytes per node stay flat) a full
 ``PushPull`` with one random alive member, and one with a random member we believe DEAD
 (Serf's reconnect: a healed partition finds itself again); the answer has ``reply`` set.
+A table larger than one message allows (``MAX_SYNC_BYTES`` encoded,
+``MAX_MEMBERS_PER_SYNC`` entries) goes in several parts, cut by encoded size; every part
+after the first has ``reply`` set, so only the first is answered.
 Joining is the same exchange with the seeds (``join`` set, and kept set on the answer:
 only ``join and reply`` ends a join), retried every ``join_retry_interval`` while no seed
 answers (``SEED_UNREACHABLE``). ``join_sync_after`` seconds later we *pull* once more
@@ -48,6 +51,10 @@ mesh with its whole new member list (memberlist's mergeState re-gossips all).
 Stale claims: a Suspect/Dead about an incarnation of ours we already refuted is answered
 with our current Alive, sent straight back to whoever handed it to us and queued for
 gossip again (someone missed our refutation and would otherwise declare us dead alone).
+
+Incarnation bounds (``discovery/incarnation.py``): our incarnation saturates at
+``MAX_INCARNATION`` and a claim about us far above it is refused (``implausible_claims_total``),
+so no claim can overflow it or make us persist what a restart would reject.
 
 Leaving: ``leave()`` marks us LEFT and broadcasts ``Dead(node=us, sender=us)`` at once;
 after it we stop probing and syncing but keep answering pings and gossiping.
@@ -71,11 +78,14 @@ from typing import ClassVar
 
 from discovery.config import SwimConfig
 from discovery.events import EventKind, MemberEvent
+from discovery.incarnation import MAX_INCARNATION, bumped_incarnation
 from discovery.members import Member, MemberView
 from discovery.probes import Probe, Relay, relay_timeout
 from discovery.state import MemberTable
 from protocol.limits import MAX_MEMBERS_PER_SYNC
 from protocol.messages.gossip import (
+    MAX_SYNC_BYTES,
+    PUSH_PULL_FIXED_BYTES,
     Ack,
     Alive,
     Dead,
@@ -86,6 +96,7 @@ from protocol.messages.gossip import (
     PingReq,
     PushPull,
     Suspect,
+    split_by_size,
 )
 from protocol.schema import Message
 
@@ -112,8 +123,11 @@ class Swim:
         now: float,
         incarnation: int = 0,
     ) -> None:
-        """``incarnation``: where our own incarnation starts. A restarted node passes one more
-        than the last it used, so its Alive beats every claim others hold about its last run."""
+        """``incarnation``: where our own incarnation starts, in ``[0, MAX_INCARNATION]``. A
+        restarted node passes one more than the last it used (``start_incarnation``), so its
+        Alive beats every claim others hold about its last run."""
+        if not 0 <= incarnation <= MAX_INCARNATION:
+            raise ValueError(f"incarnation {incarnation} is outside [0, {MAX_INCARNATION}]")
         self._cfg = config
         self._rng = rng
         self._me = Member(
@@ -273,7 +287,7 @@ class Swim:
         """Advertise new metadata: bump our incarnation and gossip Alive."""
         me = self._me
         me.meta = meta
-        me.incarnation += 1
+        me.incarnation = bumped_incarnation(me.incarnation)
         self._table.broadcasts.queue(
             me.node_id,
             Alive(incarnation=me.incarnation, node=me.node_id, address=me.address, meta=meta),
@@ -285,7 +299,8 @@ class Swim:
         serves them, without its prefix): ``members`` by status, ourselves included; the
         ``*_dropped_*`` counters of the outbox (``max_outbox``), the broadcast queue
         (``max_broadcasts``) and the event queue (``max_events``); our probes and what became
-        of them; suspicions we started and claims about us we refuted."""
+        of them; suspicions we started, claims about us we refuted and those we refused as
+        implausible (``discovery/incarnation.py``)."""
         table = self._table
         members = dict.fromkeys(_STATE_NAMES.values(), 0.0)
         for m in table.members.values():
@@ -303,6 +318,7 @@ class Swim:
             "indirect_probes_total": self._indirect_probes,
             "suspicions_total": table.suspicions,
             "refutations_total": table.refutations,
+            "implausible_claims_total": table.claims_refused,
             "push_pull_rounds_total": self._push_pulls,
         }
 
@@ -330,8 +346,19 @@ class Swim:
         return self._join_at is not None
 
     @property
+    def join_seeds(self) -> tuple[str, ...]:
+        """The seeds of the last ``join()``: deduplicated, our own address left out, at most 64."""
+        return self._join_seeds
+
+    @property
     def left(self) -> bool:
         return self._table.left
+
+    @property
+    def events_dropped(self) -> int:
+        """Events dropped so far because ``max_events`` were waiting (only grows): a consumer
+        that tracks state from events rebuilds it from ``members()`` when this moved."""
+        return self._table.events_dropped
 
     @property
     def pending_broadcasts(self) -> int:
@@ -510,13 +537,19 @@ class Swim:
             self._send_state(gone[0].address, join=False, reply=False)
 
     def _send_state(self, address: str, *, join: bool, reply: bool) -> None:
-        """Our full member table, in as many PushPull messages as the size cap needs.
+        """Our full member table, in as many PushPull messages as the caps need: each encodes
+        to at most ``MAX_SYNC_BYTES`` and carries at most ``MAX_MEMBERS_PER_SYNC`` entries.
         Only the first may ask for an answer; the rest are marked ``reply`` (and keep
         ``join`` only when they are part of the answer to a join)."""
-        states = [m.state() for m in self._table.members.values()]
-        for i in range(0, len(states), MAX_MEMBERS_PER_SYNC):
-            chunk = tuple(states[i : i + MAX_MEMBERS_PER_SYNC])
+        members = list(self._table.members.values())
+        runs = split_by_size(
+            [m.state_size() for m in members],
+            budget=MAX_SYNC_BYTES - PUSH_PULL_FIXED_BYTES,
+            max_items=MAX_MEMBERS_PER_SYNC,
+        )
+        for i, run in enumerate(runs):
             more = i > 0
+            chunk = tuple(members[k].state() for k in run)
             msg = PushPull(join=join and (reply or not more), reply=reply or more, members=chunk)
             self._send(address, msg)
 

@@ -3,7 +3,8 @@
 No I/O and no wall clock: ``run_until(t)`` repeatedly takes the earliest of (a) a message
 delivery and (b) a node's ``next_deadline()``, sets ``now`` to it and feeds that node.
 Every message goes through the real codec (``encode_body`` / ``decode_body``), so a
-message that could not cross the wire fails here too. Ties are broken by insertion order,
+message that could not cross the wire fails here too; one over the sealed-message cap
+raises ``LocalProtocolError(FRAME_TOO_LARGE)`` at the send, as ``protocol.Connection`` does. Ties are broken by insertion order,
 so a run is a pure function of its inputs.
 
 Faults: ``crash(address)`` silences a node (its timers stop, messages to it vanish; with
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from discovery.config import SwimConfig
 from discovery.events import MemberEvent
 from discovery.swim import Swim
+from protocol.connection import MAX_MESSAGE_BYTES
+from protocol.errors import ErrorCode, LocalProtocolError
 from protocol.messages.gossip import MemberStatus, NodeMeta
 from protocol.schema import Message, decode_body, encode_body
 
@@ -204,6 +207,12 @@ class MemoryMesh:
 
     def _route(self, node: Swim, src: str, dst: str, msg: Message) -> None:
         body = encode_body(msg)
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise LocalProtocolError(
+                f"{src} sent a {msg.TAG.name} of {len(body)} bytes, over the "
+                f"{MAX_MESSAGE_BYTES}-byte message cap",
+                code=ErrorCode.FRAME_TOO_LARGE,
+            )
         dropped = dst not in self.nodes or self._blocked(src, dst, msg)
         self.log.append(Delivery(self.now, src, dst, msg, dropped))
         if not dropped:

@@ -24,6 +24,7 @@ from pathlib import Path
 from discovery.config import PRESETS as SWIM_PRESETS
 from node.allreduce.config import AllReduceSettings
 from protocol.errors import ConfigError
+from protocol.messages.gossip import MAX_TAG_LEN, MAX_TAGS, is_tag
 
 DEFAULT_PORT = 7400
 
@@ -66,6 +67,11 @@ class Address:
 def parse_address(text: str, *, what: str = "address", default_port: int | None = None) -> Address:
     """Parse ``host:port`` / ``[v6]:port`` (``host`` alone when ``default_port`` is given)."""
     raw = text.strip()
+    if "://" in raw:  # a URL: say what to write instead (before the IPv6 rule sees its colons)
+        bare = raw.split("://", 1)[1].split("/", 1)[0] or "HOST"
+        if not bare.rpartition("]")[2].count(":"):
+            bare += f":{'PORT' if default_port is None else default_port}"
+        raise ConfigError(f"{what} {text!r}: expected HOST:PORT without a scheme or path, e.g. {bare!r}")
     if raw.startswith("["):
         close = raw.find("]")
         rest = raw[close + 1 :] if close > 0 else "?"
@@ -100,6 +106,20 @@ def validate_congestion_name(name: str) -> str:
     return name
 
 
+def check_tags(tags: object) -> None:
+    """``ConfigError`` unless ``tags`` is a tuple of distinct member tags (``NodeMeta.tags``)."""
+    if type(tags) is not tuple:
+        raise ConfigError(f"tags must be a tuple of KEY=VALUE strings, got {type(tags).__name__}")
+    if len(tags) > MAX_TAGS:
+        raise ConfigError(f"{len(tags)} tags: at most {MAX_TAGS}")
+    for tag in tags:
+        if not is_tag(tag):
+            raise ConfigError(f"tag {tag!r:.80}: expected KEY=VALUE of at most {MAX_TAG_LEN} "
+                              "characters: letters, digits, _ . - (the value also : / @ +)")
+    if len(set(tags)) != len(tags):
+        raise ConfigError(f"tags list one twice: {', '.join(tags)}")
+
+
 def default_data_dir() -> Path:
     """``DEFAULT_DATA_DIR`` with ``~`` expanded (read when a config is built)."""
     return Path(DEFAULT_DATA_DIR).expanduser()
@@ -126,14 +146,40 @@ class LinkConfig:
     handshake_timeout: float = 5.0
     """Seconds a connection may take to finish its handshake before it is closed."""
 
+    first_flight_timeout: float = 2.0
+    """Seconds an inbound connection may take to send its first handshake flight (INIT: one
+    round trip after the connect) before it is closed; a stranger holding idle sockets frees
+    their handshake slots this soon. Above ``handshake_timeout`` it has no effect."""
+
     dial_timeout: float = 2.0
     """Seconds a TCP connect to a peer may take before the peer counts as unreachable."""
 
     max_connections: int = 512
-    """Most open connections (inbound and outbound); further inbound ones are refused."""
+    """Most connections to and from members (outbound ones, and inbound ones once their
+    handshake names a member channel); a dial beyond it fails, an inbound member connection
+    beyond it is closed. Status clients and handshakes have budgets of their own."""
 
     max_handshaking: int = 64
-    """Most inbound connections still in their handshake; further ones are refused."""
+    """Most inbound connections still in their handshake: a new one is not refused but
+    evicts the oldest that sent no first flight within ``eviction_grace``. Connections still
+    in their grace may exceed it up to 4 times; there the oldest is evicted at once."""
+
+    max_handshaking_per_address: int = 16
+    """Most inbound connections still in their handshake from one IP address: a new one from
+    that address evicts its oldest that sent no first flight within ``eviction_grace``."""
+
+    eviction_grace: float = 0.25
+    """Seconds a new inbound connection is safe from eviction by the handshake limits: time
+    for its first flight to be read (connections accepted in one burst are all handled before
+    any of them is read). 0: evict at once."""
+
+    max_client_connections: int = 32
+    """Most open CLIENT connections (status tools); a new one closes the client idle the
+    longest."""
+
+    client_idle_timeout: float = 10.0
+    """Seconds a CLIENT connection (status tool) may carry no bytes before it is closed with
+    a goodbye. 0 disables it."""
 
     inbox_messages: int = 64
     """Messages buffered per connection before reading from it is paused (backpressure)."""
@@ -157,10 +203,14 @@ class LinkConfig:
 
     def __post_init__(self) -> None:
         _seconds("handshake_timeout", self.handshake_timeout, 0.0, 600.0)
+        _seconds("first_flight_timeout", self.first_flight_timeout, 0.0, 600.0)
+        _seconds("client_idle_timeout", self.client_idle_timeout, 0.0, 86400.0, zero_ok=True)
+        _seconds("eviction_grace", self.eviction_grace, 0.0, 600.0, zero_ok=True)
         _seconds("dial_timeout", self.dial_timeout, 0.0, 600.0)
         _seconds("idle_timeout", self.idle_timeout, 0.0, 86400.0, zero_ok=True)
-        _at_least_one(self, ("max_connections", "max_handshaking", "inbox_messages",
-                             "inbox_bytes", "write_buffer_bytes"))
+        _at_least_one(self, ("max_connections", "max_handshaking", "max_handshaking_per_address",
+                             "max_client_connections", "inbox_messages", "inbox_bytes",
+                             "write_buffer_bytes"))
         if self.bulk_congestion is not None:
             validate_congestion_name(self.bulk_congestion)
 
@@ -208,8 +258,18 @@ class NodeConfig:
     """Members to join through (push/pull with the first that answers). Empty: the live
     members remembered in ``<data_dir>/peers`` from the last run, if any, else a new mesh."""
 
+    join_timeout: float = 60.0
+    """Seconds a node given seeds waits for one to answer its join; then it stops with an
+    error saying why each seed failed (refused our mesh key, unreachable, host name not
+    resolvable), as ``serf agent -join`` does. 0: retry forever. A node rejoining through
+    remembered peers keeps retrying (it may be the first of its mesh to restart). Applied by
+    ``python -m node`` (``node.joining.JoinWatch``); a program running ``Node`` itself reads
+    ``node.join_state()``."""
+
     mesh_key_file: Path | None = None
-    """The mesh secret file; None means ``<data_dir>/mesh.key``. Created (0600) if missing."""
+    """The mesh secret file; None means ``<data_dir>/mesh.key``. Created (0600) only by a node
+    starting a new mesh (no seeds, no remembered peers); a joining node needs a copy of its
+    mesh's file and stops with an error without one."""
 
     preset: str = "lan"
     """SWIM timing preset (``discovery.config.PRESETS``): ``lan``, ``wan``, ``local`` (one
@@ -235,6 +295,11 @@ class NodeConfig:
     """Serve Prometheus metrics over HTTP on this HOST:PORT (path ``/metrics``). None: no
     metrics endpoint."""
 
+    tags: tuple[str, ...] = ()
+    """Tags this node advertises to the mesh, each KEY=VALUE (``job=resnet``; repeat the flag
+    for more): at most 16 of at most 64 characters, ASCII letters, digits and ``_.-`` (the
+    value also ``:/@+``). Programs scope groups by them: ``wait_for_members(n, tag="job=resnet")``."""
+
     links: LinkConfig = field(default_factory=LinkConfig)
     """Connections: timeouts, limits and buffers every link of the node shares."""
 
@@ -250,8 +315,10 @@ class NodeConfig:
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log level {self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
         _seconds("leave_timeout", self.leave_timeout, 0.0, 600.0)
+        _seconds("join_timeout", self.join_timeout, 0.0, 86400.0, zero_ok=True)
         if self.advertise is not None and (self.advertise.is_unspecified or self.advertise.port == 0):
             raise ConfigError(f"advertise address {self.advertise}: needs a concrete host and port")
+        check_tags(self.tags)
 
     @property
     def mesh_key_path(self) -> Path:

@@ -7,10 +7,17 @@ loop (``asyncio.run_coroutine_threadsafe``)::
     from node.config import NodeConfig, parse_address
     from node.embedded import MeshNode
 
-    with MeshNode(NodeConfig(listen=parse_address("0.0.0.0:7400"), seeds=(...))) as mesh:
-        group = mesh.wait_for_members(4)
+    config = NodeConfig(listen=parse_address("0.0.0.0:7400"), seeds=(...), tags=("job=resnet",))
+    with MeshNode(config) as mesh:
+        group = mesh.wait_for_members(4, tag="job=resnet")   # the 4 processes of this job
         out = mesh.all_reduce(np_array, group=group, codec="int8+zstd")
         out.tensor, out.contributors, out.dropped
+
+Groups are scoped by tag: ``wait_for_members`` without one counts every alive member of the
+mesh, daemons and other jobs included. ``all_reduce`` raises ``TooFewContributors`` when
+the average would cover fewer than ``min_contributors`` members (default 2, so a group of
+one fails unless ``min_contributors=1`` is passed). With an asyncio ``Node``, the coroutine
+``wait_for_members(node, 4, tag=...)`` of this module is the same wait.
 
 Arrays in, arrays out: numpy in gives numpy out, a torch tensor gives a torch tensor (same
 shape, dtype and device). ``all_reduce_future`` returns a ``concurrent.futures.Future``
@@ -24,16 +31,20 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from discovery.members import MemberStatus, MemberView
 from node.allreduce import AllReduceOutcome
+from node.allreduce.events import TooFewContributors
 from node.config import NodeConfig
 from node.runtime import Node
 from protocol.errors import ConfigError, StarmeshError, TimeoutError
+from protocol.messages.gossip import is_tag
+
+__all__ = ["GroupSpec", "MeshNode", "TooFewContributors", "alive_with_tag", "group_ids",
+           "wait_for_members"]
 
 T = TypeVar("T")
 
@@ -52,6 +63,41 @@ def group_ids(group: GroupSpec) -> list[bytes]:
                 raise ConfigError(f"group member {member!r:.70}: not a hex node id") from None
         out.append(member)
     return out
+
+
+def alive_with_tag(members: Iterable[MemberView], tag: str | None) -> list[bytes]:
+    """Ids of the alive ``members`` whose metadata carries ``tag`` (every alive one when
+    ``tag`` is None), ascending. ``ConfigError`` if ``tag`` is not a valid ``KEY=VALUE`` tag."""
+    if tag is not None and not is_tag(tag):
+        raise ConfigError(f"tag {tag!r:.80}: expected KEY=VALUE, as given to --tag")
+    return sorted(m.node_id for m in members
+                  if m.status is MemberStatus.ALIVE and (tag is None or tag in m.meta.tags))
+
+
+async def wait_for_members(node: Node, count: int, *, tag: str | None = None,
+                           timeout: float = 30.0) -> list[bytes]:
+    """Wait until at least ``count`` alive members carry ``tag`` (the node itself counts if
+    it has the tag: ``NodeConfig(tags=...)``, ``--tag``); their ids, ascending: the group to
+    pass to ``all_reduce``. When every process of a job waits for the job's size under the
+    job's own tag, they all get the same list. ``TimeoutError`` after ``timeout`` seconds.
+
+    Without ``tag`` it counts *every* alive member: daemons started with ``python -m node``
+    and other programs' nodes join your group, and the group differs from member to member
+    as they come and go. Pass a tag that only your job's processes carry. Use it from the
+    node's loop (``await wait_for_members(node, 4, tag="job=x")``); ``MeshNode`` has the
+    blocking twin."""
+    if type(count) is not int or count < 1:
+        raise ConfigError(f"count must be an int >= 1, got {count!r:.40}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        group = alive_with_tag(node.members(), tag)
+        if len(group) >= count:
+            return group
+        if loop.time() > deadline:
+            scope = "members" if tag is None else f"members tagged {tag}"
+            raise TimeoutError(f"saw {len(group)} of {count} alive {scope} after {timeout}s")
+        await asyncio.sleep(0.02)
 
 
 class MeshNode:
@@ -155,29 +201,28 @@ class MeshNode:
 
         return self.submit(get()).result()
 
-    def wait_for_members(self, count: int, *, timeout: float = 30.0) -> list[bytes]:
-        """Block until ``count`` members (ourselves included) are alive; their ids, ascending.
-        ``TimeoutError`` if they are not seen within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            alive = sorted(m.node_id for m in self.members() if m.status is MemberStatus.ALIVE)
-            if len(alive) >= count:
-                return alive
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"saw {len(alive)} of {count} members after {timeout}s")
-            time.sleep(0.02)
+    def wait_for_members(self, count: int, *, tag: str | None = None,
+                         timeout: float = 30.0) -> list[bytes]:
+        """Block until ``count`` alive members carry ``tag``; their ids, ascending (the
+        blocking ``wait_for_members``: read its warning about ``tag=None``)."""
+        future = self.submit(wait_for_members(self.node, count, tag=tag, timeout=timeout))
+        return future.result()
 
     def all_reduce_future(self, tensor: Any, *, group: GroupSpec, codec: str = "none",
                           timeout: float | None = None, key: bytes | str | None = None,
+                          min_contributors: int | None = None,
                           **options: Any) -> concurrent.futures.Future[AllReduceOutcome]:
         """Start an all-reduce (``Node.all_reduce``) and return its future at once."""
         ids = group_ids(group)
         return self.submit(self.node.all_reduce(tensor, group=ids, codec=codec, timeout=timeout,
-                                                key=key, **options))
+                                                key=key, min_contributors=min_contributors,
+                                                **options))
 
     def all_reduce(self, tensor: Any, *, group: GroupSpec, codec: str = "none",
                    timeout: float | None = None, key: bytes | str | None = None,
-                   **options: Any) -> AllReduceOutcome:
-        """Average ``tensor`` over ``group`` and block until done (``Node.all_reduce``)."""
+                   min_contributors: int | None = None, **options: Any) -> AllReduceOutcome:
+        """Average ``tensor`` over ``group`` and block until done (``Node.all_reduce``).
+        A result of fewer than ``min_contributors`` members (default 2; a group of one
+        included) raises ``TooFewContributors`` (``AllReduceService.all_reduce``)."""
         return self.all_reduce_future(tensor, group=group, codec=codec, timeout=timeout, key=key,
-                                      **options).result()
+                                      min_contributors=min_contributors, **options).result()

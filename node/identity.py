@@ -1,6 +1,7 @@
 """The files in a node's data dir: identity key, mesh secret, last incarnation, lock.
 
-``identity.key``  the node's Ed25519 private key (``protocol.crypto.identity_to_bytes``), 0600.
+``identity.key``  the node's Ed25519 private key, 0600, as one line of text with a checksum
+                  (``identity_to_text``); 32 raw bytes in nodes created before it (still read).
 ``mesh.key``      the mesh secret as one line of text (``mesh_secret_to_text``), 0600.
 ``incarnation``   the highest SWIM incarnation this identity has used, as decimal text.
 ``peers``         addresses of live members last seen (one per line), to rejoin after a restart.
@@ -15,8 +16,12 @@ Any unusable file raises ``ConfigError`` naming the file and the fix.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import os
 import secrets
 import stat
@@ -98,18 +103,78 @@ def load_or_create_mesh_key(path: Path) -> tuple[bytes, bool]:
     return load_mesh_key(path), False
 
 
+IDENTITY_PREFIX = "starmesh-identity-v1"
+#: What an identity file written before ``IDENTITY_PREFIX`` holds: the raw Ed25519 seed.
+LEGACY_IDENTITY_BYTES = 32
+
+
+def _identity_check(seed: bytes) -> str:
+    """16 hex digits of SHA-256("starmesh identity check" || seed): catches any flipped byte."""
+    return hashlib.sha256(b"starmesh identity check" + seed).hexdigest()[:16]
+
+
+def identity_to_text(key: Ed25519PrivateKey) -> str:
+    """``starmesh-identity-v1:<base64url seed, no padding>:<check>`` (one line, no newline);
+    the form of the mesh secret (``protocol.crypto.mesh_secret_to_text``) with a longer check."""
+    seed = crypto.identity_to_bytes(key)
+    b64 = base64.urlsafe_b64encode(seed).rstrip(b"=").decode("ascii")
+    return f"{IDENTITY_PREFIX}:{b64}:{_identity_check(seed)}"
+
+
+def identity_from_file_bytes(data: bytes) -> Ed25519PrivateKey:
+    """The identity in an ``identity.key`` file's bytes: ``identity_to_text`` (whitespace
+    around it allowed) or the 32 raw bytes of older nodes. ``ConfigError`` saying what is
+    wrong otherwise (the caller names the file)."""
+    if len(data) == LEGACY_IDENTITY_BYTES and not data.startswith(b"starmesh-"):
+        return crypto.identity_from_bytes(data)
+    try:
+        text = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError("not text and not 32 raw bytes") from None
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] != IDENTITY_PREFIX:
+        raise ConfigError(f"expected '{IDENTITY_PREFIX}:<base64url>:<check>'")
+    b64, check = parts[1], parts[2]
+    if len(b64) != 43 or not all(c.isalnum() or c in "-_" for c in b64):
+        raise ConfigError("the key part must be 43 base64url characters")
+    try:
+        seed = base64.urlsafe_b64decode(b64 + "=")
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError(f"bad base64url: {exc}") from None
+    if base64.urlsafe_b64encode(seed)[:43].decode("ascii") != b64:
+        raise ConfigError("the key part is not canonical base64url")
+    if not hmac.compare_digest(check, _identity_check(seed)):
+        raise ConfigError("checksum mismatch")
+    return crypto.identity_from_bytes(seed)
+
+
+def load_identity(path: Path) -> Ed25519PrivateKey:
+    """The node identity at ``path``; ``ConfigError`` naming the file if it is unusable. A
+    damaged file is refused, never replaced: a new identity would be a different node."""
+    data = _read_secret(path, "identity key")
+    try:
+        return identity_from_file_bytes(data)
+    except (StarmeshError, ValueError) as exc:
+        raise ConfigError(
+            f"{path}: the identity key is damaged ({exc}); refusing to start with it or to "
+            "replace it (this node would come back as a different member). Restore the file "
+            "from a backup, or move it away to start as a new node"
+        ) from None
+
+
+def create_identity(path: Path) -> Ed25519PrivateKey:
+    """Write a new identity to ``path`` (which must not exist; 0600) and return it."""
+    key = crypto.generate_identity()
+    _write_new_secret(path, (identity_to_text(key) + "\n").encode("ascii"), "identity key")
+    return key
+
+
 def load_or_create_identity(path: Path) -> tuple[Ed25519PrivateKey, bool]:
     """The node identity at ``path``, created (0600) on first use. Returns (key, created)."""
     if not path.exists():
-        key = crypto.generate_identity()
-        with contextlib.suppress(ConfigError):
-            _write_new_secret(path, crypto.identity_to_bytes(key), "identity key")
-            return key, True
-    data = _read_secret(path, "identity key")
-    try:
-        return crypto.identity_from_bytes(data), False
-    except (StarmeshError, ValueError) as exc:
-        raise ConfigError(f"{path}: not an identity key ({exc}); move it away to make a new one") from None
+        with contextlib.suppress(ConfigError):  # lost a creation race: read the winner's key
+            return create_identity(path), True
+    return load_identity(path), False
 
 
 def load_incarnation(path: Path) -> int:

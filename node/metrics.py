@@ -56,6 +56,10 @@ def _g(help_: str, label: str | None = None) -> MetricSpec:
 #: Every metric a node serves (names without ``starmesh_``). The README lists them.
 METRICS: Mapping[str, MetricSpec] = {
     "uptime_seconds": _g("Seconds since this node started."),
+    # the event loop (node.looplag)
+    "loop_lag_seconds": _g("Largest event-loop lag of the last 10 s: how late a 0.1 s timer ran."),
+    "loop_lag_max_seconds": _g("Largest event-loop lag since this node started."),
+    "loop_lag_tick_seconds": MetricSpec("histogram", "Event-loop lag of each 0.1 s timer tick."),
     "status_requests_total": _c("Status requests answered."),
     # membership (discovery.Swim, node.membership)
     "members": _g("Members this node knows, by state (itself included).", "state"),
@@ -72,6 +76,8 @@ METRICS: Mapping[str, MetricSpec] = {
     "suspicions_total": _c("Suspicions this node started."),
     "refutations_total": _c("Claims about this node it refuted with a higher incarnation."),
     "push_pull_rounds_total": _c("Push/pull anti-entropy exchanges this node started."),
+    "implausible_claims_total": _c("Claims about this node refused as implausible (far above its "
+                                   "incarnation) instead of refuted."),
     # connections (node.pool, node.transport)
     "connections": _g("Open connections by channel (handshaking: not yet authenticated).", "channel"),
     "sent_bytes_total": _c("Bytes written to connections (frames, encryption included).", "channel"),
@@ -81,6 +87,10 @@ METRICS: Mapping[str, MetricSpec] = {
     "dropped_messages_total": _c("Best-effort messages not written (link closed or backed up).",
                                  "channel"),
     "rejected_peers_total": _c("Connections closed for the peer's fault, by reason.", "reason"),
+    "evicted_handshakes_total": _c("Half-open inbound connections closed to make room, by the limit "
+                                   "that was reached.", "limit"),
+    "closed_client_connections_total": _c("Status-client connections closed, by why (budget: to make "
+                                          "room; idle: client idle timeout).", "why"),
     # all-reduce (node.allreduce.service)
     "allreduce_rounds_total": _c("All-reduce rounds ended here, by outcome.", "outcome"),
     "allreduce_round_seconds": MetricSpec("histogram", "Duration of finished all-reduce rounds."),

@@ -1,6 +1,7 @@
 """What a node advertises about its machine (``NodeMeta``), detected without importing torch.
 
-``basic_meta()`` is instant (hostname, CPU count, memory) and is what a node starts with.
+``basic_meta()`` is instant (hostname, CPU count, memory, the configured tags) and is what a
+node starts with.
 After startup the runtime adds the torch version (package metadata, no import), the CUDA
 version torch was built for (read from ``torch/version.py`` as text; ``torch_versions()``)
 and the GPUs (``nvidia-smi --query-gpu`` with a short timeout, when present;
@@ -34,12 +35,14 @@ def _memory_bytes() -> int:
         return 0
 
 
-def basic_meta() -> NodeMeta:
-    """Hostname, logical CPUs and physical memory: cheap enough for startup."""
+def basic_meta(*, tags: tuple[str, ...] = ()) -> NodeMeta:
+    """Hostname, logical CPUs and physical memory, and the node's ``tags`` (``NodeConfig.tags``):
+    cheap enough for startup."""
     return NodeMeta(
         hostname=socket.gethostname()[:128],
         cpus=min(os.cpu_count() or 0, 65535),
         memory_bytes=_memory_bytes(),
+        tags=tags,
     )
 
 
@@ -127,4 +130,5 @@ def detect_meta(base: NodeMeta, *, timeout: float = 2.0) -> NodeMeta:
         torch_version=torch_version,
         cuda_version=cuda_version,
         load=base.load,
+        tags=base.tags,
     )

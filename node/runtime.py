@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import logging
 import random
-import signal
 import sys
 from collections.abc import Sequence
 from types import TracebackType
@@ -44,11 +43,14 @@ from node.allreduce.service import AllReduceService
 from node.config import NodeConfig
 from node.context import Executors, NodeContext, Service
 from node.core import Stats
-from node.datadir import DataDir
-from node.membership import EventListener, Membership, start_incarnation
+from node.datadir import DataDir, join_banner
+from node.joining import JoinWatch
+from node.looplag import LoopLagMonitor, guard_torch_import
+from node.membership import EventListener, JoinState, Membership, start_incarnation
 from node.metrics import MetricsServer
 from node.pool import Pool, guess_local_ip
 from node.resources import basic_meta, detect_gpus_async, torch_versions
+from node.shutdown import StopSignals
 from node.status_service import StatusService
 from node.supervisor import Supervisor
 from node.transport import Handler, Link, LinkSettings, Traffic
@@ -95,8 +97,10 @@ class Node:
         self._ctx: NodeContext | None = None
         self._metrics: MetricsServer | None = None
         self._executors: Executors | None = None
+        self.loop_lag = LoopLagMonitor()
+        """How late this node's event loop runs (``loop_lag_*`` metrics; ``node.looplag``)."""
         torch_version, cuda_version = torch_versions()  # package metadata: torch not imported
-        self._meta = dataclasses.replace(basic_meta(), torch_version=torch_version, cuda_version=cuda_version)
+        self._meta = dataclasses.replace(basic_meta(tags=config.tags), torch_version=torch_version, cuda_version=cuda_version)
         self._started = 0.0
         self._stopping = False
 
@@ -122,6 +126,7 @@ class Node:
     async def _start(self) -> None:
         config, loop = self.config, asyncio.get_running_loop()
         self._started = loop.time()
+        self.loop_lag.start()
         if config.links.bulk_congestion is not None:
             congestion.check(config.links.bulk_congestion)
         key, secret = self._files.open()
@@ -129,6 +134,7 @@ class Node:
         self.node_id = crypto.node_id_of(key)
         self._supervisor.attach(await self._stack.enter_async_context(asyncio.TaskGroup()))
         self._executors = Executors(config.executors)
+        guard_torch_import(self._executors.codec)  # torch is never imported on the loop thread
         settings = LinkSettings(identity=key, mesh_secret=secret, listen_address=None, config=config.links)
         pool = self._pool = Pool(settings=settings, dispatch=self._dispatch, spawn=self.spawn,
                                  on_lost=self._link_lost)
@@ -203,6 +209,7 @@ class Node:
         if self._executors is not None:
             self._executors.shutdown()
         self._supervisor.close()  # refuse new tasks, cancel the rest: the TaskGroup exits at once
+        self.loop_lag.stop()
 
     # ---- tasks and callbacks --------------------------------------------------------
 
@@ -225,7 +232,7 @@ class Node:
     def stats(self) -> Stats:
         """Every metric of the node now: membership, connections and each service's."""
         merged: dict[str, Any] = {"uptime_seconds": asyncio.get_running_loop().time() - self._started}
-        for part in (self._membership, self._pool, *self.services):
+        for part in (self.loop_lag, self._membership, self._pool, *self.services):
             if part is not None:
                 merged.update(part.stats())
         return merged
@@ -264,6 +271,13 @@ class Node:
         """Every connection of this node, oldest first, handshaking ones included."""
         return self._pool.links() if self._pool is not None else []
 
+    def join_state(self) -> JoinState:
+        """Where joining the seeds stands (``Membership.join_state``): in yet, and per seed
+        why not (refused our mesh key, unreachable)."""
+        if self._membership is None:
+            raise RuntimeError("the node is not running")
+        return self._membership.join_state()
+
     @property
     def mesh_key_created(self) -> bool:
         """Whether this run created the mesh secret (a new mesh)."""
@@ -277,18 +291,27 @@ class Node:
     async def all_reduce(self, tensor: Any, *, group: Sequence[bytes], codec: str = "none",
                          timeout: float | None = None, key: bytes | str | None = None,
                          **options: Any) -> AllReduceOutcome:
-        """Average ``tensor`` over the members ``group`` (``AllReduceService.all_reduce``)."""
+        """Average ``tensor`` over the members ``group`` (``AllReduceService.all_reduce``); fewer
+        than ``min_contributors`` (default 2) in the result raises ``TooFewContributors``."""
         return await self.allreduce.all_reduce(tensor, group=group, codec=codec, timeout=timeout,
                                                key=key, **options)
 
 
 async def _serve(config: NodeConfig) -> int:
-    loop = asyncio.get_running_loop()
-    async with Node(config) as node:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, node.request_stop)
-        await node.run_until_stopped()
-        log.info("leaving the mesh")
+    signals: StopSignals | None = None
+    try:
+        async with Node(config) as node:
+            signals = StopSignals(node.request_stop)
+            signals.install(asyncio.get_running_loop())
+            print(join_banner(config, node_id=node.node_id, address=node.address), flush=True)
+            watch = JoinWatch(config, state=node.join_state, stop=node.request_stop)
+            node.spawn(watch.run())  # --join-timeout
+            await node.run_until_stopped()
+            log.info("leaving the mesh")
+    finally:
+        if signals is not None:
+            signals.cancel()  # stopped in time (the leave is announced): no forced exit
+    watch.raise_if_failed()  # the join was given up: exit 1 with the verdict
     return 0
 
 

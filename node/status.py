@@ -1,19 +1,23 @@
 """``python -m node status``: a node's membership view, served and fetched over CLIENT links.
 
-Server side: ``build_status_reply`` turns the Swim view into a ``StatusReply`` (``StatusService``
-answers each ``StatusRequest`` on a CLIENT-channel link with one). Client side:
-``StatusClient`` keeps one CLIENT link open for repeated requests (benchmarks poll with it);
-``fetch_status`` dials with a throwaway identity and the mesh secret, asks once and closes;
-``run_status_command`` prints the answer as a rich table or one JSON object.
+Server side: ``build_status_reply`` turns the Swim view into one page of the answer, a
+``StatusReply`` of at most ``MAX_PAGE_BYTES`` (``StatusService`` answers each ``StatusRequest``
+on a CLIENT-channel link with one; paging: ``protocol.messages.control``). Client side:
+``StatusClient`` keeps one CLIENT link open for repeated requests (benchmarks poll with it), each
+fetching every page into one ``NodeStatus``; ``fetch_status`` dials with a throwaway identity and
+the mesh secret, asks once and closes; ``run_status_command`` prints the answer as a rich table
+or one JSON object.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import builtins
 import json
 import sys
 from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +26,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from discovery.members import MemberView
 from node.config import Address, LinkConfig
 from node.identity import load_mesh_key
-from node.transport import Link, LinkSettings, Spawn, handshake_failure
+from node.transport import Link, LinkSettings, Spawn, handshake_failure, settled
 from protocol import crypto
 from protocol.connection import Channel, Role
-from protocol.errors import StarmeshError, TimeoutError, TransportError
+from protocol.errors import (
+    ErrorCode,
+    RemoteProtocolError,
+    StarmeshError,
+    TimeoutError,
+    TransportError,
+)
+from protocol.limits import MAX_MEMBERS_PER_SYNC
 from protocol.messages.control import MemberReport, MetricSample, StatusReply, StatusRequest
-from protocol.messages.gossip import MemberStatus
+from protocol.messages.gossip import MAX_SYNC_BYTES, MemberStatus, encoded_size
 from protocol.schema import Message
 from protocol.tags import MsgType
 
@@ -52,16 +63,53 @@ def member_report(view: MemberView, *, now: float, self_id: bytes) -> MemberRepo
     )
 
 
+#: Largest encoded body of one status page.
+MAX_PAGE_BYTES = MAX_SYNC_BYTES
+#: Bytes of an encoded ``StatusReply`` besides its reports and samples (an upper bound): the map
+#: header, seven keys, the tag, a float64, two array32 headers, a 32-byte cursor, a uint32.
+_REPLY_FIXED_BYTES = 128
+#: Most members a client assembles from the pages of one answer (a member table's cap).
+MAX_STATUS_MEMBERS = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """A node's whole answer, assembled from its pages (``StatusClient.request``)."""
+
+    self_report: MemberReport
+    uptime_s: float
+    members: tuple[MemberReport, ...]
+    """Every member the node knows, itself included, in node-id order."""
+    metrics: tuple[MetricSample, ...]
+
+
 def build_status_reply(
     members: Iterable[MemberView], *, self_id: bytes, now: float, uptime_s: float,
-    metrics: tuple[MetricSample, ...] = (),
+    metrics: tuple[MetricSample, ...] = (), after: bytes | None = None,
 ) -> StatusReply:
-    """The answer to a ``StatusRequest``: every member we know (ourselves included) and the
-    node's metrics."""
-    reports = tuple(member_report(m, now=now, self_id=self_id) for m in members)
-    own = next(r for r in reports if r.node == self_id)
-    return StatusReply(self_report=own, uptime_s=max(0.0, float(uptime_s)), members=reports,
-                       metrics=metrics)
+    """One page of the answer to ``StatusRequest(after=after)``: the members (ourselves
+    included) whose node id sorts after ``after``, in node-id order, as many as fit
+    ``MAX_PAGE_BYTES`` encoded (and ``MAX_MEMBERS_PER_SYNC``), at least one; our own report; and
+    on the first page (``after`` None) the node's ``metrics``."""
+    views = sorted(members, key=lambda v: v.node_id)
+    own = member_report(next(v for v in views if v.node_id == self_id), now=now, self_id=self_id)
+    metrics = () if after is not None else metrics
+    budget = (MAX_PAGE_BYTES - _REPLY_FIXED_BYTES - encoded_size(own)
+              - sum(encoded_size(m) for m in metrics))
+    start = 0 if after is None else bisect.bisect_right([v.node_id for v in views], after)
+    reports: list[MemberReport] = []
+    used = 0
+    for view in views[start:]:
+        report = member_report(view, now=now, self_id=self_id)
+        size = encoded_size(report)
+        if reports and (used + size > budget or len(reports) >= MAX_MEMBERS_PER_SYNC):
+            break
+        reports.append(report)
+        used += size
+    more = start + len(reports) < len(views)
+    return StatusReply(self_report=own, uptime_s=max(0.0, float(uptime_s)), members=tuple(reports),
+                       metrics=metrics, next_after=reports[-1].node if more else None,
+                       total=len(views))
 
 
 def report_to_json(report: MemberReport) -> dict[str, Any]:
@@ -81,10 +129,11 @@ def report_to_json(report: MemberReport) -> dict[str, Any]:
         "cuda_version": meta.cuda_version,
         "load": meta.load,
         "protocol_version": meta.protocol_version,
+        "tags": list(meta.tags),
     }
 
 
-def reply_to_json(reply: StatusReply) -> dict[str, Any]:
+def reply_to_json(reply: StatusReply | NodeStatus) -> dict[str, Any]:
     """``{"self": ..., "uptime_s": ..., "members": [{"id", "address", "state", ...}],
     "metrics": {"members{state=\"alive\"}": 3.0, ...}}``."""
     return {
@@ -108,7 +157,7 @@ def _resources(m: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def render_table(reply: StatusReply) -> None:
+def render_table(reply: StatusReply | NodeStatus) -> None:
     """Print the view as a rich table (imported only here: the node never loads rich)."""
     from rich.console import Console
     from rich.table import Table
@@ -134,8 +183,8 @@ class StatusClient:
     """A CLIENT-channel link to one node, for repeated status requests (one at a time).
 
     ``connect`` dials with a throwaway identity (or ``identity``) and the mesh secret;
-    ``request`` asks once. A request that times out closes the link (a late reply must not
-    answer the next request); make a new client then.
+    ``request`` fetches the whole answer, page by page. A page that times out closes the link
+    (a late reply must not answer the next request); make a new client then.
     """
 
     def __init__(self) -> None:
@@ -175,7 +224,7 @@ class StatusClient:
         try:
             async with asyncio.timeout(timeout):
                 _, client.link = await loop.create_connection(make_link, address.host, address.port)
-                await client.link.opened
+                await settled(client.link.opened)
         except builtins.TimeoutError:
             client.close()
             raise TimeoutError(f"{address}: no handshake within {timeout}s") from None
@@ -186,23 +235,44 @@ class StatusClient:
             raise
         return client
 
-    async def request(self, *, timeout: float = 3.0) -> StatusReply:
-        """One ``StatusRequest`` -> ``StatusReply`` round trip."""
+    async def request(self, *, timeout: float = 3.0) -> NodeStatus:
+        """The node's whole view: ``StatusRequest`` -> ``StatusReply`` round trips, one per
+        page (each within ``timeout``), until a page says it is the last. A node that pages
+        wrongly (a cursor that does not advance, more than ``MAX_STATUS_MEMBERS``) is a
+        ``RemoteProtocolError``."""
+        async with self._lock:
+            first = page = await self._page(StatusRequest(), timeout)
+            members = list(page.members)
+            while page.next_after is not None:
+                after = page.next_after
+                if not page.members or page.members[-1].node != after:
+                    raise RemoteProtocolError("status page cursor is not its last member")
+                if len(members) > MAX_STATUS_MEMBERS:
+                    raise RemoteProtocolError(f"status answer over {MAX_STATUS_MEMBERS} members",
+                                              code=ErrorCode.LIMIT_EXCEEDED)
+                page = await self._page(StatusRequest(after=after), timeout)
+                if page.members and page.members[0].node <= after:
+                    raise RemoteProtocolError("status pages are not in node-id order")
+                members.extend(page.members)
+        return NodeStatus(self_report=first.self_report, uptime_s=first.uptime_s,
+                          members=tuple(members), metrics=first.metrics)
+
+    async def _page(self, request: StatusRequest, timeout: float) -> StatusReply:
+        """One ``StatusRequest`` -> ``StatusReply`` round trip (the caller holds the lock)."""
         link = self.link
         if link is None:
             raise TransportError("status client is not connected")
-        async with self._lock:
-            waiter: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
-            self._waiter = waiter
-            try:
-                async with asyncio.timeout(timeout):
-                    await link.send(StatusRequest())
-                    return await waiter
-            except builtins.TimeoutError:
-                self.close()
-                raise TimeoutError(f"{link.remote}: no status reply within {timeout}s") from None
-            finally:
-                self._waiter = None
+        waiter: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            async with asyncio.timeout(timeout):
+                await link.send(request)
+                return await waiter
+        except builtins.TimeoutError:
+            self.close()
+            raise TimeoutError(f"{link.remote}: no status reply within {timeout}s") from None
+        finally:
+            self._waiter = None
 
     @property
     def is_open(self) -> bool:
@@ -213,13 +283,14 @@ class StatusClient:
             self.link.close()
 
 
-async def fetch_status(address: Address, *, mesh_secret: bytes, timeout: float = 3.0) -> StatusReply:
-    """Ask the node at ``address`` for its view once, as a CLIENT with a throwaway identity.
+async def fetch_status(address: Address, *, mesh_secret: bytes, timeout: float = 3.0) -> NodeStatus:
+    """Ask the node at ``address`` for its whole view once (every page), as a CLIENT with a
+    throwaway identity.
 
     Raises ``TransportError`` (unreachable), ``TimeoutError`` or ``RemoteProtocolError`` (the
     node refused us, e.g. a different mesh key).
     """
-    outcome: StatusReply | StarmeshError = TransportError("no answer")
+    outcome: NodeStatus | StarmeshError = TransportError("no answer")
     async with asyncio.TaskGroup() as tasks:  # the link's reader task lives here
 
         def spawn(coro: Coroutine[Any, Any, None]) -> None:

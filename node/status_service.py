@@ -1,9 +1,10 @@
 """The node's answer to ``python -m node status``: members and metrics on CLIENT links.
 
-A ``StatusRequest`` on a CLIENT link is answered at once with one ``StatusReply``: every
-member this node knows (``node.status.build_status_reply``) and a snapshot of its metrics
-(``node.metrics.flatten`` of ``Node.stats()``). The reply is written without waiting: a
-client that does not read its replies is disconnected, never waited on.
+A ``StatusRequest`` on a CLIENT link is answered at once with one ``StatusReply``: one page
+of the members this node knows, after the request's ``after`` cursor
+(``node.status.build_status_reply``), and on the first page a snapshot of its metrics
+(``node.metrics.flatten`` of ``Node.stats()``, taken only then). The reply is written
+without waiting: a client that does not read its replies is disconnected, never waited on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from node.status import build_status_reply
 from node.transport import Link
 from protocol.connection import Channel
 from protocol.errors import ErrorCode
-from protocol.messages.control import MAX_STATUS_METRICS, MetricSample
+from protocol.messages.control import MAX_STATUS_METRICS, MetricSample, StatusRequest
 from protocol.schema import Message
 from protocol.tags import MsgType
 
@@ -57,9 +58,12 @@ class StatusService:
                      if math.isfinite(v))
 
     async def _serve(self, link: Link, message: Message) -> None:
+        assert isinstance(message, StatusRequest)
         now = self._ctx.now()
         self.served += 1
+        after = message.after
         reply = build_status_reply(self._ctx.members(), self_id=self._ctx.node_id, now=now,
-                                   uptime_s=now - self._started, metrics=self.samples())
+                                   uptime_s=now - self._started, after=after,
+                                   metrics=() if after is not None else self.samples())
         if not link.send_nowait(reply):  # never wait on a client that does not read its replies
             link.abort(ErrorCode.LIMIT_EXCEEDED, "status client is not reading its replies")

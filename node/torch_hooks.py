@@ -5,8 +5,8 @@ the bucket over the mesh through a ``MeshNode`` (the synchronous handle of ``nod
 instead of over DDP's process group. Each host runs DDP on its own local process group
 (world size 1, or its local GPUs with NCCL) and the mesh averages across hosts::
 
-    mesh = MeshNode(config).__enter__()
-    group = mesh.wait_for_members(4)
+    mesh = MeshNode(NodeConfig(..., tags=("job=resnet",))).__enter__()
+    group = mesh.wait_for_members(4, tag="job=resnet")   # this job's 4 hosts, no one else
     model = DistributedDataParallel(net)          # local process group
     model.register_comm_hook(MeshHookState(mesh, group, codec="int8+zstd"), mesh_allreduce_hook)
 
@@ -14,7 +14,9 @@ For models not wrapped in DDP, ``MeshGradientAverager(model.parameters(), mesh, 
 averages every gradient in one all-reduce per ``step()`` (call it between ``backward()`` and
 ``optimizer.step()``), optionally with error feedback for lossy codecs (top-k).
 Rounds are keyed by (iteration, bucket), so every member must run the same model with the
-same buckets. torch is imported only by this module.
+same buckets. Like ``MeshNode.all_reduce``, a round averaging fewer than ``min_contributors``
+members (default 2) raises ``TooFewContributors``: pass ``min_contributors=1`` to train on
+alone when every peer is gone. torch is imported only by this module.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class MeshHookState:
     """Seconds per bucket all-reduce (None: the all-reduce's default deadlines)."""
     config: AllReduceConfig | None = None
     """Deadlines and exclusion rules of each round (e.g. ``outlier_factor``); None: defaults."""
+    min_contributors: int | None = None
+    """Fewest members a bucket's average may cover (None: 2); fewer raise ``TooFewContributors``."""
     iteration: int = 0
     """Backward passes so far (advanced after each iteration's last bucket)."""
     outcomes: dict[int, AllReduceOutcome] = field(default_factory=dict)
@@ -73,7 +77,8 @@ def mesh_allreduce_hook(state: MeshHookState, bucket: Any) -> Any:
 
     try:
         future = state.mesh.all_reduce_future(bucket.buffer(), group=state.group, codec=state.codec,
-                                              timeout=state.timeout, key=key, config=state.config)
+                                              timeout=state.timeout, key=key, config=state.config,
+                                              min_contributors=state.min_contributors)
     except BaseException as exc:
         result.set_exception(exc)  # type: ignore[arg-type]
         return result
@@ -94,11 +99,14 @@ class MeshGradientAverager:
     Every member must pass parameters of the same shapes in the same order. A parameter
     without a gradient contributes zeros (and gets the average). With ``error_feedback``
     the part of the gradient a lossy codec drops is added to the next step's gradient.
+    ``min_contributors`` (None: 2) as in ``MeshNode.all_reduce``: a step whose average covers
+    fewer members raises ``TooFewContributors`` and leaves the gradients untouched.
     """
 
     def __init__(self, parameters: Iterable[Any], mesh: MeshNode, *, group: GroupSpec,
                  codec: str = "none", timeout: float | None = None,
-                 error_feedback: bool = False, config: AllReduceConfig | None = None) -> None:
+                 error_feedback: bool = False, config: AllReduceConfig | None = None,
+                 min_contributors: int | None = None) -> None:
         import torch
 
         self.params = [p for p in parameters if p.requires_grad]
@@ -107,6 +115,7 @@ class MeshGradientAverager:
         self.codec = codec
         self.timeout = timeout
         self.config = config
+        self.min_contributors = min_contributors
         self.numel = sum(p.numel() for p in self.params)
         self._flat = torch.zeros(self.numel, dtype=torch.float32)
         self.feedback = ErrorFeedback(self.numel) if error_feedback else None
@@ -128,7 +137,8 @@ class MeshGradientAverager:
                 pos += n
             outcome = self.mesh.all_reduce(flat, group=self.group, codec=self.codec,
                                            timeout=self.timeout, key=f"avg:{self.steps}",
-                                           feedback=self.feedback, in_place=True, config=self.config)
+                                           feedback=self.feedback, in_place=True, config=self.config,
+                                           min_contributors=self.min_contributors)
             pos = 0
             for p in self.params:
                 n = p.numel()

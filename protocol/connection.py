@@ -30,6 +30,14 @@ becomes ERROR.
 Encryption switch points (both sides agree without extra messages): the initiator seals
 everything after its FINISH and opens everything after the RESPONSE; the responder opens
 everything after the FINISH and seals everything after it, even an ERROR rejecting FINISH.
+
+Memory: the receive side holds a 256 KiB receive buffer plus, while a large frame is
+incomplete, body pieces that grow with the bytes received (``protocol.framing``); a
+delivered body belongs to its message. Termination (CLOSED or ERROR) drops the receive side,
+the ciphers and the packer at once, keeping only the final event and the closing frame still
+to be written; ``release()`` drops that too, once written. The stored error is ``detached``
+(no traceback, no chain), so a terminated connection and whatever owns it are freed by
+reference counting alone, never left to the cyclic GC.
 """
 
 from __future__ import annotations
@@ -46,8 +54,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import protocol.wire  # noqa: F401  (binds every message tag before anything is decoded)
 from protocol.crypto import OPEN_SLACK, TAG_BYTES, FrameOpener, RecordCipher
-from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from protocol.framing import HEADER, Buffer, FrameDecoder, encode_frame
+from protocol.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    detached,
+)
+from protocol.framing import HEADER, Buffer, FrameDecoder, encode_frame, join_parts
 from protocol.handshake import (
     MAX_REASON_CHARS,
     Channel,
@@ -184,7 +198,7 @@ class Connection:
         self._hs = Handshake(role=role, identity=identity, mesh_secret=mesh_secret, options=options,
                              token_bytes=token_bytes)
         self._frames = FrameDecoder()
-        self._packer = _new_packer()
+        self._packer: msgpack.Packer | None = _new_packer()
         self._head = memoryview(bytearray(SPLIT_HEAD_BYTES + OPEN_SLACK))
         self._out: list[bytes | bytearray | memoryview] = []
         self._tx: RecordCipher | None = None
@@ -229,10 +243,10 @@ class Connection:
         try:
             while True:
                 max_size = MAX_HANDSHAKE_FRAME_BYTES if self.state is ConnState.HANDSHAKING else MAX_FRAME_BYTES
-                body = self._frames.next_frame(max_size=max_size)
-                if body is None:
+                parts = self._frames.next_frame_parts(max_size=max_size)
+                if parts is None:
                     return self._on_eof() if self._frames.eof else NEED_DATA
-                event = self._on_frame(body)
+                event = self._on_frame(parts)
                 if event is not None:
                     return event
         except RemoteProtocolError as exc:
@@ -252,16 +266,18 @@ class Connection:
             return tag not in _HANDSHAKE_TAGS
         return _PHASE_TAG.get(self._hs.phase) is tag
 
-    def _on_frame(self, body: Buffer) -> Event | None:
+    def _on_frame(self, parts: list[Buffer]) -> Event | None:
+        """One frame, as the buffers it arrived in (several only for a large body)."""
+        size = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
         if self._rx is None:
-            msg = decode_body(bytes(body), allowed=self._allowed)
-        elif len(body) >= _SPLIT_AT_LEAST and (opener := self._rx.opener(body)) is not None:
-            msg = self._open_split(opener)
+            msg = decode_body(bytes(join_parts(parts)), allowed=self._allowed)
+        elif size >= _SPLIT_AT_LEAST and (opener := self._rx.opener(parts)) is not None:
+            msg = self._open_split(opener)  # decrypted from the parts themselves, never joined
         else:
-            with self._rx.open_view(body) as plaintext:
+            with self._rx.open_view(join_parts(parts)) as plaintext:
                 msg = decode_body(plaintext, allowed=self._allowed)  # type: ignore[arg-type]  # msgpack takes any buffer
         if self.state is ConnState.OPEN and msg.TAG not in _CLOSING_TAGS:
-            return MessageReceived(msg, len(body))
+            return MessageReceived(msg, size)
         if isinstance(msg, ProtocolErrorMsg):
             code = msg.error_code()
             err = RemoteProtocolError(f"peer closed the connection: {code.name}: {msg.reason}", code=code)
@@ -311,6 +327,7 @@ class Connection:
             raise RemoteProtocolError(f"unexpected {msg.TAG.name}", code=ErrorCode.UNEXPECTED_MESSAGE)
         assert self._hs.keys is not None and self._hs.peer is not None
         self._tx, self._rx = self._hs.keys.tx, self._hs.keys.rx
+        self._hs.wipe()  # the ciphers are ours now; the ephemeral secrets go (forward secrecy)
         self.peer = self._hs.peer
         self.state = ConnState.OPEN
         return HandshakeComplete(self.peer)
@@ -328,10 +345,27 @@ class Connection:
 
     def _terminate(self, state: ConnState, error: ProtocolError | None) -> ConnectionTerminated:
         self.state = state
-        self._final = ConnectionTerminated(error)
+        self._final = ConnectionTerminated(None if error is None else detached(error))
         self._final_delivered = True
-        self._frames = FrameDecoder()  # drop whatever else the peer sent
+        # Nothing is received or sealed any more (the closing frame, if any, is queued):
+        # drop whatever else the peer sent, every buffer and the keys.
+        self._frames.release()
+        self._tx = self._rx = self._packer = None
+        self._hs.wipe()
         return self._final
+
+    def release(self) -> None:
+        """Drop everything this connection still holds: its buffers, keys and pending output.
+
+        Call it once the connection is over and its last ``data_to_send()`` was written (the
+        owner's "finished" step); a connection that is not over yet is ended first, as by
+        ``close()`` but without anything to send. Idempotent. Afterwards ``next_event``
+        delivers the ``ConnectionTerminated`` (if not yet delivered) and then ``NEED_DATA``;
+        ``get_buffer`` still lends a small throwaway buffer, whose bytes are ignored."""
+        if self._final is None:
+            self._terminate(ConnState.CLOSED, None)
+            self._final_delivered = False
+        self._out.clear()
 
     # ---- sending ---------------------------------------------------------------------------
 
@@ -370,6 +404,7 @@ class Connection:
         # One reusable msgpack buffer per connection: a multi-MiB message costs one pack into
         # warm memory and one seal, instead of a fresh allocation per step.
         packer = self._packer
+        assert packer is not None  # dropped only when terminated, and then _seal refused above
         packer.reset()
         packer.pack(msg.to_wire())
         with packer.getbuffer() as body:

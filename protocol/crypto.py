@@ -23,6 +23,7 @@ import hmac
 import secrets
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -42,6 +43,8 @@ NONCE_BYTES = 12
 MESH_SECRET_BYTES = 32
 #: The last usable counter value; a direction that reaches it must be closed (never in practice).
 MAX_COUNTER = (1 << 64) - 1
+#: ``RecordCipher.open_view`` reuses one buffer for frames up to this size, and no larger.
+SCRATCH_KEEP_BYTES = 64 * 1024
 
 MESH_SECRET_PREFIX = "starmesh-secret-v1"
 _CHECK_LABEL = b"starmesh mesh secret check"
@@ -239,11 +242,13 @@ class RecordCipher:
         out[pos:] = encryptor.tag
         self.counter = n + 1
 
-    def opener(self, ciphertext: bytes | bytearray | memoryview) -> FrameOpener | None:
+    def opener(self, ciphertext: Sequence[bytes | bytearray | memoryview]) -> FrameOpener | None:
         """Open the next frame in pieces (``FrameOpener``), or None where that is not offered
-        (ChaCha20-Poly1305, a frame shorter than a tag, a spent counter): then use ``open``."""
+        (ChaCha20-Poly1305, a frame shorter than a tag, a spent counter): then use ``open``.
+        ``ciphertext`` is the frame body as the buffers it arrived in, in order (the parts of
+        ``FrameDecoder.next_frame_parts``): they are never joined."""
         n = self.counter
-        if self._aes is None or n >= MAX_COUNTER or len(ciphertext) < TAG_BYTES:
+        if self._aes is None or n >= MAX_COUNTER or sum(len(p) for p in ciphertext) < TAG_BYTES:
             return None
         self.counter = n + 1  # the frame is consumed, whatever its fate: a bad tag closes the connection
         return FrameOpener(self._aes, n, ciphertext)
@@ -261,16 +266,21 @@ class RecordCipher:
         return plaintext
 
     def open_view(self, ciphertext: bytes | bytearray | memoryview) -> memoryview:
-        """Like ``open`` but decrypts into a buffer this cipher reuses: the view is valid only
-        until the next ``open_view`` (decode it, then drop it). Saves a fresh multi-MiB
-        allocation per large frame, which costs more than the memcpy it replaces."""
+        """Like ``open`` but decrypts into a buffer this cipher reuses for frames up to
+        ``SCRATCH_KEEP_BYTES``: the view is valid only until the next ``open_view`` (decode it,
+        then drop it). A larger frame gets an uninitialized buffer of its own, which goes
+        with the view: an idle connection must not keep a multi-MiB scratch buffer, and
+        ``numpy.empty`` costs no zero-fill (the allocator hands back a freed block)."""
         n = self.counter
         size = len(ciphertext) - TAG_BYTES
         if n >= MAX_COUNTER or size < 0:
             return memoryview(self.open(ciphertext))  # raises
-        if len(self._scratch) < size:
-            self._scratch = bytearray(max(size, 4096))  # replaced, never resized: old views stay intact
-        view = memoryview(self._scratch)[:size]
+        if size > SCRATCH_KEEP_BYTES:
+            view = memoryview(np.empty(size, np.uint8).data).cast("B")
+        else:
+            if len(self._scratch) < size:
+                self._scratch = bytearray(max(size, 4096))  # replaced, never resized: old views stay intact
+            view = memoryview(self._scratch)[:size]
         try:
             self._aead.decrypt_into(n.to_bytes(NONCE_BYTES, "big"), ciphertext, None, view)
         except (InvalidTag, ValueError, OverflowError):
@@ -285,19 +295,31 @@ OPEN_SLACK = 15
 
 class FrameOpener:
     """One AES-GCM frame decrypted in order, piece by piece, into buffers the caller picks
-    (e.g. a message's header into a scratch buffer, its payload into its own). Nothing read
-    is authentic until ``finish`` returned: decide nothing from it before."""
+    (e.g. a message's header into a scratch buffer, its payload into its own). The frame may
+    arrive in several buffers (its ciphertext parts, the tag at the end of the last ones).
+    Nothing read is authentic until ``finish`` returned: decide nothing from it before."""
 
-    __slots__ = ("_ciphertext", "_decryptor", "_frame", "_pos", "size")
+    __slots__ = ("_decryptor", "_frame", "_part", "_part_at", "_parts", "_pos", "size")
 
-    def __init__(self, aes: algorithms.AES, counter: int, ciphertext: bytes | bytearray | memoryview) -> None:
-        view = memoryview(ciphertext).cast("B")
-        self.size = len(view) - TAG_BYTES
+    def __init__(self, aes: algorithms.AES, counter: int,
+                 ciphertext: Sequence[bytes | bytearray | memoryview]) -> None:
+        views = [memoryview(p).cast("B") for p in ciphertext]
+        self.size = sum(len(v) for v in views) - TAG_BYTES
         """Plaintext bytes in the frame."""
-        self._ciphertext = view[: self.size]
+        parts: list[memoryview] = []
+        tag = b""
+        pos = 0
+        for v in views:  # split the ciphertext from the tag, which may straddle parts
+            body = max(0, min(len(v), self.size - pos))
+            if body:
+                parts.append(v[:body])
+            if body < len(v):
+                tag += bytes(v[body:])
+            pos += len(v)
+        self._parts = parts
+        self._part = self._part_at = 0  # where the next ciphertext byte is
         self._frame = counter
-        self._decryptor = CipherContext(
-            aes, modes.GCM(counter.to_bytes(NONCE_BYTES, "big"), bytes(view[self.size :]))).decryptor()
+        self._decryptor = CipherContext(aes, modes.GCM(counter.to_bytes(NONCE_BYTES, "big"), tag)).decryptor()
         self._pos = 0
 
     def read_into(self, out: bytearray | memoryview, n: int) -> None:
@@ -307,8 +329,17 @@ class FrameOpener:
         if n < 0 or end > self.size or len(out) < n + OPEN_SLACK:
             raise ValueError(f"reading {n} bytes at {self._pos} of a {self.size}-byte frame "
                              f"into {len(out)} bytes")
-        if n:
-            self._decryptor.update_into(self._ciphertext[self._pos : end], out)
+        target = memoryview(out).cast("B")
+        done = 0
+        while done < n:
+            part, at = self._parts[self._part], self._part_at
+            k = min(n - done, len(part) - at)
+            self._decryptor.update_into(part[at : at + k], target[done:])  # room: n - done + slack
+            done += k
+            if at + k == len(part):
+                self._part, self._part_at = self._part + 1, 0
+            else:
+                self._part_at = at + k
         self._pos = end
 
     def finish(self) -> None:

@@ -17,6 +17,10 @@ at the call site (``map_exceptions``; msgpack's all in ``protocol.schema.unpack_
 nothing else escapes a decoder. The receive path of a
 connection converts ``LocalProtocolError`` raised while parsing peer bytes into
 ``RemoteProtocolError`` and moves the connection to its ERROR state (h11's rule).
+
+An exception kept after it was caught (a connection's ``ConnectionTerminated.error``, a
+link's close reason) is ``detached`` first: its traceback's frames hold their callers, and
+their locals (a link and its buffers), in a cycle only the cyclic GC would free.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import builtins
 import contextlib
 import enum
 from collections.abc import Iterator, Mapping
+from typing import TypeVar
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class ErrorCode(enum.IntEnum):
@@ -96,6 +103,18 @@ class TimeoutError(StarmeshError, builtins.TimeoutError):
 
 class ConfigError(StarmeshError):
     """A user-supplied setting, flag, environment variable or file is unusable."""
+
+
+def detached(error: _E) -> _E:
+    """``error`` made fit to be stored: without its traceback (whose frames keep every caller
+    up the stack alive, with its locals) and without the ``__cause__`` / ``__context__`` chain
+    (each link has a traceback of its own, and a foreign exception may hold the very data it
+    failed on, e.g. msgpack's ``ExtraData``). The message and ``code`` say what happened.
+    Modifies ``error`` in place and returns it."""
+    error.__traceback__ = None
+    error.__cause__ = None
+    error.__context__ = None
+    return error
 
 
 def _rebuild(cls: type[ProtocolError], msg: str, code: int) -> ProtocolError:

@@ -322,7 +322,7 @@ class Handshake:
         self._secret = mesh_secret
         self._options = options
         self._token_bytes = token_bytes
-        self._ephemeral = X25519PrivateKey.from_private_bytes(token_bytes(32))
+        self._ephemeral: X25519PrivateKey | None = X25519PrivateKey.from_private_bytes(token_bytes(32))
         self.phase = Phase.AWAIT_INIT if role is Role.RESPONDER else Phase.START
         self.peer: PeerInfo | None = None
         self.keys: SessionKeys | None = None
@@ -336,6 +336,22 @@ class Handshake:
     def _fail(self, exc: RemoteProtocolError) -> RemoteProtocolError:
         self.phase = Phase.FAILED
         return exc
+
+    def wipe(self) -> None:
+        """Forget this handshake's secrets: the ephemeral private key, the X25519 result and
+        ``keys`` (whose ciphers the connection holds now, if it took them). Call it once the
+        handshake is DONE and its keys were taken, or when the connection ends; a handshake
+        not DONE becomes FAILED (it accepts nothing more either way)."""
+        self._ephemeral = None
+        self._dh = b""
+        self.keys = None
+        if self.phase is not Phase.DONE:
+            self.phase = Phase.FAILED
+
+    def _own_ephemeral(self) -> X25519PrivateKey:
+        if self._ephemeral is None:
+            raise LocalProtocolError("the handshake was wiped", code=ErrorCode.INTERNAL)
+        return self._ephemeral
 
     def _expect(self, phase: Phase, what: str) -> None:
         if self.phase is not phase:
@@ -361,7 +377,7 @@ class Handshake:
         draft = HandshakeInit(
             min_version=o.min_version, max_version=o.max_version, version=o.version,
             ciphers=tuple(int(c) for c in o.ciphers),
-            ephemeral=self._ephemeral.public_key().public_bytes_raw(),
+            ephemeral=self._own_ephemeral().public_key().public_bytes_raw(),
             nonce=self._token_bytes(32), mac=bytes(32),
         )
         ib = init_bytes(draft)
@@ -383,7 +399,7 @@ class Handshake:
                 raise RemoteProtocolError(f"peer chose cipher {m.cipher.name} we did not offer",
                                           code=ErrorCode.VERSION_MISMATCH)
             self._version, self._cipher = m.version, m.cipher
-            self._dh = _exchange(self._ephemeral, m.ephemeral)
+            self._dh = _exchange(self._own_ephemeral(), m.ephemeral)
             self._th = crypto.sha256(L_TRANSCRIPT, self._init_hash, response_bytes(m))
             k_i2r, k_r2i = self._hs_keys()
             plain = crypto.open_once(m.cipher, k_r2i, m.sealed, self._th, code=ErrorCode.AUTH_FAILED)
@@ -413,13 +429,13 @@ class Handshake:
             ib = init_bytes(m)
             if not crypto.hmac_verify(init_mac_key(self._secret), ib, m.mac):
                 raise RemoteProtocolError("mesh secret proof failed", code=ErrorCode.AUTH_FAILED)
-            self._dh = _exchange(self._ephemeral, m.ephemeral)
+            self._dh = _exchange(self._own_ephemeral(), m.ephemeral)
         except RemoteProtocolError as exc:
             raise self._fail(exc) from None
         o = self._options
         draft = HandshakeResponse(
             version=self._version, cipher=self._cipher,
-            ephemeral=self._ephemeral.public_key().public_bytes_raw(),
+            ephemeral=self._own_ephemeral().public_key().public_bytes_raw(),
             nonce=self._token_bytes(32), sealed=bytes(crypto.TAG_BYTES),
         )
         self._th = crypto.sha256(L_TRANSCRIPT, ib, m.mac, response_bytes(draft))

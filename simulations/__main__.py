@@ -28,6 +28,7 @@ SCENARIOS: dict[str, Entry] = {
     "gossip": Entry("simulations.gossip_sim", "in-process SWIM on virtual time: convergence, detection, traffic"),
     "allreduce": Entry("simulations.allreduce_sim", "in-process all-reduce on virtual time: each fault case vs the link optimum"),
     "train": Entry("simulations.train", "real processes: a local mesh trains an MLP data-parallel, vs one process"),
+    "chaos": Entry("simulations.chaos", "real processes under kill -9, SIGSTOP and a hostile member: leaks, lock-outs, crashes"),
 }
 BENCHES: dict[str, Entry] = {
     "join": Entry("simulations.bench_membership", "real processes: time to one identical view", "add_join_arguments"),

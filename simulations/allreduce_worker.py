@@ -4,7 +4,9 @@
 node``, joins the mesh, waits until it sees ``--group-size`` live members (the group: all of
 them), runs a warm-up round, then ``--rounds`` rounds per codec of ``--codecs`` on its input
 and writes ``results.json`` (per round: seconds, CPU seconds, bytes sent/received from the
-node's counters, contributors, dropped) and the last output per codec as ``<codec>.npy``.
+node's counters, contributors, dropped; per codec the worst event-loop lag during its rounds,
+and the worst of the whole run, ``loop_lag_max_seconds``) and the last output per codec as
+``<codec>.npy``.
 The results file is rewritten after every codec, so a crash leaves what was measured.
 
 ``python -m simulations.allreduce_worker gloo ...`` is the reference: the same input,
@@ -133,7 +135,8 @@ async def _run_codec(node: Any, group: list[bytes], x: Floats, codec: str, args:
     path = Path(args.out_dir) / f"{codec_file(codec)}.npy"
     if args.save_output and out is not None:
         np.save(path, out)
-    return {"rounds": rounds, "output": str(path) if args.save_output else None}
+    return {"rounds": rounds, "output": str(path) if args.save_output else None,
+            "loop_lag_max_seconds": node.loop_lag.take_peak()}
 
 
 async def _node_main(args: argparse.Namespace) -> int:
@@ -154,10 +157,12 @@ async def _node_main(args: argparse.Namespace) -> int:
         warm = np.full(WARMUP_ELEMENTS, 1.0, np.float32)
         for w in range(args.warmup):
             await node.all_reduce(warm, group=group, codec="none", timeout=args.timeout, key=f"warmup:{w}")
+        node.loop_lag.take_peak()  # each codec's worst lag covers its own rounds
         try:
             for i, codec in enumerate(args.codecs.split(",")):
                 result["codecs"][codec] = await _run_codec(node, group, x, codec, args, i == 0)
                 result["peak_rss_bytes"] = peak_rss_bytes()
+                result["loop_lag_max_seconds"] = node.loop_lag.max_lag
                 result["bulk_congestion"] = sorted({link.congestion() or "unknown" for link in node.links()
                                                     if link.peer is not None and link.peer.channel is Channel.BULK})
                 write_json(out_dir / "results.json", result)

@@ -14,7 +14,9 @@ each node put on the wire (mean over nodes, TCP payload incl. framing and encryp
 as a fraction of the fp32 tensor, for shaped links the ratio of the time to the
 link-limited optimum ``2(N-1)/N x encoded bytes / bandwidth`` (= bytes a node sends /
 bandwidth) and the efficiency optimum/time, the relative L2 error of the result against the
-exact fp64 mean, CPU seconds per round per node, peak RSS per node, and gloo's time.
+exact fp64 mean, CPU seconds per round per node, peak RSS per node, the worst event-loop lag
+of any node during the codec's rounds (``loop_lag_max_seconds``: how late a 0.1 s timer ran),
+and gloo's time; after the table, each node's worst lag over its whole run.
 With ``--json`` the last line is a JSON list with one object per (codec, link, data set).
 ``--bulk-congestion NAME`` runs the nodes with that TCP congestion control on their tensor
 links (``python -m node --bulk-congestion``); gloo always runs on the system's, and the
@@ -96,6 +98,10 @@ class Row:
     dropped: int
     bulk_congestion: str
     """What the nodes' tensor sockets used (read back from them at the end)."""
+    loop_lag_max_seconds: float = 0.0
+    """The worst event-loop lag of any node during this codec's rounds."""
+    node_loop_lag_max_seconds: tuple[float, ...] = ()
+    """Each node's worst event-loop lag over its whole run (every codec, warm-up included)."""
     gloo_seconds: float | None = None
     link_optimum_seconds: float | None = None
     link_optimum_ratio: float | None = None
@@ -208,6 +214,8 @@ def _row(args: argparse.Namespace, link: str, data: str, codec: str, mesh: list[
               peak_rss_bytes=max(w["peak_rss_bytes"] for w in mesh),
               identical=all(np.array_equal(o, outs[0]) for o in outs),
               dropped=sum(len(r["dropped"]) for p in per for r in p), gloo_seconds=gloo_s,
+              loop_lag_max_seconds=max(w["codecs"][codec].get("loop_lag_max_seconds", 0.0) for w in mesh),
+              node_loop_lag_max_seconds=tuple(w.get("loop_lag_max_seconds", 0.0) for w in mesh),
               bulk_congestion=",".join(sorted({cc for w in mesh for cc in w.get("bulk_congestion", [])})))
     if rate:
         row.link_optimum_seconds = wire / rate
@@ -221,14 +229,28 @@ def _row(args: argparse.Namespace, link: str, data: str, codec: str, mesh: list[
 
 def print_table(rows: list[Row]) -> None:
     print(f"{'link':<9}{'data':<7}{'codec':<12}{'s/round':>9}{'gloo s':>8}{'x gloo':>7}"
-          f"{'MB/node':>9}{'/fp32':>7}{'t/opt':>7}{'%opt':>6}{'rel err':>10}{'cpu s':>7}{'RSS MB':>8}")
+          f"{'MB/node':>9}{'/fp32':>7}{'t/opt':>7}{'%opt':>6}{'rel err':>10}{'cpu s':>7}{'RSS MB':>8}"
+          f"{'lag ms':>8}")
     for r in rows:
         gloo = f"{r.gloo_seconds:>8.3f}{r.seconds / r.gloo_seconds:>7.2f}" if r.gloo_seconds else f"{'-':>8}{'-':>7}"
         opt = (f"{r.link_optimum_ratio:>7.3f}{100 * (r.link_efficiency or 0):>6.1f}"
                if r.link_optimum_ratio else f"{'-':>7}{'-':>6}")
         print(f"{r.link:<9}{r.data:<7}{r.codec:<12}{r.seconds:>9.3f}{gloo}{r.wire_bytes_per_node / 1e6:>9.2f}"
               f"{r.bytes_vs_fp32:>7.3f}{opt}{r.rel_error:>10.2e}{r.cpu_seconds:>7.2f}"
-              f"{r.peak_rss_bytes / 2**20:>8.0f}" + ("" if r.identical else "  (outputs differ!)"))
+              f"{r.peak_rss_bytes / 2**20:>8.0f}{1000 * r.loop_lag_max_seconds:>8.0f}"
+              + ("" if r.identical else "  (outputs differ!)"))
+
+
+def loop_lag_lines(rows: list[Row]) -> list[str]:
+    """Each node's worst event-loop lag, one line per mesh run (link, data set)."""
+    out, seen = [], set()
+    for r in rows:
+        if (r.link, r.data) in seen or not r.node_loop_lag_max_seconds:
+            continue
+        seen.add((r.link, r.data))
+        per = ", ".join(f"node {i} {1000 * lag:.0f}" for i, lag in enumerate(r.node_loop_lag_max_seconds))
+        out.append(f"worst event-loop lag in ms ({r.link}, {r.data}): {per}")
+    return out
 
 
 def check_targets(rows: list[Row]) -> list[str]:
@@ -286,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
           f"congestion control of the nodes' tensor links: {args.bulk_congestion or 'system'}, "
           f"gloo's and the system's: {congestion.system_default()}")
     print_table(rows)
+    for line in loop_lag_lines(rows):
+        print(line)
     for line in check_targets(rows):
         print(line)
     if args.json:

@@ -143,9 +143,11 @@ def _train(args: argparse.Namespace, mesh: Any, group: list[bytes], progress: An
     model = build_model(args.seed)
     optimizer = build_optimizer(model)
     # one round before the clock starts: opens the BULK links between every pair
-    mesh.all_reduce(torch.zeros(64), group=group, codec=args.codec, timeout=args.timeout, key="warmup")
+    alone = 1 if args.nodes == 1 else None  # a one-node run trains alone on purpose
+    mesh.all_reduce(torch.zeros(64), group=group, codec=args.codec, timeout=args.timeout, key="warmup",
+                    min_contributors=alone)
     averager = MeshGradientAverager(model.parameters(), mesh, group=group, codec=args.codec,
-                                    timeout=args.timeout)
+                                    timeout=args.timeout, min_contributors=alone)
     batches = shard_batches(args.seed, args.rank, args.nodes, args.batch)
     sent0, t0, partial = _sent_bytes(mesh), time.perf_counter(), 0
     dropped: collections.Counter[str] = collections.Counter()

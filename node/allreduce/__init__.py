@@ -21,6 +21,7 @@ from node.allreduce.events import (
     RoundFinished,
     RoundSend,
     TensorKind,
+    TooFewContributors,
 )
 from node.allreduce.layout import round_id
 from node.allreduce.round import AllReduceRound, Deadline, Epilogue, RoundState
@@ -48,5 +49,6 @@ __all__ = [
     "RoundState",
     "RoundTable",
     "TensorKind",
+    "TooFewContributors",
     "round_id",
 ]

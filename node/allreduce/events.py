@@ -87,6 +87,27 @@ class AllReduceError(StarmeshError):
         self.reason = reason
 
 
+#: Contributors a result needs unless the caller passes ``min_contributors``: an "average"
+#: of this node's tensor alone is no average, so a group of one never succeeds by default.
+DEFAULT_MIN_CONTRIBUTORS = 2
+
+
+class TooFewContributors(AllReduceError):
+    """The average would cover fewer members than the caller's ``min_contributors`` (default
+    ``DEFAULT_MIN_CONTRIBUTORS``): the group is smaller than that (raised before any round
+    starts; ``outcome`` is None), or members dropped out of the round (``outcome``: the
+    result the round did agree on, e.g. this node's own tensor when every peer failed)."""
+
+    def __init__(self, msg: str, *, required: int, contributors: tuple[bytes, ...],
+                 outcome: AllReduceOutcome | None = None) -> None:
+        super().__init__(msg)
+        self.required = required
+        """The ``min_contributors`` in force."""
+        self.contributors = contributors
+        """Who is in the average (the round ran) or in the group (it did not), ascending."""
+        self.outcome = outcome
+
+
 @dataclass(frozen=True, slots=True)
 class RoundFinished:
     result: AllReduceResult

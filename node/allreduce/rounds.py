@@ -25,7 +25,9 @@ the node (``service.py``) and the simulator (``testing.AllReduceSim``), so both 
 * Outputs. ``messages_to_send()``: the epilogues' AR_FINISH answers. ``stats()``: rounds by
   outcome, finished rounds' durations, what is held, dropped messages by reason.
 
-``same_as_receivers`` is the lossy-codec rule both adapters apply to a finished result.
+``same_as_receivers`` is the lossy-codec rule both adapters apply to a finished result;
+``required_contributors`` / ``check_contributors`` the caller's ``min_contributors`` rule
+(checked before a round starts and on its result; a purely local policy, not on the wire).
 """
 
 from __future__ import annotations
@@ -41,7 +43,14 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from node.allreduce.events import AllReduceError, AllReduceResult, Floats
+from node.allreduce.events import (
+    DEFAULT_MIN_CONTRIBUTORS,
+    AllReduceError,
+    AllReduceOutcome,
+    AllReduceResult,
+    Floats,
+    TooFewContributors,
+)
 from node.allreduce.round import Epilogue
 from node.core import Histogram, Send, Stats
 from protocol.connection import Channel
@@ -342,6 +351,41 @@ class RoundTable(Generic[R]):
 
     def _drop(self, why: Dropped, count: int = 1) -> None:
         self._dropped[why.value] += count
+
+
+# ---------------------------------------------------------------------- min_contributors
+
+
+def required_contributors(min_contributors: int | None, *, group: Sequence[bytes]) -> int:
+    """The contributors a caller's result needs: ``min_contributors``, or
+    ``DEFAULT_MIN_CONTRIBUTORS`` (2) when None. ``ConfigError`` unless it is an int >= 1;
+    ``TooFewContributors`` at once when ``group`` (canonical) is smaller: no round can give
+    that many, and a group of one is an error unless the caller passed 1."""
+    need = DEFAULT_MIN_CONTRIBUTORS if min_contributors is None else min_contributors
+    if type(need) is not int or need < 1:
+        raise ConfigError(f"min_contributors must be an int >= 1, got {min_contributors!r:.40}")
+    if len(group) < need:
+        if len(group) == 1:
+            why = ("the group is this node alone, and an average of one tensor is no average: "
+                   "wait for the others first (wait_for_members(n, tag=...)), or pass "
+                   "min_contributors=1 to average alone on purpose")
+        else:
+            why = f"the group has {len(group)} members, min_contributors is {need}"
+        raise TooFewContributors(why, required=need, contributors=tuple(group))
+    return need
+
+
+def check_contributors(outcome: AllReduceOutcome, *, required: int) -> AllReduceOutcome:
+    """``outcome`` if its average covers at least ``required`` members, else
+    ``TooFewContributors`` carrying it."""
+    got = len(outcome.contributors)
+    if got >= required:
+        return outcome
+    dropped = ", ".join(f"{node.hex()[:12]} {reason.name}" for node, reason in outcome.dropped.items())
+    raise TooFewContributors(
+        f"round {outcome.round_id.hex()[:12]}: {got} contributor(s), min_contributors is "
+        f"{required}" + (f" (dropped: {dropped})" if dropped else ""),
+        required=required, contributors=outcome.contributors, outcome=outcome)
 
 
 # ---------------------------------------------------------------------- lossy codecs

@@ -37,6 +37,10 @@ timer*:
   100 MB for 25M elements) is assembled in the codec pool, so the leader's AR_FINISH goes
   out first and the event loop keeps serving links meanwhile; with a lossy codec it takes
   the decoded chunks this node sent (``rounds.same_as_receivers``).
+* The caller's ``min_contributors`` (default 2) is checked here, not in the core: a group
+  smaller than it raises ``TooFewContributors`` before the round starts; a finished round
+  whose contributors are fewer is still a finished round (every survivor agreed on it, and it
+  counts as ``finished``), but this call raises ``TooFewContributors`` carrying its outcome.
 """
 
 from __future__ import annotations
@@ -61,10 +65,19 @@ from node.allreduce.events import (
     RoundFailed,
     RoundFinished,
     TensorKind,
+    TooFewContributors,
 )
 from node.allreduce.layout import canonical_group
 from node.allreduce.round import AllReduceRound
-from node.allreduce.rounds import Outcome, RoundTable, SentAverage, outcome_of, same_as_receivers
+from node.allreduce.rounds import (
+    Outcome,
+    RoundTable,
+    SentAverage,
+    check_contributors,
+    outcome_of,
+    required_contributors,
+    same_as_receivers,
+)
 from node.arrays import flatten
 from node.context import Handlers, NodeContext
 from node.core import Stats
@@ -98,7 +111,7 @@ from protocol.tensor import (
     encode_chunk,
 )
 
-__all__ = ["AllReduceOutcome", "AllReduceService", "Observer"]
+__all__ = ["AllReduceOutcome", "AllReduceService", "Observer", "TooFewContributors"]
 
 log = logging.getLogger("starmesh.allreduce")
 
@@ -175,6 +188,7 @@ class AllReduceService:
         timeout: float | None = None, key: bytes | str | None = None,
         config: AllReduceConfig | None = None, weights: Mapping[bytes, float] | None = None,
         feedback: ErrorFeedback | None = None, in_place: bool = False,
+        min_contributors: int | None = None,
     ) -> AllReduceOutcome:
         """Average ``tensor`` (numpy array or torch tensor) over the members ``group`` (node
         ids, this node included), compressed with ``codec``. Every member calls it with the
@@ -183,7 +197,13 @@ class AllReduceService:
         ``tensor``), its contributors and the dropped members with reasons. Raises
         ``AllReduceError`` when this node leaves the round without a result, ``TimeoutError``
         after ``timeout`` seconds, ``ConfigError`` on bad arguments. ``config`` defaults to
-        ``settings.round_config(numel)``; ``feedback`` is the error feedback of a lossy codec."""
+        ``settings.round_config(numel)``; ``feedback`` is the error feedback of a lossy codec.
+
+        ``min_contributors`` (default 2): a result averaging fewer members raises
+        ``TooFewContributors`` (an ``AllReduceError``; its ``outcome`` holds the result, and
+        with ``in_place`` the tensor does too) instead of returning, and a group smaller than
+        it raises before the round starts. So a group of one is an error unless the caller
+        passes ``min_contributors=1``. The rule is local: members may ask for different ones."""
         if self._closed:
             raise AllReduceError("the node is shutting down")
         started = time.perf_counter()
@@ -193,6 +213,9 @@ class AllReduceService:
         if feedback is not None and feedback.numel != flat.size:
             raise ConfigError(f"feedback covers {feedback.numel} elements, tensor has {flat.size}")
         cfg = self._config(config, flat.size, spec, timeout)
+        if self._ctx.node_id not in members:
+            raise ConfigError("this node is not in the all-reduce group")
+        required = required_contributors(min_contributors, group=members)
         start = self._ctx.now()
         core = AllReduceRound(node_id=self._ctx.node_id, group=members, key=self._table.key_for(members, key),
                               tensor=flat, now=start, config=cfg, weights=weights, codec_name=spec.name,
@@ -207,10 +230,10 @@ class AllReduceService:
         except asyncio.CancelledError:
             rnd.cancel()
             raise
-        return AllReduceOutcome(
+        return check_contributors(AllReduceOutcome(
             tensor=restore(result.average, in_place=in_place), contributors=result.contributors,
             dropped=dict(result.dropped), round_id=result.round_id, epoch=result.epoch,
-            contributed=result.contributed, seconds=time.perf_counter() - started)
+            contributed=result.contributed, seconds=time.perf_counter() - started), required=required)
 
     def _config(self, config: AllReduceConfig | None, numel: int, spec: CodecSpec,
                 timeout: float | None) -> AllReduceConfig:

@@ -9,13 +9,21 @@ separate frames, so no union-typed field is needed.
 from __future__ import annotations
 
 import enum
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgpack
 
 from protocol.errors import ErrorCode, LocalProtocolError
-from protocol.limits import MAX_ADDRESS_LEN, MAX_MEMBERS_PER_SYNC, MAX_META_BYTES, NODE_ID_BYTES
+from protocol.limits import (
+    MAX_ADDRESS_LEN,
+    MAX_FRAME_BYTES,
+    MAX_MEMBERS_PER_SYNC,
+    MAX_META_BYTES,
+    NODE_ID_BYTES,
+)
 from protocol.schema import (
     Bool,
     Bytes,
@@ -55,6 +63,21 @@ class GpuInfo(Struct):
     memory_bytes: int = spec(UInt(64))
 
 
+#: Tags in one ``NodeMeta``, and characters in one tag.
+MAX_TAGS = 16
+MAX_TAG_LEN = 64
+#: A member tag, ``key=value``: ASCII letters, digits and ``_.-`` in the key, also ``:/@+``
+#: in the value, neither empty (no ``,``: the CLI takes comma-separated lists of tags).
+TAG_PATTERN = r"[A-Za-z0-9_.-]+=[A-Za-z0-9_.:/@+-]+"
+TAG = Str(MAX_TAG_LEN, pattern=TAG_PATTERN)
+
+
+def is_tag(text: object) -> bool:
+    """Whether ``text`` is a valid member tag (``TAG_PATTERN``, at most ``MAX_TAG_LEN`` chars)."""
+    return (type(text) is str and len(text) <= MAX_TAG_LEN
+            and re.fullmatch(TAG_PATTERN, text) is not None)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeMeta(Struct):
     """What a member advertises about itself. Changing it bumps the incarnation."""
@@ -68,6 +91,15 @@ class NodeMeta(Struct):
     cuda_version: str = spec(Str(64), default="")
     load: int = spec(UInt(32), default=0)
     """Tasks this node is running now."""
+    tags: tuple[str, ...] = spec(ListOf(TAG, max_len=MAX_TAGS), default=())
+    """``key=value`` labels the member chose (``--tag job=resnet``), e.g. to scope groups.
+    Omitted on the wire when empty: a tagless meta encodes as before the field existed."""
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = Struct.to_wire(self)
+        if not self.tags:
+            del wire["tags"]
+        return wire
 
     def __post_init__(self) -> None:
         Struct.__post_init__(self)
@@ -80,11 +112,16 @@ class NodeMeta(Struct):
                 )
 
 
-#: Bytes of an encoded ``NodeMeta`` besides its strings' UTF-8 and its GPUs: the map header,
-#: the eight keys, the largest encodings of its integers, str16 and array16 headers (114).
+#: Bytes of an encoded ``NodeMeta`` besides its strings' UTF-8, its GPUs and its tags: the
+#: map header, the eight keys, the largest encodings of its integers, str16 and array16
+#: headers (114).
 _META_FIXED_BYTES = 114
 #: The same for one ``GpuInfo`` besides its name's UTF-8 (31).
 _GPU_FIXED_BYTES = 31
+#: The ``tags`` key and its array16 header (8), when tags are present; then a str8 header
+#: per tag (2) before its ASCII.
+_TAGS_FIXED_BYTES = 8
+_TAG_FIXED_BYTES = 2
 
 
 def encoded_meta_size(meta: NodeMeta) -> int:
@@ -97,7 +134,8 @@ def meta_size_bound(meta: NodeMeta) -> int:
     most 4 bytes of UTF-8), so validating a typical meta costs no extra encode."""
     chars = len(meta.hostname) + len(meta.torch_version) + len(meta.cuda_version)
     gpus = sum(_GPU_FIXED_BYTES + 4 * len(g.name) for g in meta.gpus)
-    return _META_FIXED_BYTES + 4 * chars + gpus
+    tags = _TAGS_FIXED_BYTES + sum(_TAG_FIXED_BYTES + len(t) for t in meta.tags) if meta.tags else 0
+    return _META_FIXED_BYTES + 4 * chars + gpus + tags
 
 
 @register
@@ -192,3 +230,35 @@ class PushPull(Message):
 
 
 GOSSIP_TYPES = (Alive, Suspect, Dead)
+
+#: Largest encoded body of one ``PushPull`` (or status page) a node sends. A larger table goes
+#: in several messages; 1 MiB is an eighth of the frame cap, so a sync never nears it and a
+#: part never holds a CONTROL link for long (a member with maximal metadata is ~4.5 KiB: about
+#: 230 members per part; with small metadata the 4 096-entry cap cuts first).
+MAX_SYNC_BYTES = 1 << 20
+assert MAX_SYNC_BYTES < MAX_FRAME_BYTES // 2
+
+#: Bytes of an encoded ``PushPull`` besides its entries (an upper bound): the map header, the
+#: keys ``t``/``join``/``reply``/``members``, the tag, two bools and an array32 header (30).
+PUSH_PULL_FIXED_BYTES = 32
+
+
+def encoded_size(value: Struct) -> int:
+    """Bytes of ``value`` (a message or a nested struct) encoded as msgpack."""
+    return len(msgpack.packb(value.to_wire(), use_bin_type=True))
+
+
+def split_by_size(sizes: Sequence[int], *, budget: int, max_items: int) -> list[range]:
+    """Cut a list of items with encoded ``sizes`` into consecutive runs of at most ``max_items``
+    items whose sizes sum to at most ``budget`` (an item over ``budget`` alone is a run of its
+    own: never the case here, entries are a few KiB). An empty list gives no run."""
+    runs: list[range] = []
+    start, used = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (used + size > budget or i - start >= max_items):
+            runs.append(range(start, i))
+            start, used = i, 0
+        used += size
+    if start < len(sizes):
+        runs.append(range(start, len(sizes)))
+    return runs

@@ -17,12 +17,23 @@ Every function returns None when torch is unavailable, and the caller uses the r
 torch is imported on first use (not at import: ``python -m node status`` should not pay
 for it). Inputs that numpy marks read-only are copied first (torch would warn on them).
 Casts run GRAIN elements per torch call, on the calling thread (see ``GRAIN``).
+
+Importing torch takes seconds, so it must never happen on a thread that may not wait (an
+event loop: a node stalled by it missed its probes and was declared dead). Whoever runs such
+threads installs an ``ImportGuard`` (``set_import_guard``; ``node.looplag.TorchImportGuard``
+is the node's): on a thread where ``may_block()`` is false, a first call returns None at once
+(the caller takes the bit-identical reference) and asks the guard to ``import_later()``,
+which runs ``preload_torch()`` on a worker thread. (Even there the import holds the GIL in
+stretches, longest in ``import torch._C``: measured on 2 cores, an event loop on another
+thread stalls 0.15-0.45 s at worst instead of the whole import, 1.5-3 s. Mapping libtorch
+first with a GIL-free ``dlopen`` was tried and is worse: the loader's lock then blocks any
+thread that starts a thread, with the GIL held.)
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,10 +48,56 @@ _torch: Any = None
 _tried = False
 
 
+class ImportGuard(Protocol):
+    """Where torch may be imported (``set_import_guard``)."""
+
+    def may_block(self) -> bool:
+        """Whether the calling thread may wait seconds for torch to import."""
+        ...
+
+    def import_later(self) -> None:
+        """Arrange for ``preload_torch()`` to run on a thread that may wait (idempotent)."""
+        ...
+
+
+_guard: ImportGuard | None = None
+
+
+def set_import_guard(guard: ImportGuard | None) -> None:
+    """Install the process's ``ImportGuard`` (None: import on whichever thread asks first)."""
+    global _guard
+    _guard = guard
+
+
+def import_guard() -> ImportGuard | None:
+    """The installed ``ImportGuard`` (None: none)."""
+    return _guard
+
+
+def loaded() -> bool:
+    """Whether the import was tried (torch is then available or known to be missing)."""
+    return _tried
+
+
 def torch_module() -> Any:
-    """torch, imported once; None if it is not installed or does not import."""
+    """torch, imported once; None if it is not installed or does not import, or if it is not
+    imported yet and the ``ImportGuard`` says this thread may not wait (then it imports in
+    the background and a later call gets it)."""
+    if _tried:
+        return _torch
+    guard = _guard
+    if guard is not None and not guard.may_block():
+        guard.import_later()
+        return None
+    return preload_torch()
+
+
+def preload_torch() -> Any:
+    """Import torch now, on the calling thread, whatever the guard says (so call it where
+    waiting is fine); torch, or None if it is unavailable. Idempotent and thread-safe: racing
+    callers all import (the import system serialises them) and get the same module."""
     global _torch, _tried
-    if not _tried:  # codec threads may race here: each imports (the import system locks)
+    if not _tried:
         try:
             module = importlib.import_module("torch")
         except Exception:  # not installed, or a broken install (e.g. missing CUDA libraries)

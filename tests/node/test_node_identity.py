@@ -34,7 +34,7 @@ def test_identity_garbage_and_open_permissions_rejected(tmp_path: Path) -> None:
     path = tmp_path / "identity.key"
     path.write_bytes(b"not a key")
     path.chmod(0o600)
-    with pytest.raises(ConfigError, match="not an identity key"):
+    with pytest.raises(ConfigError, match="the identity key is damaged"):
         files.load_or_create_identity(path)
     files.load_or_create_identity(tmp_path / "ok.key")
     (tmp_path / "ok.key").chmod(0o644)
