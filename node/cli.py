@@ -202,7 +202,7 @@ def _run(argv: Sequence[str]) -> int:
     args = parse_args(build_run_parser(), argv)
     config = config_from_args(args)
     setup_logging(config.log_level)
-    from node.runtime import run_node  # the asyncio runtime only when a node runs
+    from node.serve import run_node  # the asyncio runtime only when a node runs
 
     return run_node(config)
 

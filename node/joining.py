@@ -145,7 +145,7 @@ async def watch_join(
 
 
 class JoinWatch:
-    """``--join-timeout`` for ``python -m node`` (``node.runtime.run_node``)::
+    """``--join-timeout`` for ``python -m node`` (``node.serve.run_node``)::
 
         watch = JoinWatch(config, state=node.join_state, stop=node.request_stop)
         node.spawn(watch.run())

@@ -17,7 +17,7 @@ reverse one:
    endpoint (``--metrics-listen``) serves ``stats()``, and GPUs are detected in the background.
 
 It answers status requests well under a second after start (torch is never imported).
-Shutdown (``request_stop``; SIGINT/SIGTERM under ``run_node``): services close in reverse,
+Shutdown (``request_stop``; SIGINT/SIGTERM under ``node.serve.run_node``): services close in reverse,
 membership announces the leave and keeps gossiping until it is flushed (at most
 ``leave_timeout``), every link says goodbye, the executors stop, the tasks are cancelled.
 """
@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import logging
 import random
-import sys
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -43,14 +42,12 @@ from node.allreduce.service import AllReduceService
 from node.config import NodeConfig
 from node.context import Executors, NodeContext, Service
 from node.core import Stats
-from node.datadir import DataDir, join_banner
-from node.joining import JoinWatch
+from node.datadir import DataDir
 from node.looplag import LoopLagMonitor, guard_torch_import
 from node.membership import EventListener, JoinState, Membership, start_incarnation
 from node.metrics import MetricsServer
 from node.pool import Pool, guess_local_ip
 from node.resources import basic_meta, detect_gpus_async, torch_versions
-from node.shutdown import StopSignals
 from node.status_service import StatusService
 from node.supervisor import Supervisor
 from node.transport import Handler, Link, LinkSettings, Traffic
@@ -174,7 +171,7 @@ class Node:
     # ---- shutdown -------------------------------------------------------------------
 
     async def run_until_stopped(self) -> None:
-        """Serve until ``request_stop()`` (or a signal, under ``run_node``)."""
+        """Serve until ``request_stop()`` (or a signal, under ``node.serve.run_node``)."""
         await self._stop.wait()
 
     def request_stop(self) -> None:
@@ -295,35 +292,3 @@ class Node:
         than ``min_contributors`` (default 2) in the result raises ``TooFewContributors``."""
         return await self.allreduce.all_reduce(tensor, group=group, codec=codec, timeout=timeout,
                                                key=key, **options)
-
-
-async def _serve(config: NodeConfig) -> int:
-    signals: StopSignals | None = None
-    try:
-        async with Node(config) as node:
-            signals = StopSignals(node.request_stop)
-            signals.install(asyncio.get_running_loop())
-            print(join_banner(config, node_id=node.node_id, address=node.address), flush=True)
-            watch = JoinWatch(config, state=node.join_state, stop=node.request_stop)
-            node.spawn(watch.run())  # --join-timeout
-            await node.run_until_stopped()
-            log.info("leaving the mesh")
-    finally:
-        if signals is not None:
-            signals.cancel()  # stopped in time (the leave is announced): no forced exit
-    watch.raise_if_failed()  # the join was given up: exit 1 with the verdict
-    return 0
-
-
-def run_node(config: NodeConfig) -> int:
-    """Run a node until SIGINT/SIGTERM; returns the process exit code (0 after a clean leave)."""
-    factory = None
-    if config.use_uvloop:
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        code = runner.run(_serve(config))
-    sys.stdout.flush()
-    return code
