@@ -114,21 +114,8 @@ class SwimConfig:
     max_hints: int = 16
     """Most ``on_unreachable`` hints remembered as members to probe next."""
 
-    max_new_members_per_sender: int = 64
-    """Admission bound: most previously unknown members one sender may introduce to us
-    (second hand: Alive gossip or push/pull entries about nodes other than itself) per
-    ``new_member_window`` seconds. Beyond it, Alive/Suspect/Dead about unknown nodes from
-    that sender is dropped (``members_refused_total``). A node announcing itself and the
-    answer to our own join (or its follow-up pull) are always admitted."""
-
-    new_member_window: float = 10.0
-    """Seconds of one admission window of ``max_new_members_per_sender``."""
-
     def __post_init__(self) -> None:
-        positive = (
-            "probe_interval", "probe_timeout", "gossip_interval", "join_retry_interval",
-            "new_member_window",
-        )  # fmt: skip
+        positive = ("probe_interval", "probe_timeout", "gossip_interval", "join_retry_interval")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"SwimConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -138,7 +125,6 @@ class SwimConfig:
             "gossip_nodes", "max_piggyback", "retransmit_mult", "suspicion_mult",
             "suspicion_max_timeout_mult", "awareness_max", "push_pull_scale_threshold",
             "max_members", "max_broadcasts", "max_outbox", "max_events", "max_relays", "max_hints",
-            "max_new_members_per_sender",
         )  # fmt: skip
         for name in at_least_one:
             if getattr(self, name) < 1:

@@ -34,7 +34,6 @@ class Member:
         "_sized",
         "_state",
         "address",
-        "confirmed",
         "incarnation",
         "last_heard",
         "meta",
@@ -63,11 +62,6 @@ class Member:
         self.state_change = now
         """When ``status`` last changed (drives gossip-to-the-dead and reaping)."""
         self.suspicion: Suspicion | None = None
-        self.confirmed = False
-        """We received a message from this node id itself (``src == node``), not only news
-        about it from others. Unconfirmed members are probed (so fakes are suspected and
-        removed) but are never indirect-probe helpers, push/pull partners or gossip targets,
-        and a failed probe of one does not raise our local health."""
         self._state: MemberState | None = None
         self._sized: MemberState | None = None
         self._size = 0

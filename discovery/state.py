@@ -54,10 +54,6 @@ ALIVE, SUSPECT, DEAD, LEFT = (
 
 Send = Callable[[str, Message], None]
 
-MAX_ADMISSION_SENDERS = 1_024
-"""Most senders whose admission window (``max_new_members_per_sender``) is tracked at once;
-beyond it expired windows are dropped first, then the oldest."""
-
 
 class MemberTable:
     """All known members (ourselves included) and the transitions between their states."""
@@ -94,41 +90,6 @@ class MemberTable:
         """Claims about us refuted (each raised our incarnation)."""
         self.claims_refused = 0
         """Claims about us refused as implausible (``refutation_incarnation`` is None)."""
-        self.members_refused = 0
-        """News about unknown members dropped by the admission bound."""
-        self._admissions: dict[bytes, list[float]] = {}
-        """sender -> [window start, unknown members it introduced in that window]."""
-
-    # --------------------------------------------------------------- admission
-
-    def admit(self, src: bytes | None, node: bytes, now: float, *, adds: bool) -> bool:
-        """May news from ``src`` about ``node`` be applied? Always, when ``node`` is known, is
-        us, or is ``src`` itself (a direct introduction), or ``src`` is None (local). Else at
-        most ``max_new_members_per_sender`` unknown members per ``new_member_window`` seconds
-        per sender; ``adds``: the news would add ``node`` (an Alive), using up the budget."""
-        if src is None or src == node or node in self.members:
-            return True
-        cfg = self.config
-        window = self._admissions.get(src)
-        if window is None or now - window[0] >= cfg.new_member_window:
-            if window is not None:
-                del self._admissions[src]  # re-inserted last: the dict stays in start order
-            elif len(self._admissions) >= MAX_ADMISSION_SENDERS:
-                self._trim_admissions(now)
-            window = self._admissions[src] = [now, 0.0]
-        if window[1] >= cfg.max_new_members_per_sender:
-            self.members_refused += 1
-            return False
-        if adds:
-            window[1] += 1
-        return True
-
-    def _trim_admissions(self, now: float) -> None:
-        horizon = now - self.config.new_member_window
-        for sender in [s for s, w in self._admissions.items() if w[0] <= horizon]:
-            del self._admissions[sender]
-        while len(self._admissions) >= MAX_ADMISSION_SENDERS:
-            del self._admissions[next(iter(self._admissions))]
 
     # ----------------------------------------------------------------- helpers
 
@@ -373,6 +334,5 @@ class MemberTable:
     # ---------------------------------------------------------------- queries
 
     def gossip_target(self, m: Member, now: float) -> bool:
-        """Confirmed live members, and the confirmed dead for ``gossip_to_dead`` seconds (so
-        they can refute). Unconfirmed members (never heard from directly) are not targets."""
-        return m.confirmed and (m.live or now - m.state_change < self.config.gossip_to_dead)
+        """Live members, and the dead for ``gossip_to_dead`` seconds (so they can refute)."""
+        return m.live or now - m.state_change < self.config.gossip_to_dead

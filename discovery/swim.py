@@ -152,8 +152,6 @@ class Swim:
         self._relays: dict[int, Relay] = {}
         self._join_seeds: tuple[str, ...] = ()
         self._join_at: float | None = None
-        self._joined_via: str | None = None
-        """The seed whose answer ended our join (the rest of its answer is admitted whole)."""
         self._sync_next: str | None = None
         self._sync_tries = 0
         # Stagger the periodic timers so that nodes started together do not move in step.
@@ -186,19 +184,14 @@ class Swim:
 
     def on_message(self, src_address: str, src_node: bytes, msg: Message, *, now: float) -> None:
         """Handle one message from the authenticated member ``src_node`` reachable at ``src_address``."""
-        members = self._table.members
-        sender = members.get(src_node)
+        sender = self._table.members.get(src_node)
         if sender is not None and sender is not self._me:
             sender.last_heard = now
-            sender.confirmed = True  # it spoke to us itself
         handler = self._handlers.get(type(msg))
         if handler is None:
             _log.debug("ignoring %s from %s", type(msg).__name__, src_address)
             return
         handler(self, src_address, src_node, msg, now)
-        if sender is None and (sender := members.get(src_node)) is not None:
-            if sender is not self._me:  # it introduced itself with this message
-                sender.confirmed = True
 
     def on_unreachable(self, address: str, *, now: float) -> None:
         """Transport hint: a dial to ``address`` failed or its connection dropped. Probe it soon."""
@@ -326,7 +319,6 @@ class Swim:
             "suspicions_total": table.suspicions,
             "refutations_total": table.refutations,
             "implausible_claims_total": table.claims_refused,
-            "members_refused_total": table.members_refused,
             "push_pull_rounds_total": self._push_pulls,
         }
 
@@ -454,13 +446,7 @@ class Swim:
             buddy = Suspect(
                 incarnation=target.incarnation, node=target.node_id, sender=self._me.node_id
             )
-        ping = Ping(seq=seq, target=target.node_id)
-        if target.confirmed:
-            self._send_with_gossip(target.address, ping, first=buddy)
-        else:  # never heard from directly: no gossip spent on it (it may not exist)
-            self._send(target.address, ping)
-            if buddy is not None:
-                self._send(target.address, buddy)
+        self._send_with_gossip(target.address, Ping(seq=seq, target=target.node_id), first=buddy)
 
     def _send_indirect(self, probe: Probe, now: float) -> None:
         probe.indirect = True
@@ -468,8 +454,7 @@ class Swim:
         if target is None or not target.live:
             return
         helpers = self._sample(
-            self._cfg.indirect_checks,
-            lambda m: m.status is ALIVE and m.confirmed and m.node_id != probe.target,
+            self._cfg.indirect_checks, lambda m: m.status is ALIVE and m.node_id != probe.target
         )
         probe.expected_nacks = len(helpers)
         if helpers:
@@ -481,13 +466,11 @@ class Swim:
     def _probe_failed(self, probe: Probe, now: float) -> None:
         self._probe = None
         self._probe_failures += 1
-        target = self._table.members.get(probe.target)
-        if target is None or not target.confirmed:
-            pass  # a member never heard from may not exist: its silence says nothing of us
-        elif probe.expected_nacks > 0:
+        if probe.expected_nacks > 0:
             self._table.adjust_health(max(0, probe.expected_nacks - probe.nacks))
         else:
             self._table.adjust_health(+1)
+        target = self._table.members.get(probe.target)
         if target is not None and target.live:
             _log.debug("probe of %s failed (%d nacks)", probe.target.hex()[:10], probe.nacks)
             self._table.suspect(target.node_id, target.incarnation, self._me.node_id, now=now)
@@ -544,12 +527,12 @@ class Swim:
             else:
                 self._sync_next = None
         else:
-            peers = self._sample(1, lambda m: m.status is ALIVE and m.confirmed)
+            peers = self._sample(1, lambda m: m.status is ALIVE)
             if peers:
                 self._send_state(peers[0].address, join=False, reply=False)
         # Reconnect (Serf's reconnect_interval): also sync with one member we think is dead,
         # so two sides of a healed partition find each other before the dead are reaped.
-        gone = self._sample(1, lambda m: m.status is MemberStatus.DEAD and m.confirmed)
+        gone = self._sample(1, lambda m: m.status is MemberStatus.DEAD)
         if gone:
             self._send_state(gone[0].address, join=False, reply=False)
 
@@ -597,12 +580,7 @@ class Swim:
             deadline=now + relay_timeout(self._cfg),
             target_address=msg.address,
         )
-        ping = Ping(seq=seq, target=msg.target)
-        target = self._table.members.get(msg.target)
-        if target is not None and target.confirmed and target.address == msg.address:
-            self._send_with_gossip(msg.address, ping)
-        else:
-            self._send(msg.address, ping)
+        self._send_with_gossip(msg.address, Ping(seq=seq, target=msg.target))
 
     def _on_ack(self, src_address: str, src_node: bytes, msg: Ack, now: float) -> None:
         probe = self._probe
@@ -620,22 +598,16 @@ class Swim:
             probe.nacks += 1
 
     def _on_alive(self, src_address: str, src_node: bytes, msg: Alive, now: float) -> None:
-        if not self._table.admit(src_node, msg.node, now, adds=True):
-            return
         self._table.alive(
             msg.node, msg.incarnation, msg.address, msg.meta, now=now, src=src_node, msg=msg
         )
 
     def _on_suspect(self, src_address: str, src_node: bytes, msg: Suspect, now: float) -> None:
         self._stale_claim_about_us(src_address, msg.node, msg.incarnation)
-        if not self._table.admit(src_node, msg.node, now, adds=False):
-            return
         self._table.suspect(msg.node, msg.incarnation, msg.sender, now=now, msg=msg)
 
     def _on_dead(self, src_address: str, src_node: bytes, msg: Dead, now: float) -> None:
         self._stale_claim_about_us(src_address, msg.node, msg.incarnation)
-        if not self._table.admit(src_node, msg.node, now, adds=False):
-            return
         self._table.dead(msg.node, msg.incarnation, msg.sender, now=now, msg=msg)
 
     def _stale_claim_about_us(self, src_address: str, node: bytes, inc: int) -> None:
@@ -651,17 +623,10 @@ class Swim:
             self._table.broadcasts.queue(me.node_id, alive, urgent=True)
 
     def _on_push_pull(self, src_address: str, src_node: bytes, msg: PushPull, now: float) -> None:
-        # The answer to our own join, or to its follow-up pull, is what we asked a seed for:
-        # admitted whole. Every other sync is under the per-sender admission bound.
-        solicited = msg.reply and (
-            (msg.join and (self._join_at is not None or src_address == self._joined_via))
-            or (not msg.join and self._sync_next is not None and src_address == self._sync_next)
-        )
         if not msg.reply:  # answer; the answer to a join keeps ``join`` set
             self._send_state(src_address, join=msg.join, reply=True)
         elif msg.join and self._join_at is not None:  # a seed answered: we are in
             self._join_at = None
-            self._joined_via = src_address
             if self._cfg.join_sync_after > 0:
                 self._next_push_pull = min(self._next_push_pull, now + self._cfg.join_sync_after)
                 self._sync_next = src_address  # the follow-up sync goes to the same seed
@@ -676,8 +641,6 @@ class Swim:
         news = self._count_news(msg)
         regossip_all = news <= self._cfg.max_piggyback
         for s in msg.members:
-            if not solicited and not table.admit(src_node, s.node, now, adds=s.status is ALIVE):
-                continue
             if s.status is ALIVE:
                 gossip = regossip_all or s.node == src_node
                 table.alive(s.node, s.incarnation, s.address, s.meta, now=now, gossip=gossip)

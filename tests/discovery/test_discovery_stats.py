@@ -49,7 +49,6 @@ def test_a_new_member_reports_itself_and_zero_counters() -> None:
         "suspicions_total": 0,
         "refutations_total": 0,
         "implausible_claims_total": 0,
-        "members_refused_total": 0,
         "push_pull_rounds_total": 0,
     }
 

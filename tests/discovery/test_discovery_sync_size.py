@@ -22,8 +22,7 @@ from protocol.messages.gossip import (
 )
 from protocol.schema import encode_body
 
-# The tables are taught by injecting syncs from a stranger: no admission bound here.
-CFG = SwimConfig.test().replace(max_new_members_per_sender=1_000_000)
+CFG = SwimConfig.test()
 A, B = "a:1", "b:1"
 N = 3_000
 
