@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from discovery.events import MemberEvent
 from discovery.members import MemberView
+from node.membership import LIVE
 from protocol.connection import Channel
 from protocol.crypto import short_id
 from protocol.errors import TransportError
-from protocol.messages.gossip import MemberStatus
 from protocol.schema import Message
 from protocol.tags import MsgType
 
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
-#: Member states that count as live (reachable, taking work).
-LIVE = (MemberStatus.ALIVE, MemberStatus.SUSPECT)
 
 
 class Executors:

@@ -97,7 +97,7 @@ _EVENT_LOG: dict[EventKind, tuple[int, str]] = {
 
 EventListener = Callable[[MemberEvent], None]
 
-_LIVE = (MemberStatus.ALIVE, MemberStatus.SUSPECT)
+LIVE = (MemberStatus.ALIVE, MemberStatus.SUSPECT)
 
 
 def format_event(event: MemberEvent, self_id: bytes | None = None) -> tuple[int, str]:
@@ -290,7 +290,7 @@ class Membership:
         if self.swim.events_dropped != self._events_dropped:  # events were lost: rebuild
             self._events_dropped = self.swim.events_dropped  # (over max_events in one input)
             self._live = {m.node_id: m.address for m in self.swim.members()
-                          if m.status in _LIVE and m.node_id != self.node_id}
+                          if m.status in LIVE and m.node_id != self.node_id}
             peers_changed = True
         if peers_changed and self._on_peers is not None and not self._stopped:
             self._peers_writer.changed(now=self._driver.now())
@@ -307,7 +307,7 @@ class Membership:
         m = event.member
         if m.node_id == self.node_id or event.kind is EventKind.SEED_UNREACHABLE:
             return False
-        if m.status in _LIVE:
+        if m.status in LIVE:
             if self._live.get(m.node_id) == m.address:
                 return False
             self._live[m.node_id] = m.address

@@ -261,8 +261,9 @@ class Node:
 
     async def send(self, node_id: bytes, message: Message, *, channel: Channel = Channel.BULK) -> None:
         """Send ``message`` to member ``node_id``; waits while its connection is backed up."""
-        link = await self.link_to(node_id, channel=channel)
-        await link.send(message)
+        if self._ctx is None:
+            raise TransportError("the node is not running")
+        await self._ctx.send(node_id, message, channel=channel)
 
     def links(self) -> list[Link]:
         """Every connection of this node, oldest first, handshaking ones included."""

@@ -5,8 +5,8 @@ Server side: ``build_status_reply`` turns the Swim view into one page of the ans
 on a CLIENT-channel link with one; paging: ``protocol.messages.control``). Client side:
 ``StatusClient`` keeps one CLIENT link open for repeated requests (benchmarks poll with it), each
 fetching every page into one ``NodeStatus``; ``fetch_status`` dials with a throwaway identity and
-the mesh secret, asks once and closes; ``run_status_command`` prints the answer as a rich table
-or one JSON object.
+the mesh secret, asks once and closes; ``render_table`` / ``reply_to_json`` print an answer
+(``node.cli`` runs ``python -m node status``).
 """
 
 from __future__ import annotations
@@ -14,18 +14,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import builtins
-import json
-import sys
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from discovery.members import MemberView
 from node.config import Address, LinkConfig
-from node.identity import load_mesh_key
 from node.transport import Link, LinkSettings, Spawn, handshake_failure, settled
 from protocol import crypto
 from protocol.connection import Channel, Role
@@ -308,18 +304,3 @@ async def fetch_status(address: Address, *, mesh_secret: bytes, timeout: float =
     if isinstance(outcome, StarmeshError):
         raise outcome
     return outcome
-
-
-def run_status_command(*, connect: Address, mesh_key_file: Path, as_json: bool, timeout: float) -> int:
-    """Body of ``python -m node status``; returns the exit code."""
-    secret = load_mesh_key(mesh_key_file)
-    try:
-        reply = asyncio.run(fetch_status(connect, mesh_secret=secret, timeout=timeout))
-    except StarmeshError as exc:
-        print(f"error: cannot get status from {connect}: {exc}", file=sys.stderr)
-        return 1
-    if as_json:
-        print(json.dumps(reply_to_json(reply), sort_keys=True))
-    else:
-        render_table(reply)
-    return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -66,3 +66,11 @@ async def loopback_pools(n: int, *, secrets: list[bytes] | None = None, idle_tim
         finally:
             for peer in peers:
                 await peer.pool.close(linger=0.2)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0, *, poll: float = 0.005) -> None:
+    """Wait until ``predicate()`` holds (integration tests over real sockets); ``TimeoutError``
+    after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(poll)

@@ -260,7 +260,6 @@ class Link(asyncio.BufferedProtocol):
         self._writable.set()
         self._done = False
         self._at_eof = False
-        self.dropped = 0
         self.last_active = self._loop.time()
         """Event-loop time of the last bytes read or written (the pool's idle rule)."""
         self.connected_at = self.last_active
@@ -564,7 +563,6 @@ class Link(asyncio.BufferedProtocol):
             raise TransportError(f"{self.describe()}: link closed ({describe_error(self.close_reason)})")
 
     def _drop(self, n: int) -> None:
-        self.dropped += n
         self.settings.traffic.dropped[self._channel()] += n
 
     def close(self, code: ErrorCode | None = None, reason: str = "") -> None:

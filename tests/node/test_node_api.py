@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from node.config import Address, NodeConfig
 from node.runtime import Node
+from node.testing import until
 from node.transport import Link
 from protocol.connection import Channel
 from protocol.errors import TransportError
@@ -18,12 +17,6 @@ from protocol.schema import Message
 from protocol.tags import MsgType
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def _config(tmp_path: Path, name: str, key: Path, seeds: tuple[Address, ...] = ()) -> NodeConfig:

@@ -5,7 +5,6 @@ seconds, and it starts again from what it persisted."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,13 @@ from node.identity import load_mesh_key
 from node.membership import MAX_START_INCARNATION
 from node.runtime import Node
 from node.status import fetch_status
+from node.testing import until
 from protocol.connection import Channel
 from protocol.messages.gossip import Alive, Dead, MemberStatus, NodeMeta, Suspect
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 WIRE_MAX = 2**64 - 1
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def _config(tmp_path: Path, name: str, **changes: object) -> NodeConfig:

@@ -10,14 +10,14 @@ import gc
 import logging
 import socket
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 import node.pool
 from node.config import LinkConfig
-from node.testing import loopback_pools
+from node.testing import loopback_pools, until
 from node.transport import Link, LinkSettings, LogLimiter, fresh_error
 from protocol import crypto
 from protocol.connection import Channel, Role
@@ -32,12 +32,6 @@ LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio"),
          pytest.param(uvloop.new_event_loop, id="uvloop")]
 
 UVLOOP_CLOSED = "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 # ---- 5. a write the transport refuses finishes the link ---------------------------------

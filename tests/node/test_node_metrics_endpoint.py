@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,10 @@ from node.identity import load_mesh_key
 from node.metrics import METRICS
 from node.runtime import Node
 from node.status import fetch_status, reply_to_json
+from node.testing import until
 from protocol.messages.gossip import MemberStatus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def http_get(address: str, path: str) -> tuple[int, str]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from node.pool import HARD_LIMIT_FACTOR, Pool, to_evict
-from node.testing import loopback_pools
+from node.testing import loopback_pools, until
 from node.transport import Link, LinkSettings, Spawn
 from protocol import crypto
 from protocol.connection import Channel, Connection, HandshakeOptions, Role
@@ -34,12 +34,6 @@ def run_on(loop_factory: Callable[[], asyncio.AbstractEventLoop],
            main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(main())
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def closed_port() -> int:

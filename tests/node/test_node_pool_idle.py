@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from discovery.events import EventKind, MemberEvent
 from node.config import Address, LinkConfig, NodeConfig
 from node.pool import RETIRED_QUIET_S, Pool, retired_quiet, sweep_interval
 from node.runtime import Node
-from node.testing import loopback_pools
+from node.testing import loopback_pools, until
 from node.transport import Link
 from protocol.connection import Channel, Role
 from protocol.messages.gossip import Ack, Alive, GpuInfo, MemberStatus, NodeMeta
@@ -69,12 +69,6 @@ async def pools(n: int, *, idle_timeout: float, inbox_messages: int = 64,
             lp.dispatch[Channel.BULK][MsgType.ACK] = lp.dispatch[Channel.BULK][MsgType.ALIVE] = on_bulk
             peers.append(Peer(lp.pool, lp.address, lp.node_id, got, lp.lost, gate))
         yield peers
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def bulky(incarnation: int) -> Alive:

@@ -5,7 +5,6 @@ metadata shows every one of them to ``fetch_status``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -104,12 +103,6 @@ def test_a_cursor_is_a_node_id_or_empty(cursor: bytes) -> None:
 
 
 # ------------------------------------------------------------------ a real node
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @pytest.mark.integration

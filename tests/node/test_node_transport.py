@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from node.testing import loopback_pools
+from node.testing import loopback_pools, until
 from node.transport import Handler, Link
 from protocol import crypto
 from protocol.connection import Channel
@@ -24,12 +24,6 @@ from protocol.tags import MsgType
 from protocol.tensor import CodecSpec, encode_chunk
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def collector(into: list[tuple[bytes, Message]]) -> Handler:
