@@ -7,6 +7,8 @@ Numbers are grouped in ranges so that layers can grow independently:
 16-31  membership gossip, SWIM (protocol/messages/gossip.py)
 32-47  node control: status queries (protocol/messages/control.py)
 48-79  tensors and all-reduce (protocol/messages/tensor.py)
+80-103 tasks, their coordinators and bundles (protocol/messages/tasks.py)
+104-111 submitter authorization (protocol/messages/submitters.py)
 ====== ===========================================================
 """
 
@@ -46,3 +48,22 @@ class MsgType(enum.IntEnum):
     AR_FINISH = 53
     AR_CANCEL = 54
     AR_TAKEOVER = 55
+
+    # 80-103: tasks (see protocol/messages/tasks.py)
+    TASK_SUBMIT = 80
+    TASK_ACCEPTED = 81
+    TASK_ERROR = 82
+    TASK_QUERY = 83
+    TASK_QUERY_REPLY = 84
+    TASK_CANCEL = 85
+    TASK_CANCELLED = 86
+    TASK_REPLICATE = 87
+    TASK_REPLICATE_ACK = 88
+    TASK_ASSIGN = 89
+    TASK_HEARTBEAT = 90
+    TASK_RESULT = 91
+    TASK_REJECT = 92
+    TASK_ABORT = 93
+    TASK_ANNOUNCE = 94
+    BUNDLE_GET = 95
+    BUNDLE_CHUNK = 96
