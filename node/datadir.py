@@ -6,7 +6,9 @@ must already hold the mesh key, and existing key files must be sound. It then ta
 lock (two nodes never share an identity) and loads or creates the identity and mesh secret
 (``node.identity``). Only a node starting a *new* mesh (no ``--join`` seeds and no peers
 remembered from an earlier run) creates a mesh secret, and it logs that it did: a joiner
-that made up its own key would be refused by every member and retry forever.
+that made up its own key would be refused by every member and retry forever. The new key
+file names the mesh owner: the public key of the person's submitter key
+(``node.submitters.store``), made on first use, so whoever starts a mesh may submit to it.
 
 ``seeds()`` are the ``--join`` seeds, else the live members remembered from the last run
 (rejoin); ``store_peers`` and ``store_incarnation`` persist what membership reports,
@@ -29,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from node import identity as keys
 from node.config import Address, NodeConfig, parse_address
 from node.files import atomic_write
+from node.submitters.keys import public_key_of, public_key_to_text
+from node.submitters.store import KEY_ENV, default_key_path, load_or_create_submitter_key
 from protocol import crypto
 from protocol.errors import ConfigError
 
@@ -43,6 +47,8 @@ class DataDir:
         self._lock = keys.DataDirLock(config.data_dir)
         self._remembered: list[str] | None = None
         self.mesh_key_created = False
+        self.mesh_owner: bytes | None = None
+        """The mesh owner named in the mesh key file (after ``open``); None: nobody may submit."""
 
     def open(self) -> tuple[Ed25519PrivateKey, bytes]:
         """Check, lock, then return (identity, mesh secret), creating what may be created."""
@@ -73,11 +79,31 @@ class DataDir:
         if key_path.exists() or joining is not None:
             secret = keys.load_mesh_key(key_path)  # a joiner's key vanished: "cannot read"
         else:
-            secret, self.mesh_key_created = keys.load_or_create_mesh_key(key_path)
+            owner = self._new_mesh_owner()
+            secret, self.mesh_key_created = keys.load_or_create_mesh_key(key_path, owner=owner)
+        self.mesh_owner = keys.load_mesh_owner(key_path)
         if key is not None:
             return key, secret, False
         key, created = keys.load_or_create_identity(id_path)
         return key, secret, created
+
+    def _new_mesh_owner(self) -> bytes:
+        """The owner of a mesh this node creates: the public key of the person's default
+        submitter key (``node.submitters.store.default_key_path``, made if missing), so they
+        can submit from this machine at once. Its private key stays out of the data dir."""
+        path = default_key_path()
+        data_dir = self.config.data_dir.resolve()
+        if path.resolve().is_relative_to(data_dir):
+            raise ConfigError(
+                f"{path}: the submitter key (${KEY_ENV}) is inside the node's data dir "
+                f"{data_dir}; it is a person's key, not a node's: keep it elsewhere")
+        created = not path.exists()
+        owner = public_key_of(load_or_create_submitter_key(path))
+        if created:
+            log.info("created your submitter key in %s (mode 0600): it owns the new mesh", path)
+        log.info("the new mesh's owner is %s (%s): it may submit work and grant others "
+                 "(python -m node submitters add)", public_key_to_text(owner), path)
+        return owner
 
     def joining_reason(self) -> str | None:
         """Why this node joins an existing mesh (``--join ...``, remembered peers), or None

@@ -2,7 +2,9 @@
 
 ``identity.key``  the node's Ed25519 private key, 0600, as one line of text with a checksum
                   (``identity_to_text``); 32 raw bytes in nodes created before it (still read).
-``mesh.key``      the mesh secret as one line of text (``mesh_secret_to_text``), 0600.
+``mesh.key``      the mesh secret as one line of text (``mesh_secret_to_text``), 0600, and
+                  optionally a second line ``owner ed25519:<base64url>``: the mesh owner, the
+                  key that signs who may submit work (``node.submitters``; none: nobody).
 ``incarnation``   the highest SWIM incarnation this identity has used, as decimal text.
 ``peers``         addresses of live members last seen (one per line), to rejoin after a restart.
 ``node.lock``     held (``flock``) while a node runs, so two nodes never share an identity.
@@ -23,83 +25,92 @@ import fcntl
 import hashlib
 import hmac
 import os
-import secrets
-import stat
 from pathlib import Path
 from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from node import files
 from node.files import atomic_write
+from node.submitters import keys as submitter_keys
 from protocol import crypto
 from protocol.errors import ConfigError, StarmeshError
 
-SECRET_MODE = 0o600
-MAX_KEY_FILE_BYTES = 4096
+SECRET_MODE = files.SECRET_MODE
+MAX_KEY_FILE_BYTES = files.MAX_KEY_FILE_BYTES
 
 
 def _write_new_secret(path: Path, data: bytes, what: str) -> None:
-    """Create ``path`` (must not exist) with mode 0600 and ``data``, durably and whole."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot create: {exc.strerror or exc}") from None
-    if path.exists():  # the common refusal, without writing anything
-        raise ConfigError(f"{path}: already exists; refusing to overwrite a key")
-    staged = path.with_name(f".{path.name}.{secrets.token_hex(8)}.new")
-    atomic_write(staged, data, mode=SECRET_MODE, what=what)
-    try:
-        os.link(staged, path)  # unlike a rename, fails if a racing creator got there first
-    except FileExistsError:
-        raise ConfigError(f"{path}: already exists; refusing to overwrite a key") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot create: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            staged.unlink()
+    """Create ``path`` (must not exist) with mode 0600 and ``data`` (``node.files``)."""
+    files.create_secret_file(path, data, what=what, write=atomic_write)
 
 
 def _read_secret(path: Path, what: str) -> bytes:
-    try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: {what} is not a regular file")
-        if st.st_size > MAX_KEY_FILE_BYTES:
-            raise ConfigError(f"{path}: {what} is {st.st_size} bytes; not a key file")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{path}: {what} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run: chmod 600 {path}"
-        )
-    return data
+    return files.read_secret_file(path, what=what)
 
 
-def create_mesh_key(path: Path) -> bytes:
-    """Write a fresh mesh secret to ``path`` (which must not exist) and return it."""
-    secret = crypto.new_mesh_secret()
-    _write_new_secret(path, (crypto.mesh_secret_to_text(secret).strip() + "\n").encode(), "mesh key")
-    return secret
+def mesh_key_text(secret: bytes, owner: bytes | None = None) -> str:
+    """A mesh key file's text: the secret's line, then ``owner ed25519:<...>`` if there is one."""
+    lines = [crypto.mesh_secret_to_text(secret).strip()]
+    if owner is not None:
+        lines.append(submitter_keys.owner_line(owner))
+    return "".join(f"{line}\n" for line in lines)
 
 
-def load_mesh_key(path: Path) -> bytes:
-    """Read the mesh secret at ``path``; ``ConfigError`` if missing, unreadable or garbage."""
+def parse_mesh_key_text(text: str) -> tuple[bytes, bytes | None]:
+    """(secret, owner or None) from a mesh key file's text; ``StarmeshError`` if malformed.
+    One line (the secret: files of nodes that predate owners) or two (then the owner)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError("empty")
+    if len(lines) > 2:
+        raise ConfigError("expected the secret's line and at most an owner line")
+    secret = crypto.mesh_secret_from_text(lines[0])
+    owner = submitter_keys.parse_owner_line(lines[1]) if len(lines) == 2 else None
+    return secret, owner
+
+
+def _load_mesh_file(path: Path) -> tuple[bytes, bytes | None]:
     data = _read_secret(path, "mesh key")
     try:
-        return crypto.mesh_secret_from_text(data.decode("utf-8", errors="strict"))
+        return parse_mesh_key_text(data.decode("utf-8", errors="strict"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: mesh key is not text") from None
     except StarmeshError as exc:
         raise ConfigError(f"{path}: not a mesh key: {exc}") from None
 
 
-def load_or_create_mesh_key(path: Path) -> tuple[bytes, bool]:
-    """The mesh secret at ``path``, creating a new one if there is none. Returns (secret, created)."""
+def create_mesh_key(path: Path, owner: bytes | None = None) -> bytes:
+    """Write a fresh mesh secret to ``path`` (which must not exist) and return it; with
+    ``owner`` (a submitter's Ed25519 public key) the file names the mesh owner too."""
+    secret = crypto.new_mesh_secret()
+    _write_new_secret(path, mesh_key_text(secret, owner).encode(), "mesh key")
+    return secret
+
+
+def load_mesh_key(path: Path) -> bytes:
+    """Read the mesh secret at ``path``; ``ConfigError`` if missing, unreadable or garbage."""
+    return _load_mesh_file(path)[0]
+
+
+def load_mesh_owner(path: Path) -> bytes | None:
+    """The mesh owner named in the key file at ``path``; None when it names none (a file
+    from before owners: nobody may submit). ``ConfigError`` as ``load_mesh_key``."""
+    return _load_mesh_file(path)[1]
+
+
+def set_mesh_owner(path: Path, owner: bytes) -> None:
+    """Rewrite the key file at ``path`` (same secret) naming ``owner``, atomically, 0600."""
+    secret, _ = _load_mesh_file(path)
+    atomic_write(path, mesh_key_text(secret, owner), mode=SECRET_MODE, what="mesh key")
+
+
+def load_or_create_mesh_key(path: Path, *, owner: bytes | None = None) -> tuple[bytes, bool]:
+    """The mesh secret at ``path``, creating a new one (naming ``owner``) if there is none.
+    Returns (secret, created)."""
     if not path.exists():
         with contextlib.suppress(ConfigError):  # lost a creation race: read the winner's key
-            return create_mesh_key(path), True
+            return create_mesh_key(path, owner), True
     return load_mesh_key(path), False
 
 

@@ -67,3 +67,10 @@ class MsgType(enum.IntEnum):
     TASK_ANNOUNCE = 94
     BUNDLE_GET = 95
     BUNDLE_CHUNK = 96
+
+    # 104-111: submitter authorization (see protocol/messages/submitters.py)
+    SUBMITTERS_SYNC = 104
+    SUBMITTERS_ENTRIES = 105
+    SUBMITTERS_UPDATE = 106
+    SUBMITTERS_LIST = 107
+    SUBMITTERS_REPLY = 108

@@ -72,10 +72,11 @@ STORE_MAY = frozenset({"time"})
 
 #: Top-level ``node`` modules that must stay sans-I/O: the output convention of cores, the
 #: configuration tree and its flag/environment generator, the numpy/torch array bridge, and
-#: ``node/placement.py`` (rendezvous hashing, still to come).
+#: ``node/placement.py`` (rendezvous hashing, still to come), and ``node/files.py`` (the atomic
+#: and key-file writers: ``os`` only, so every domain's ``store.py`` may use them).
 PURE_NODE_MODULES = frozenset({
-    "node/__init__.py", "node/arrays.py", "node/config.py", "node/core.py", "node/options.py",
-    "node/placement.py",
+    "node/__init__.py", "node/arrays.py", "node/config.py", "node/core.py", "node/files.py",
+    "node/options.py", "node/placement.py",
 })
 
 #: Modules that may import torch inside functions (never when they are imported themselves):
