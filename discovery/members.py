@@ -34,6 +34,7 @@ class Member:
         "_sized",
         "_state",
         "address",
+        "confirmed",
         "incarnation",
         "last_heard",
         "meta",
@@ -62,6 +63,11 @@ class Member:
         self.state_change = now
         """When ``status`` last changed (drives gossip-to-the-dead and reaping)."""
         self.suspicion: Suspicion | None = None
+        self.confirmed = False
+        """We received a message from this node id itself, not only news about it. A member
+        never confirmed may not exist (a fake-member flood): ``Swim`` prefers confirmed
+        members as gossip targets, helpers and sync partners, and our own accusations of an
+        unconfirmed member stay local (``MemberTable.suspect``/``dead``)."""
         self._state: MemberState | None = None
         self._sized: MemberState | None = None
         self._size = 0

@@ -230,8 +230,9 @@ class MemberTable:
             if not self.left:
                 self.refute(inc, now)
             return
-        news = msg or Suspect(incarnation=inc, node=node, sender=sender)
-        self.broadcasts.queue(node, news, urgent=True)
+        if msg is not None or self._speaks_of(m, sender):
+            news = msg or Suspect(incarnation=inc, node=node, sender=sender)
+            self.broadcasts.queue(node, news, urgent=True)
         m.incarnation = inc
         self._set_status(m, SUSPECT, now)
         n = self.num_live
@@ -257,13 +258,21 @@ class MemberTable:
         if m is self.me and not self.left:
             self.refute(inc, now)
             return
-        self.broadcasts.queue(
-            node, msg or Dead(incarnation=inc, node=node, sender=sender), urgent=True
-        )
+        if msg is not None or self._speaks_of(m, sender):
+            self.broadcasts.queue(
+                node, msg or Dead(incarnation=inc, node=node, sender=sender), urgent=True
+            )
         m.incarnation = inc
         status = LEFT if sender == node else DEAD
         self._set_status(m, status, now)
         self.emit(EventKind.LEFT if status is LEFT else EventKind.DEAD, m, now)
+
+    def _speaks_of(self, m: Member, sender: bytes) -> bool:
+        """Whether an accusation of ``m`` that did not come as a message is gossiped: always,
+        except our own (``sender`` is us) about a member we never heard from directly. Such a
+        member may not exist (fake-member floods): it is suspected and declared dead here
+        only, quietly, instead of filling everyone's queues with news nobody can refute."""
+        return m.confirmed or m is self.me or sender != self.me.node_id
 
     def refute(self, accused_inc: int, now: float) -> None:
         """Raise our incarnation above ``accused_inc`` and broadcast Alive (memberlist refute),
@@ -315,10 +324,12 @@ class MemberTable:
                     m.suspicion.confirmations,
                 )
                 self.dead(m.node_id, m.incarnation, self.me.node_id, now=now)
-        reap_before = now - self.config.dead_reap_after
+        reap_after = self.config.dead_reap_after
         while self.gone:
             m = next(iter(self.gone.values()))
-            if m.state_change > reap_before:
+            # The same sum as next_deadline(): ``now - reap_after`` can round differently,
+            # and a deadline that never fires is a timer spinning at one instant.
+            if m.state_change + reap_after > now:
                 break
             self._forget(m, now)
 
@@ -334,5 +345,6 @@ class MemberTable:
     # ---------------------------------------------------------------- queries
 
     def gossip_target(self, m: Member, now: float) -> bool:
-        """Live members, and the dead for ``gossip_to_dead`` seconds (so they can refute)."""
-        return m.live or now - m.state_change < self.config.gossip_to_dead
+        """Live members, and the confirmed dead for ``gossip_to_dead`` seconds (so they can
+        refute; a member never heard from that died quietly is no target)."""
+        return m.live or (m.confirmed and now - m.state_change < self.config.gossip_to_dead)

@@ -59,6 +59,12 @@ so no claim can overflow it or make us persist what a restart would reject.
 Leaving: ``leave()`` marks us LEFT and broadcasts ``Dead(node=us, sender=us)`` at once;
 after it we stop probing and syncing but keep answering pings and gossiping.
 
+Unconfirmed members (fake-member floods): a member is *confirmed* once a message from it
+arrives (``src == node``). A member only heard of second hand may not exist: a failed probe
+of it does not raise our local health, a helper never heard from is not expected to nack,
+our own Suspect/Dead about it is not gossiped (it dies here, quietly), a failed dial to it
+is no probe hint, and once dead it is neither a gossip-to-the-dead nor a reconnect target.
+
 Transport hints: ``on_unreachable(address)`` (a failed dial or dropped connection) makes
 that member the next probe target, and skips the wait for a direct ack when it is the
 current one. A hint never declares anything dead by itself.
@@ -184,14 +190,19 @@ class Swim:
 
     def on_message(self, src_address: str, src_node: bytes, msg: Message, *, now: float) -> None:
         """Handle one message from the authenticated member ``src_node`` reachable at ``src_address``."""
-        sender = self._table.members.get(src_node)
+        members = self._table.members
+        sender = members.get(src_node)
         if sender is not None and sender is not self._me:
             sender.last_heard = now
+            sender.confirmed = True  # it spoke to us itself
         handler = self._handlers.get(type(msg))
         if handler is None:
             _log.debug("ignoring %s from %s", type(msg).__name__, src_address)
             return
         handler(self, src_address, src_node, msg, now)
+        introduced = members.get(src_node) if sender is None else None
+        if introduced is not None and introduced is not self._me:
+            introduced.confirmed = True  # it introduced itself with this message
 
     def on_unreachable(self, address: str, *, now: float) -> None:
         """Transport hint: a dial to ``address`` failed or its connection dropped. Probe it soon."""
@@ -209,6 +220,8 @@ class Swim:
             if not probe.indirect:
                 self._send_indirect(probe, now)
             return
+        if not m.confirmed:
+            return  # a failed dial to a member never heard from is no reason to probe it first
         if m.node_id not in self._hints and len(self._hints) < self._cfg.max_hints:
             self._hints.append(m.node_id)
         if probe is None:
@@ -456,7 +469,8 @@ class Swim:
         helpers = self._sample(
             self._cfg.indirect_checks, lambda m: m.status is ALIVE and m.node_id != probe.target
         )
-        probe.expected_nacks = len(helpers)
+        # Only a confirmed helper's missing nack says something about us (Lifeguard).
+        probe.expected_nacks = sum(1 for m in helpers if m.confirmed)
         if helpers:
             self._indirect_probes += 1
         for m in helpers:
@@ -466,11 +480,13 @@ class Swim:
     def _probe_failed(self, probe: Probe, now: float) -> None:
         self._probe = None
         self._probe_failures += 1
-        if probe.expected_nacks > 0:
+        target = self._table.members.get(probe.target)
+        if target is None or not target.confirmed:
+            pass  # a member never heard from may not exist: its silence says nothing of us
+        elif probe.expected_nacks > 0:
             self._table.adjust_health(max(0, probe.expected_nacks - probe.nacks))
         else:
             self._table.adjust_health(+1)
-        target = self._table.members.get(probe.target)
         if target is not None and target.live:
             _log.debug("probe of %s failed (%d nacks)", probe.target.hex()[:10], probe.nacks)
             self._table.suspect(target.node_id, target.incarnation, self._me.node_id, now=now)
@@ -492,6 +508,14 @@ class Swim:
                 if len(picked) == k:
                     break
         return list(picked.values())
+
+    def _sample_confirmed_first(self, k: int, ok: Callable[[Member], bool]) -> list[Member]:
+        """Up to ``k`` like ``_sample``, members we heard from directly first; the rest of the
+        ``k`` (when too few are confirmed) from the unconfirmed. For the push/pull partner."""
+        picked = self._sample(k, lambda m: m.confirmed and ok(m))
+        if len(picked) < k:
+            picked += self._sample(k - len(picked), lambda m: not m.confirmed and ok(m))
+        return picked
 
     # ---------------------------------------------------- gossip and push/pull
 
@@ -532,7 +556,7 @@ class Swim:
                 self._send_state(peers[0].address, join=False, reply=False)
         # Reconnect (Serf's reconnect_interval): also sync with one member we think is dead,
         # so two sides of a healed partition find each other before the dead are reaped.
-        gone = self._sample(1, lambda m: m.status is MemberStatus.DEAD)
+        gone = self._sample(1, lambda m: m.status is MemberStatus.DEAD and m.confirmed)
         if gone:
             self._send_state(gone[0].address, join=False, reply=False)
 

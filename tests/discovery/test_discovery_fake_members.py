@@ -1,0 +1,82 @@
+"""Members only heard of second hand (a fake-member flood) stay local: explicit now=, no sleeps.
+
+A member holding the mesh key can gossip ALIVE for node ids that do not exist. A failed
+probe of a member we never heard from directly must not raise our Lifeguard health score,
+and our own suspicion and death of it are not gossiped (nobody could refute them, and they
+crowd out the news honest members need).
+"""
+
+from __future__ import annotations
+
+import random
+
+from discovery.config import SwimConfig
+from discovery.swim import Swim
+from discovery.testing import MemoryMesh, node_id_for
+from protocol.messages.gossip import Alive, Dead, NodeMeta, Suspect
+
+CFG = SwimConfig.test()
+A, B, C = "a:1", "b:1", "c:1"
+FAKE = "fake:1"
+
+
+def _mesh() -> MemoryMesh:
+    mesh = MemoryMesh(config=CFG, seed=3)
+    mesh.add(A)
+    mesh.add(B, seeds=[A])
+    mesh.add(C, seeds=[A])
+    mesh.run_until(3.0)
+    assert mesh.converged()
+    return mesh
+
+
+def test_a_member_never_heard_from_dies_quietly_and_costs_no_health() -> None:
+    mesh = _mesh()
+    fake = Alive(incarnation=7, node=node_id_for(FAKE), address=FAKE, meta=NodeMeta())
+    mesh.inject(B, A, fake)  # B (a member) vouches for a node that does not exist
+    since = mesh.now
+    mesh.run_for(10.0)
+    a = mesh.nodes[A]
+    kinds = [k for k, who in mesh.kinds(A, since=since) if who == FAKE]
+    assert kinds[:3] == ["JOINED", "SUSPECTED", "DEAD"]  # probed out here...
+    accusations = [
+        d for d in mesh.sent(A, since=since)
+        if isinstance(d.msg, (Suspect, Dead)) and d.msg.node == node_id_for(FAKE)
+        and d.msg.sender == node_id_for(A) and d.dst != FAKE  # (the buddy Suspect to it is fine)
+    ]  # fmt: skip
+    assert accusations == []  # ...without telling anyone
+    assert a.stats()["local_health"] == 0
+    assert mesh.converged([A, B, C])
+
+
+def test_a_member_that_spoke_to_us_is_still_suspected_out_loud() -> None:
+    mesh = _mesh()
+    since = mesh.now
+    mesh.crash(C)
+    mesh.run_for(10.0)
+    told = [
+        d for d in mesh.sent(A, since=since) + mesh.sent(B, since=since)
+        if isinstance(d.msg, Suspect) and d.msg.node == node_id_for(C)
+    ]  # fmt: skip
+    assert told
+    assert ("DEAD", C) in mesh.kinds(A, since=since) and ("DEAD", C) in mesh.kinds(B, since=since)
+
+
+def test_reaping_at_a_deadline_that_rounds_moves_the_deadline() -> None:
+    """``state_change + dead_reap_after <= now`` but ``state_change > now - dead_reap_after``
+    in floating point: the reap must still happen (it once spun at one instant for ever)."""
+    cfg = SwimConfig.local()
+    swim = Swim(node_id=node_id_for(A), address=A, meta=NodeMeta(), config=cfg,
+                rng=random.Random(1), now=0.0)  # fmt: skip
+    r, t = cfg.dead_reap_after, 0.1
+    while not t > (t + r) - r:  # a death time that rounds the wrong way
+        t += 0.1
+    swim.on_message(B, node_id_for(B), Alive(incarnation=0, node=node_id_for(B), address=B,
+                                             meta=NodeMeta()), now=0.0)  # fmt: skip
+    swim.on_message(B, node_id_for(B), Dead(incarnation=0, node=node_id_for(B),
+                                            sender=node_id_for(B)), now=t)  # fmt: skip
+    reap_at = t + cfg.dead_reap_after
+    swim.handle_timer(now=reap_at)
+    assert swim.member(node_id_for(B)) is None
+    deadline = swim.next_deadline()
+    assert deadline is None or deadline > reap_at
