@@ -116,6 +116,13 @@ class BroadcastQueue:
                 heapq.heappush(heap, entry)
         return out
 
+    def has_urgent(self) -> bool:
+        """Whether an urgent item (a suspicion, death or refutation) is waiting to be sent."""
+        heap = self._heap
+        while heap and not heap[0][_LIVE]:
+            heapq.heappop(heap)
+        return bool(heap) and heap[0][0] == 0
+
     def heard(self, key: bytes, msg: Message) -> None:
         """Someone sent us ``msg``, which we are spreading too: count one transmission
         (only while the queue is longer than ``FEEDBACK_ABOVE``)."""

@@ -64,6 +64,13 @@ arrives (``src == node``). A member only heard of second hand may not exist: a f
 of it does not raise our local health, a helper never heard from is not expected to nack,
 our own Suspect/Dead about it is not gossiped (it dies here, quietly), a failed dial to it
 is no probe hint, and once dead it is neither a gossip-to-the-dead nor a reconnect target.
+Such members can outnumber the real ones, so three things do not rely on random gossip
+targets alone: a gossip round that carries urgent news (a suspicion, death or refutation)
+and picked nobody confirmed adds one confirmed target; a Suspect we accept about a confirmed
+member (or start by our own probe) is also sent to that member itself, so it refutes even if
+the gossip misses it; and our refutation goes straight to whoever handed us the claim and to
+its accuser, whose suspicion timer runs out first. None of this happens in a quiet mesh, so
+honest joins are unchanged (``python -m simulations gossip`` gives the same rounds).
 
 Transport hints: ``on_unreachable(address)`` (a failed dial or dropped connection) makes
 that member the next probe target, and skips the wait for a direct ack when it is the
@@ -489,7 +496,15 @@ class Swim:
             self._table.adjust_health(+1)
         if target is not None and target.live:
             _log.debug("probe of %s failed (%d nacks)", probe.target.hex()[:10], probe.nacks)
-            self._table.suspect(target.node_id, target.incarnation, self._me.node_id, now=now)
+            was_alive = target.status is ALIVE
+            me = self._me.node_id
+            self._table.suspect(target.node_id, target.incarnation, me, now=now)
+            if was_alive and target.status is SUSPECT and target.confirmed:
+                # Lifeguard's buddy system, at once: a member that was only slow or frozen
+                # reads this first when it wakes and refutes, instead of waiting for our
+                # next probe of it or for the gossip to find it.
+                self._send(target.address, Suspect(incarnation=target.incarnation,
+                                                   node=target.node_id, sender=me))  # fmt: skip
 
     def _sample(self, k: int, ok: Callable[[Member], bool]) -> list[Member]:
         """Up to ``k`` distinct random members (not us) satisfying ``ok`` (memberlist kRandomNodes)."""
@@ -523,7 +538,14 @@ class Swim:
         table = self._table
         if not len(table.broadcasts):
             return
-        for m in self._sample(self._cfg.gossip_nodes, lambda m: table.gossip_target(m, now)):
+        targets = self._sample(self._cfg.gossip_nodes, lambda m: table.gossip_target(m, now))
+        if table.broadcasts.has_urgent() and not any(m.confirmed for m in targets):
+            # News that starts or stops a timer must reach someone real even when members
+            # never heard from (a fake-member flood) outnumber the rest: one more target.
+            targets += self._sample(
+                1, lambda m: m.confirmed and table.gossip_target(m, now) and m not in targets
+            )
+        for m in targets:
             msgs = table.broadcasts.get(self._cfg.max_piggyback, n_members=table.num_live)
             if not msgs:
                 break
@@ -628,11 +650,36 @@ class Swim:
 
     def _on_suspect(self, src_address: str, src_node: bytes, msg: Suspect, now: float) -> None:
         self._stale_claim_about_us(src_address, msg.node, msg.incarnation)
+        inc = self._me.incarnation
+        m = self._table.members.get(msg.node)
+        was_alive = m is not None and m.status is ALIVE
         self._table.suspect(msg.node, msg.incarnation, msg.sender, now=now, msg=msg)
+        self._tell_accuser(src_address, msg.node, msg.sender, inc)
+        if was_alive and m is not None and m.status is SUSPECT and m.confirmed:
+            # Hand the suspicion to the suspect itself: if it is there, its refutation (or,
+            # when it refuted already, its answer to a stale claim) comes straight back to
+            # us even when the gossip of it misses us (diluted by members that do not exist).
+            self._send(m.address, msg)
 
     def _on_dead(self, src_address: str, src_node: bytes, msg: Dead, now: float) -> None:
         self._stale_claim_about_us(src_address, msg.node, msg.incarnation)
+        inc = self._me.incarnation
         self._table.dead(msg.node, msg.incarnation, msg.sender, now=now, msg=msg)
+        self._tell_accuser(src_address, msg.node, msg.sender, inc)
+
+    def _tell_accuser(self, src_address: str, node: bytes, sender: bytes, before: int) -> None:
+        """We just refuted a claim about us (our incarnation rose past ``before``): send the
+        refutation straight to whoever handed us the claim and to its accuser, whose timer
+        runs out first, besides gossiping it (which members never heard from, such as a
+        flood of fakes, can dilute)."""
+        me = self._me
+        if node != me.node_id or me.incarnation == before:
+            return
+        alive = Alive(incarnation=me.incarnation, node=me.node_id, address=me.address, meta=me.meta)
+        self._send(src_address, alive)
+        accuser = self._table.members.get(sender)
+        if accuser is not None and accuser is not me and accuser.address != src_address:
+            self._send(accuser.address, alive)
 
     def _stale_claim_about_us(self, src_address: str, node: bytes, inc: int) -> None:
         """A Suspect/Dead about an incarnation of ours we already refuted: some members

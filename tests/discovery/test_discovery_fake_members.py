@@ -80,3 +80,49 @@ def test_reaping_at_a_deadline_that_rounds_moves_the_deadline() -> None:
     assert swim.member(node_id_for(B)) is None
     deadline = swim.next_deadline()
     assert deadline is None or deadline > reap_at
+
+
+def _swim_knowing_b(now: float = 0.0) -> Swim:
+    swim = Swim(node_id=node_id_for(A), address=A, meta=NodeMeta(), config=CFG,
+                rng=random.Random(5), now=now)  # fmt: skip
+    b = Alive(incarnation=0, node=node_id_for(B), address=B, meta=NodeMeta())
+    swim.on_message(B, node_id_for(B), b, now=now)  # B speaks for itself: confirmed
+    swim.messages_to_send()
+    return swim
+
+
+def test_a_suspicion_heard_by_gossip_is_handed_to_the_suspect_itself() -> None:
+    swim = _swim_knowing_b()
+    claim = Suspect(incarnation=0, node=node_id_for(B), sender=node_id_for(C))
+    swim.on_message(C, node_id_for(C), claim, now=1.0)
+    assert (B, claim) in swim.messages_to_send()
+
+
+def test_a_refutation_goes_straight_to_the_accuser_and_the_messenger() -> None:
+    swim = _swim_knowing_b()
+    c = Alive(incarnation=0, node=node_id_for(C), address=C, meta=NodeMeta())
+    swim.on_message(C, node_id_for(C), c, now=0.5)
+    swim.messages_to_send()
+    claim = Suspect(incarnation=0, node=node_id_for(A), sender=node_id_for(C))
+    swim.on_message(B, node_id_for(B), claim, now=1.0)  # B passes on C's suspicion of us
+    assert swim.incarnation == 1
+    refutation = Alive(incarnation=1, node=node_id_for(A), address=A, meta=NodeMeta())
+    sent = swim.messages_to_send()
+    assert (B, refutation) in sent and (C, refutation) in sent
+
+
+def test_urgent_gossip_reaches_a_member_heard_from_among_a_flood_of_fakes() -> None:
+    swim = _swim_knowing_b()
+    rng = random.Random(9)
+    fakes = [Alive(incarnation=1, node=rng.randbytes(32), address=f"x{i}:1", meta=NodeMeta())
+             for i in range(300)]  # fmt: skip
+    for f in fakes:
+        swim.on_message(B, node_id_for(B), f, now=1.0)  # B is the hostile member here
+    claim = Suspect(incarnation=1, node=fakes[0].node, sender=node_id_for(B))
+    swim.on_message(B, node_id_for(B), claim, now=1.0)  # urgent news
+    swim.messages_to_send()
+    told = []
+    for step in range(1, 21):
+        swim.handle_timer(now=1.0 + step * CFG.gossip_interval)
+        told += [dst for dst, msg in swim.messages_to_send() if msg == claim]
+    assert told and B in told  # without the extra target: ~3 of 301 members per round
