@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from node.tasks.coordinator import CoordinatorSettings, Worker
+from node.tasks.coordinator import CoordinatorSettings, TaskRecord, Worker
 from node.tasks.engine import AbortAttempts, RunAttempt, TaskChanged, TaskEngine, TaskSettings
 from protocol.messages.tasks import (
     TERMINAL_STATES,
@@ -145,6 +145,9 @@ class TaskMesh:
         return nid
 
     def crash(self, nid: bytes) -> None:
+        """Stop ``nid`` now (nothing if it is not running)."""
+        if nid not in self.alive:
+            return
         self.alive.discard(nid)
         self._queue.pop(nid, None)
         self._busy.pop(nid, None)
@@ -242,6 +245,17 @@ class TaskMesh:
                     self.engines[best].records[task_id].ballot)):
                 best = n
         return best
+
+    def lead(self, task_id: bytes) -> bytes:
+        """``coordinator_of``, which must exist."""
+        node = self.coordinator_of(task_id)
+        if node is None:
+            raise AssertionError("no live coordinator")
+        return node
+
+    def record(self, task_id: bytes) -> TaskRecord:
+        """The final coordinator's record of ``task_id``."""
+        return self.engines[self.lead(task_id)].records[task_id]
 
     def summary(self, task_id: bytes) -> TaskSummary | None:
         c = self.coordinator_of(task_id)

@@ -3,6 +3,7 @@ stale coordinators, replica catch-up, cancel, waiting, and random crash/join sch
 
 from __future__ import annotations
 
+import functools
 import random
 
 from hypothesis import given, settings
@@ -19,6 +20,8 @@ from protocol.messages.tasks import (
     TaskAssign,
     TaskReject,
     TaskReplicate,
+    TaskReplicateAck,
+    TaskResult,
     TaskState,
     WorkItem,
     pack_value,
@@ -46,7 +49,7 @@ def test_every_result_is_on_every_replica_before_it_counts() -> None:
     run(mesh, task)
     end = mesh.now
     mesh.run_until(lambda: mesh.now > end + 0.1)  # the last commit point is on its way
-    coordinator = mesh.coordinator_of(task)
+    coordinator = mesh.lead(task)
     assert coordinator is not None
     rec = mesh.engines[coordinator].records[task]
     assert len(rec.replicas) == 2
@@ -61,7 +64,7 @@ def test_coordinator_crash_mid_task_loses_nothing() -> None:
     mesh = TaskMesh(SimConfig(nodes=5, duration=lambda i: 0.05))
     task = mesh.submit(400)
     mesh.run_until(lambda: mesh.now >= 0.5)
-    first = mesh.coordinator_of(task)
+    first = mesh.lead(task)
     assert first is not None
     done_before = mesh.engines[first].records[task].kind.done
     assert 0 < done_before < 400
@@ -79,7 +82,7 @@ def test_worker_crash_is_retried_elsewhere() -> None:
     mesh = TaskMesh(SimConfig(nodes=4, duration=lambda i: 0.05))
     task = mesh.submit(200)
     mesh.run_until(lambda: mesh.now >= 0.3)
-    coordinator = mesh.coordinator_of(task)
+    coordinator = mesh.lead(task)
     victim = next(n for n in sorted(mesh.alive) if n != coordinator
                   and n not in mesh.engines[coordinator].records[task].replicas)
     mesh.crash(victim)
@@ -97,7 +100,7 @@ def test_lease_expiry_redispatches_before_failure_detection() -> None:
     mesh = TaskMesh(config)
     task = mesh.submit(120)
     mesh.run_until(lambda: mesh.now >= 0.2)
-    coordinator = mesh.coordinator_of(task)
+    coordinator = mesh.lead(task)
     rec = mesh.engines[coordinator].records[task]
     victim = next(n for n in sorted(mesh.alive) if n != coordinator and n not in rec.replicas)
     mesh.crash(victim)  # the others hear of it only after 1000 s
@@ -119,7 +122,7 @@ def test_failures_retry_with_backoff_then_fail_for_good() -> None:
     run(mesh, task)
     summary = mesh.summary(task)
     assert summary is not None and summary.state is TaskState.FAILED and summary.failed == 10
-    kind = mesh.engines[mesh.coordinator_of(task)].records[task].kind
+    kind = mesh.record(task).kind
     assert {o.attempts for o in kind.outcomes.values()} == {3}
     assert all(o.failure is not None and o.failure.type == "ValueError" for o in kind.outcomes.values())
 
@@ -144,9 +147,7 @@ def test_duplicate_results_are_recorded_once() -> None:
     assert all(rec.kind.outcomes[i.index].value == pack_value(7) for i in a.items)
 
 
-def _result(assign: TaskAssign, outcomes: tuple[Outcome, ...]) -> object:
-    from protocol.messages.tasks import TaskResult
-
+def _result(assign: TaskAssign, outcomes: tuple[Outcome, ...]) -> TaskResult:
     return TaskResult(task_id=assign.task_id, ballot=assign.ballot, attempt=assign.attempt, outcomes=outcomes)
 
 
@@ -183,10 +184,12 @@ def test_replica_refuses_a_lower_ballot_and_adopts_a_higher_one() -> None:
     replica.on_message(b, TaskReplicate(task_id=task, ballot=Ballot(epoch=1, node=b), replicas=(r,)),
                        now=0.1)
     (ack,) = [s.message for s in replica.messages_to_send()]
+    assert isinstance(ack, TaskReplicateAck)
     assert not ack.ok and ack.ballot == Ballot(epoch=2, node=a)
     replica.on_message(b, TaskReplicate(task_id=task, ballot=Ballot(epoch=3, node=b), replicas=(r,)),
                        now=0.2)
     (ack,) = [s.message for s in replica.messages_to_send()]
+    assert isinstance(ack, TaskReplicateAck)
     assert ack.ok and replica.records[task].coordinator == b
 
 
@@ -194,7 +197,7 @@ def test_a_replacement_replica_catches_up_and_can_take_over() -> None:
     mesh = TaskMesh(SimConfig(nodes=6, duration=lambda i: 0.02))
     task = mesh.submit(600)
     mesh.run_until(lambda: mesh.now >= 0.4)
-    coordinator = mesh.coordinator_of(task)
+    coordinator = mesh.lead(task)
     rec = mesh.engines[coordinator].records[task]
     old = list(rec.replicas)
     mesh.crash(old[0])
@@ -212,7 +215,7 @@ def test_cancel_fails_what_is_left_and_aborts_workers() -> None:
     mesh = TaskMesh(SimConfig(nodes=3, duration=lambda i: 0.1))
     task = mesh.submit(100)
     mesh.run_until(lambda: mesh.now >= 0.3)
-    coordinator = mesh.coordinator_of(task)
+    coordinator = mesh.lead(task)
     assert mesh.engines[coordinator].cancel(task, now=mesh.now)
     mesh._drain(coordinator)
     run(mesh, task)
@@ -232,7 +235,7 @@ def test_a_task_no_member_can_run_waits_visibly_then_runs() -> None:
     mesh.add_node(9, at=mesh.now, slots=8)
     run(mesh, task)
     assert mesh.check_exactly_once(task) == []
-    kind = mesh.engines[mesh.coordinator_of(task)].records[task].kind
+    kind = mesh.record(task).kind
     assert {o.worker for o in kind.outcomes.values()} == {node_id(9)}
 
 
@@ -240,8 +243,12 @@ def test_subtask_reports() -> None:
     mesh = TaskMesh(SimConfig(nodes=2))
     task = mesh.submit(5)
     run(mesh, task)
-    kind = mesh.engines[mesh.coordinator_of(task)].records[task].kind
+    kind = mesh.record(task).kind
     assert [kind.report(i).state for i in range(5)] == [SubtaskState.DONE] * 5
+
+
+def _join(mesh: TaskMesh, i: int) -> None:
+    mesh._drain(mesh.add_node(i, at=mesh.now))
 
 
 @settings(max_examples=15)
@@ -253,12 +260,12 @@ def test_random_crash_and_join_schedules_never_lose_or_duplicate(
     mesh = TaskMesh(SimConfig(nodes=6, seed=seed, loss=loss, duration=lambda i: 0.01 + (i % 7) * 0.003))
     task = mesh.submit(500)
     for k, when in enumerate(joins):
-        mesh.at(when, lambda k=k: mesh._drain(mesh.add_node(100 + k, at=mesh.now)))
+        mesh.at(when, functools.partial(_join, mesh, 100 + k))
     victims: set[int] = set()
     for when, i in crashes:
         if i < 6 and i not in victims and len(victims) < 2:  # a quorum-free design: keep one holder
             victims.add(i)
-            mesh.at(when, lambda i=i: mesh.crash(node_id(i)) if node_id(i) in mesh.alive else None)
+            mesh.at(when, functools.partial(mesh.crash, node_id(i)))
     mesh.run_until(lambda: False, limit_s=300.0)  # every scheduled crash and join, then quiet
     assert mesh.finished(task), (mesh.summary(task), mesh.now)
     assert mesh.check_exactly_once(task) == []
