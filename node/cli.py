@@ -19,7 +19,6 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from node.config import (
     DEFAULT_PORT,
@@ -33,7 +32,7 @@ from node.config import (
 from node.options import Option, Override, add_options, options_of, resolve, section_docs
 from protocol.errors import ConfigError, ErrorCode, RemoteProtocolError, StarmeshError
 
-COMMANDS = ("run", "status", "mesh-key")
+COMMANDS = ("run", "status", "mesh-key", "submit", "tasks", "task", "results", "cancel", "submitters")
 
 RUN_DESCRIPTION = """\
 Run a Starmesh node: gossip membership over an encrypted TCP protocol.
@@ -46,6 +45,9 @@ after --join-timeout seconds if no seed lets it in, saying why for each.
 other commands:
   python -m node status [--connect HOST:PORT] [--json]   show the members as a node sees them
   python -m node mesh-key new PATH                       write a new mesh secret (0600)
+  python -m node submit --bundle DIR MOD:FN --inputs F   run a function over inputs on the mesh
+  python -m node tasks | task ID | results ID | cancel ID   follow and manage tasks
+  python -m node submitters [add KEY | revoke KEY | key] who may submit work
 """
 
 
@@ -107,13 +109,14 @@ RUN_OVERRIDES: dict[str, Override] = {
                            parse=lambda text, what: text.strip() == "auto",
                            show=lambda on: "auto" if on else "asyncio"),
     "tags": Override(flag="tag", repeat=True, metavar="KEY=VALUE", parse=_tags),
+    "tasks.allow_modules": Override(flag="allow-module", repeat=True, metavar="PATTERN", parse=_tags),
     "links.bulk_congestion": Override(
         metavar="NAME", show=lambda name: name or "system",
         parse=lambda text, what: None if text.strip() == "system" else text.strip()),
 }
 
 #: Flag prefix of each nested config's fields (none for ``links`` and ``executors``).
-RUN_PREFIXES: dict[str, str] = {"allreduce": "allreduce-"}
+RUN_PREFIXES: dict[str, str] = {"allreduce": "allreduce-", "tasks": "task-"}
 
 
 def run_options() -> tuple[Option, ...]:
@@ -178,17 +181,6 @@ def build_status_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_mesh_key_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m node mesh-key",
-        description="Manage mesh secrets. Every member of a mesh holds the same secret.",
-    )
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    new = sub.add_parser("new", help="write a new mesh secret to PATH (0600); PATH must not exist")
-    new.add_argument("path", metavar="PATH")
-    return p
-
-
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -245,16 +237,6 @@ def _status(argv: Sequence[str]) -> int:
     return 0
 
 
-def _mesh_key(argv: Sequence[str]) -> int:
-    args = parse_args(build_mesh_key_parser(), argv)
-    from node.identity import create_mesh_key
-
-    path = Path(args.path).expanduser()
-    create_mesh_key(path)
-    print(f"wrote a new mesh secret to {path} (mode 0600); give it only to this mesh's nodes")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m node`` and the ``starmesh`` script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -266,7 +248,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "status":
             return _status(rest)
         if command == "mesh-key":
-            return _mesh_key(rest)
+            from node.submitters_cli import mesh_key_main
+
+            return mesh_key_main(rest)
+        if command == "submitters":
+            from node.submitters_cli import main as submitters_main
+
+            return submitters_main(rest)
+        if command in ("submit", "tasks", "task", "results", "cancel"):
+            from node import tasks_cli
+
+            return tasks_cli.main(command, rest)
         return _run(rest)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

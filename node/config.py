@@ -23,6 +23,7 @@ from pathlib import Path
 
 from discovery.config import PRESETS as SWIM_PRESETS
 from node.allreduce.config import AllReduceSettings
+from node.tasks.config import TaskConfig
 from protocol.errors import ConfigError
 from protocol.messages.gossip import MAX_TAG_LEN, MAX_TAGS, is_tag
 
@@ -308,6 +309,9 @@ class NodeConfig:
 
     allreduce: AllReduceSettings = field(default_factory=AllReduceSettings)
     """All-reduce defaults: what a round gets when its caller passes no ``AllReduceConfig``."""
+
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    """What this node runs for tasks, and what it keeps of them."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESET_NAMES:

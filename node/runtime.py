@@ -49,7 +49,9 @@ from node.metrics import MetricsServer
 from node.pool import Pool, guess_local_ip
 from node.resources import basic_meta, detect_gpus_async, torch_versions
 from node.status_service import StatusService
+from node.submitters.service import SubmitterService
 from node.supervisor import Supervisor
+from node.tasks.service import TaskService
 from node.transport import Handler, Link, LinkSettings, Traffic
 from protocol import crypto
 from protocol.connection import Channel
@@ -74,6 +76,8 @@ class Node:
     """
 
     allreduce: AllReduceService
+    submitters: SubmitterService
+    tasks: TaskService
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -149,7 +153,9 @@ class Node:
                           spawn=self.spawn, executors=self._executors)
         self.status = StatusService(ctx, metrics=self.stats, started=self._started)
         self.allreduce = AllReduceService(ctx, settings=config.allreduce)
-        for service in (self.status, self.allreduce):
+        self.submitters = SubmitterService(ctx, owner=self._files.mesh_owner)
+        self.tasks = TaskService(ctx, config=config.tasks, authority=self.submitters)
+        for service in (self.status, self.allreduce, self.submitters, self.tasks):
             await self._add_service(service)
         await pool.start_serving()
         membership.join(self._files.seeds(own_address=self.address))

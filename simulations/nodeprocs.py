@@ -25,6 +25,8 @@ from typing import Any
 
 from node.config import parse_address
 from node.identity import create_mesh_key, load_mesh_key
+from node.submitters.keys import public_key_of
+from node.submitters.store import default_key_path, load_or_create_submitter_key
 from node.status import StatusClient, reply_to_json
 from protocol.errors import StarmeshError
 
@@ -124,8 +126,9 @@ class LocalMesh:
         self.preset = preset
         self.mesh_key = root / "mesh.key"
         root.mkdir(parents=True, exist_ok=True)
-        if not self.mesh_key.exists():
-            create_mesh_key(self.mesh_key)
+        if not self.mesh_key.exists():  # owned by this person's submitter key, as a first node's is
+            owner = public_key_of(load_or_create_submitter_key(default_key_path()))
+            create_mesh_key(self.mesh_key, owner)
         self.secret = load_mesh_key(self.mesh_key)
         self.nodes: list[NodeProcess] = []
         self._runner: asyncio.Runner | None = None

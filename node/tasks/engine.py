@@ -481,7 +481,7 @@ class TaskEngine:
         return {
             "tasks_coordinating": float(coordinating),
             "tasks_replicating": float(len(self.records) - coordinating),
-            "task_attempts_running": float(len(self._running)),
+            "tasks_worker_attempts": float(len(self._running)),
             **{f"tasks_{k}_total" if not k.startswith("tasks_") else f"{k}_total": float(v)
                for k, v in self.counters.items()},
         }

@@ -498,6 +498,11 @@ def inputs_digest(inputs: Sequence[bytes]) -> bytes:
     return h.digest()
 
 
+def signed_submission(body: bytes) -> bytes:
+    """What a submitter's Ed25519 signature covers: a domain tag, then the encoded ``Submission``."""
+    return b"starmesh submission v1" + body
+
+
 def task_id_of(body: bytes) -> bytes:
     """A task's id: the first 16 bytes of SHA-256 over its signed submission."""
     return hashlib.sha256(b"starmesh task v1" + body).digest()[:TASK_ID_BYTES]
