@@ -150,10 +150,12 @@ class MemberTable:
         src: bytes | None = None,
         msg: Alive | None = None,
         gossip: bool = True,
+        urgent: bool = False,
     ) -> None:
         """Apply ``Alive(inc, node, address, meta)``; ``src`` is who handed it to us and
         ``msg`` the message itself, if it came as one (re-gossiped as is). ``gossip=False``
-        applies it without queueing it for dissemination (state learned from a sync)."""
+        applies it without queueing it for dissemination (state learned from a sync);
+        ``urgent`` queues it as urgent news even when it is not a refutation."""
         if node == self.me.node_id:
             self._alive_about_me(inc, address, meta, now)
             return
@@ -163,7 +165,7 @@ class MemberTable:
             if m is not None:
                 if gossip:
                     news = msg or Alive(incarnation=inc, node=node, address=address, meta=meta)
-                    self.broadcasts.queue(node, news)
+                    self.broadcasts.queue(node, news, urgent=urgent)
                 self.emit(EventKind.JOINED, m, now)
             return
         if inc <= m.incarnation:
@@ -181,7 +183,7 @@ class MemberTable:
         self._set_status(m, ALIVE, now)
         if gossip:
             news = msg or Alive(incarnation=inc, node=node, address=address, meta=meta)
-            self.broadcasts.queue(node, news, urgent=old_status is not ALIVE)  # a refutation
+            self.broadcasts.queue(node, news, urgent=urgent or old_status is not ALIVE)
         if old_status is DEAD or old_status is LEFT:
             self.emit(EventKind.JOINED, m, now)
         elif old_status is SUSPECT:

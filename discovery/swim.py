@@ -69,7 +69,8 @@ targets alone: a gossip round that carries urgent news (a suspicion, death or re
 and picked nobody confirmed adds one confirmed target; a Suspect we accept about a confirmed
 member (or start by our own probe) is also sent to that member itself, so it refutes even if
 the gossip misses it; and our refutation goes straight to whoever handed us the claim and to
-its accuser, whose suspicion timer runs out first. None of this happens in a quiet mesh, so
+its accuser, whose suspicion timer runs out first; a restarted member (incarnation > 0)
+announcing itself in a sync is spread as urgent news. None of this happens in a quiet mesh, so
 honest joins are unchanged (``python -m simulations gossip`` gives the same rounds).
 
 Transport hints: ``on_unreachable(address)`` (a failed dial or dropped connection) makes
@@ -713,8 +714,11 @@ class Swim:
         regossip_all = news <= self._cfg.max_piggyback
         for s in msg.members:
             if s.status is ALIVE:
-                gossip = regossip_all or s.node == src_node
-                table.alive(s.node, s.incarnation, s.address, s.meta, now=now, gossip=gossip)
+                own = s.node == src_node
+                # A restarted member (incarnation > 0) announcing itself is spread as urgent
+                # news, so it reaches the members that forgot it through any fake-member flood.
+                table.alive(s.node, s.incarnation, s.address, s.meta, now=now,
+                            gossip=regossip_all or own, urgent=own and s.incarnation > 0)  # fmt: skip
             elif s.status is MemberStatus.LEFT:
                 table.dead(s.node, s.incarnation, s.node, now=now)
             else:  # memberlist mergeState: a remote "dead" only makes us suspect

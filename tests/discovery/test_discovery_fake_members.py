@@ -13,7 +13,15 @@ import random
 from discovery.config import SwimConfig
 from discovery.swim import Swim
 from discovery.testing import MemoryMesh, node_id_for
-from protocol.messages.gossip import Alive, Dead, NodeMeta, Suspect
+from protocol.messages.gossip import (
+    Alive,
+    Dead,
+    MemberState,
+    MemberStatus,
+    NodeMeta,
+    PushPull,
+    Suspect,
+)
 
 CFG = SwimConfig.test()
 A, B, C = "a:1", "b:1", "c:1"
@@ -126,3 +134,17 @@ def test_urgent_gossip_reaches_a_member_heard_from_among_a_flood_of_fakes() -> N
         swim.handle_timer(now=1.0 + step * CFG.gossip_interval)
         told += [dst for dst, msg in swim.messages_to_send() if msg == claim]
     assert told and B in told  # without the extra target: ~3 of 301 members per round
+
+
+def test_a_restarted_member_announcing_itself_is_urgent_news_a_fresh_one_is_not() -> None:
+    def join_from(address: str, inc: int) -> Swim:
+        swim = _swim_knowing_b()
+        while swim._table.broadcasts.get(8, n_members=2):  # drain what is queued already
+            pass
+        me = MemberState(node=node_id_for(address), address=address, incarnation=inc,
+                         status=MemberStatus.ALIVE, meta=NodeMeta())  # fmt: skip
+        swim.on_message(address, node_id_for(address), PushPull(join=True, members=(me,)), now=1.0)
+        return swim
+
+    assert join_from(C, 3)._table.broadcasts.has_urgent()  # reaches members that forgot it
+    assert not join_from(C, 0)._table.broadcasts.has_urgent()  # an honest join storm is not
