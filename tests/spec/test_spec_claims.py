@@ -2,17 +2,21 @@
 
 Each test names the section whose sentence it keeps true. The byte-level vectors live in
 ``test_spec_vectors.py``; these are the behaviours around them: which channel carries which
-message (§4.7), which messages carry piggybacked gossip (§8), the empty GOODBYE (§1.1), what
-an invalid ERROR gets (§6.3), the first incarnation (§8.1), the key file's mode (§5.6), the
-capabilities a node sends (§4.3).
+message (§4.7), the tag table (§3.3), every field of the task and submitter messages (§12,
+§13), which messages carry piggybacked gossip (§8), the empty GOODBYE (§1.1), what an invalid
+ERROR gets (§6.3), the first incarnation (§8.1), the key file's mode (§5.6), the capabilities
+a node sends (§4.3).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -27,8 +31,25 @@ from protocol.connection import Channel, Connection, ConnectionTerminated, Hands
 from protocol.errors import ConfigError, ErrorCode
 from protocol.framing import HEADER
 from protocol.handshake import Goodbye, ProtocolErrorMsg
-from protocol.messages.gossip import Ack, Alive, Dead, Nack, Ping, PingReq, Suspect
-from protocol.schema import decode_body, encode_body
+from protocol.messages import tasks as task_messages
+from protocol.messages.gossip import NODE_ID, Ack, Alive, Dead, Nack, Ping, PingReq, Suspect
+from protocol.messages.submitters import SubmitterEntry
+from protocol.messages.tasks import QueryOp, SubtaskState, TaskErrorCode, TaskState
+from protocol.schema import (
+    REGISTRY,
+    Bool,
+    Bytes,
+    EnumOf,
+    Float,
+    ListOf,
+    Optional,
+    Spec,
+    Str,
+    StructOf,
+    UInt,
+    decode_body,
+    encode_body,
+)
 from protocol.tags import MsgType
 from protocol.testing import ConnectionPair, drain, seeded_identity
 
@@ -62,18 +83,150 @@ def _channel_table() -> dict[Channel, set[MsgType]]:
     return out
 
 
+#: Replies a node sends on CLIENT links and never receives there (a client matches them by ``req``).
+CLIENT_REPLIES = {MsgType.STATUS_REPLY, MsgType.TASK_ACCEPTED, MsgType.TASK_ERROR,
+                  MsgType.TASK_QUERY_REPLY, MsgType.TASK_CANCELLED, MsgType.SUBMITTERS_REPLY}
+
+
+def _services() -> list[Any]:
+    """One uninitialised instance of every service that registers handlers."""
+    from node.submitters.service import SubmitterService
+    from node.tasks.service import TaskService
+
+    return [object.__new__(cls) for cls in (AllReduceService, StatusService, SubmitterService, TaskService)]
+
+
 def test_channel_table_is_what_the_node_dispatches() -> None:
     served: dict[Channel, set[MsgType]] = collections.defaultdict(set)
     served[Channel.CONTROL] |= set(GOSSIP_TAGS)
-    for service in (object.__new__(AllReduceService), object.__new__(StatusService)):
+    for service in _services():
         for channel, tag in service.handlers():
             served[channel].add(tag)
     table = _channel_table()
     assert table[Channel.CONTROL] == served[Channel.CONTROL]
     assert table[Channel.BULK] == served[Channel.BULK] == {MsgType.AR_PART, MsgType.AR_AVERAGE}
-    # the node receives only the request on CLIENT; the reply goes the other way
-    assert served[Channel.CLIENT] == {MsgType.STATUS_REQUEST}
-    assert table[Channel.CLIENT] == {MsgType.STATUS_REQUEST, MsgType.STATUS_REPLY}
+    # the node receives only the requests on CLIENT; the replies go the other way
+    assert not served[Channel.CLIENT] & CLIENT_REPLIES
+    assert table[Channel.CLIENT] == served[Channel.CLIENT] | CLIENT_REPLIES
+
+
+# ---- §3.3: the tag table
+
+
+def test_tag_table_is_the_code() -> None:
+    """Every row of §3.3 lists ``number `NAME``` pairs; together they are exactly ``MsgType``."""
+    listed: dict[int, str] = {}
+    for line in _section("### 3.3 Type tag table").splitlines():
+        if line.startswith("| ") and not line.startswith(("| range", "| ---")):
+            for num, name in re.findall(r"(\d+) `([A-Z_]+)`", line.split("|")[2]):
+                assert int(num) not in listed, num
+                listed[int(num)] = name
+    assert listed == {int(t): t.name for t in MsgType}
+    assert set(REGISTRY) == set(MsgType)  # every tag has its message class
+
+
+# ---- §12, §13: every field of every task and submitter message and struct
+
+
+def _notation(s: Spec) -> str:
+    """A field spec in the notation of §3.1."""
+    if s is NODE_ID:
+        return "node id"
+    if isinstance(s, UInt):
+        return f"uint{s.bits}"
+    if isinstance(s, Float):
+        def num(x: float) -> str:
+            return "" if math.isinf(x) else f"{x:g}"
+        return f"float[{num(s.lo)}..{num(s.hi)}]"
+    if isinstance(s, Bool):
+        return "bool"
+    if isinstance(s, Bytes):
+        return f"bin[{s.min_len}..{s.max_len}]"
+    if isinstance(s, Str):
+        return f"str[<={s.max_len}]"
+    if isinstance(s, EnumOf):
+        return f"enum {s.enum_cls.__name__}"
+    if isinstance(s, Optional):
+        return _notation(s.inner) + "?"
+    if isinstance(s, ListOf):
+        return f"array<{_notation(s.item)}>[<={s.max_len}]"
+    if isinstance(s, StructOf):
+        return s.cls.__name__
+    raise AssertionError(f"no notation for {s!r}")
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def _message_tables(text: str) -> dict[str, list[list[str]]]:
+    """``| `NAME` (tag) | `field` | type | meaning |`` rows (continuations: empty first cell)."""
+    out: dict[str, list[list[str]]] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = _cells(line)
+        m = re.fullmatch(r"`([A-Z_]+)` \((\d+)\)", cells[0])
+        if m:
+            assert MsgType[m.group(1)] == int(m.group(2)), cells[0]
+            current = m.group(1)
+            out.setdefault(current, [])
+        elif cells[0]:
+            current = None
+        if current is not None and len(cells) == 4:
+            out[current].append(cells[1:])
+    return out
+
+
+def _struct_tables(text: str) -> dict[str, list[list[str]]]:
+    """The table after each ``<!-- fields:Name -->`` marker: ``| `field` | type | meaning |``."""
+    out: dict[str, list[list[str]]] = {}
+    for m in re.finditer(r"<!-- fields:(\w+) -->\n((?:\|.*\n)+)", text):
+        out[m.group(1)] = [_cells(line) for line in m.group(2).splitlines()[2:]]
+    return out
+
+
+def _check_rows(cls: type, rows: list[list[str]]) -> None:
+    fields = dataclasses.fields(cls)
+    assert [r[0].strip("`") for r in rows] == [f.name for f in fields], cls.__name__
+    for f, (_, typ, _meaning) in zip(fields, rows, strict=True):
+        s = f.metadata["starmesh_spec"]
+        got = re.match(r"`([^`]*)`", typ)
+        assert got is not None and got.group(1) == _notation(s), (cls.__name__, f.name, typ, _notation(s))
+        has_default = f.default is not dataclasses.MISSING
+        assert ("optional" in typ) == has_default, (cls.__name__, f.name, typ)
+
+
+def test_task_message_tables_are_the_code() -> None:
+    text = PROTOCOL_MD.read_text(encoding="utf-8")
+    section = text[text.index("## 12. Tasks"):text.index("## 13. ")]
+    tables = _message_tables(section)
+    task_tags = [t for t in MsgType if 80 <= t <= 103]
+    assert set(tables) == {t.name for t in task_tags}
+    for tag in task_tags:
+        _check_rows(REGISTRY[tag], tables[tag.name])
+    structs = _struct_tables(section)
+    assert set(structs) == {"Resources", "Submission", "TaskSeed", "Ballot", "Failure", "WorkItem",
+                            "Outcome", "TaskSummary", "SubtaskReport"}
+    for name, rows in structs.items():
+        _check_rows(getattr(task_messages, name), rows)
+    for enum_cls in (TaskState, SubtaskState, QueryOp, TaskErrorCode):
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{enum_cls.__name__}` |"))
+        assert re.findall(r"(\d+) `([A-Z_]+)`", row) == [(str(int(v)), v.name) for v in enum_cls]
+
+
+def test_submitter_message_table_names_every_field() -> None:
+    text = PROTOCOL_MD.read_text(encoding="utf-8")
+    section = text[text.index("## 13. "):]
+    for tag in (t for t in MsgType if 104 <= t <= 111):
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{tag.name}` ({int(tag)}) |"))
+        names = {f.name for f in dataclasses.fields(REGISTRY[tag])}
+        assert names == set(re.findall(r"`([a-z_]+)`", _cells(row)[1])), tag.name
+    entry = _section("### 13.2 The log")
+    listed = re.findall(r"^\| `([a-z_]+)` \|", entry, re.M)
+    assert listed == [f.name for f in dataclasses.fields(SubmitterEntry)]
 
 
 # ---- §8: the only carriers of piggybacked gossip
