@@ -150,6 +150,8 @@ class TaskRecord:
     _next_attempt: int = 1
     _load: dict[bytes, int] = field(default_factory=dict)  # attempts in flight per worker
     _wake_at: float | None = None  # a retry's backoff ends: dispatch again
+    refused: set[bytes] = field(default_factory=set)
+    """Members that refused to hold a replica (full): never asked again."""
 
     def __post_init__(self) -> None:
         self.kind = MapKind(self.submission, self.seed.inputs)
@@ -172,7 +174,7 @@ class TaskRecord:
         self.ballot = ballot
         self.attempts.clear()
         self._load.clear()
-        self._next_attempt = (ballot.epoch << 40) + 1  # attempt ids never repeat across epochs
+        self._next_attempt = ((ballot.epoch % (1 << 23)) << 40) + 1  # ids do not repeat across epochs
         for entry in self.log[self.applied:]:
             self._apply(entry)
         self.applied = len(self.log)
@@ -190,12 +192,22 @@ class TaskRecord:
                                      message=TaskAbort(task_id=self.task_id, ballot=ballot,
                                                        attempts=(a.attempt,)))
                                 for a in self.attempts.values())
+            self._rebuild(self.committed)  # what we applied past the commit point may differ
         self.role = Role.REPLICA
         self.ballot = ballot
         self.attempts.clear()
         self._load.clear()
         self._copies.clear()
         self._touch(now)
+
+    def _rebuild(self, upto: int) -> None:
+        """Keep the log's first ``upto`` entries only, and the kind state they make."""
+        del self.log[upto:]
+        self.kind = MapKind(self.submission, self.seed.inputs)
+        self.cancelled = False
+        self.committed = self.applied = 0
+        self.committed = upto
+        self._apply_committed()
 
     def outranks(self, ballot: Ballot) -> bool:
         """Our ballot is higher than ``ballot``."""
@@ -386,7 +398,7 @@ class TaskRecord:
         return TaskSummary(
             task_id=self.task_id, function=self.submission.function, submitter=self.submission.submitter,
             coordinator=self.coordinator, epoch=self.ballot.epoch, state=self.state, total=k.total,
-            done=k.done, failed=k.failed, running=k.running, retried=k.retried,
+            done=k.done, failed=k.failed, running=k.running, retried=max(k.retried, k.retried_recorded),
             created=self.created, updated=max(0.0, self.updated + wall_offset),
             version=self.version, waiting_reason=self.waiting_reason[:300])
 
@@ -451,7 +463,7 @@ class TaskRecord:
                 continue
             entries: list[bytes] = []
             size = 0
-            for entry in self.log[copy.sent:]:
+            for entry in () if needs_seed else self.log[copy.sent:]:  # a seed travels alone (<= 8 MiB)
                 if entries and (size + len(entry) > MAX_REPLICATE_BYTES or len(entries) >= MAX_LOG_BATCH):
                     break
                 entries.append(entry)

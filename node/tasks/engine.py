@@ -42,6 +42,7 @@ from node.tasks.coordinator import (
     ballot_order,
 )
 from protocol.connection import Channel
+from protocol.errors import RemoteProtocolError
 from protocol.messages.tasks import (
     MAX_BATCH,
     MAX_REPLICAS,
@@ -166,7 +167,7 @@ class TaskEngine:
                 self._maybe_take_over(rec, now=now)
 
     def _replacement(self, rec: TaskRecord) -> bytes | None:
-        held = {self.self_id, *rec.replicas}
+        held = {self.self_id, *rec.replicas, *rec.refused}
         return next((n for n in self.chain(rec.task_id) if n not in held), None)
 
     def _maybe_take_over(self, rec: TaskRecord, *, now: float) -> None:
@@ -174,11 +175,13 @@ class TaskEngine:
         if rec.coordinator in self._workers:
             return
         holders = {self.self_id, *rec.replicas}
-        order = [n for n in self.chain(rec.task_id) if n in holders]
+        # the coordinator's own list: older copies first (a replacement is appended, so it
+        # takes over only when every replica that held the log longer is gone)
+        order = [n for n in rec.replicas if n in self._workers or n == self.self_id]
         if not order or order[0] != self.self_id:
             return
         epoch = max(rec.ballot.epoch, self._ballots.get(rec.task_id, rec.ballot).epoch) + 1
-        others = [n for n in order[1:]]
+        others = order[1:]
         fill = [n for n in self.chain(rec.task_id) if n not in holders]
         want = min(self.settings.coordinator.replicas, MAX_REPLICAS)
         rec.lead(ballot=Ballot(epoch=epoch, node=self.self_id), replicas=(others + fill)[:want], now=now)
@@ -230,7 +233,10 @@ class TaskEngine:
             self._on_replicate(sender, msg, now=now)
         elif isinstance(msg, TaskReplicateAck):
             rec = self.records.get(msg.task_id)
-            if rec is not None:
+            if rec is not None and not msg.ok and msg.ballot == rec.ballot and rec.is_coordinator:
+                rec.refused.add(sender)  # it cannot hold the task: replace it
+                rec.on_replica_gone(sender, self._replacement(rec), now=now)
+            elif rec is not None:
                 was = rec.is_coordinator
                 rec.on_ack(sender, msg, now=now)
                 self._after_role(rec, was, now)
@@ -271,10 +277,12 @@ class TaskEngine:
                                                     through=0, has_seed=False))
                 return
             try:
-                submission = decode_struct(Submission, msg.seed.body, what="submission")
-            except Exception:
-                return
-            if self.full():
+                submission: Submission | None = decode_struct(Submission, msg.seed.body, what="submission")
+            except RemoteProtocolError:  # a coordinator's garbage: refuse to hold it
+                submission = None
+            if submission is None or self.full():  # the coordinator picks another replica
+                self._send(sender, TaskReplicateAck(task_id=msg.task_id, ballot=msg.ballot, ok=False,
+                                                    through=0, has_seed=False))
                 return
             self._make_room(now)
             rec = TaskRecord(task_id=msg.task_id, seed=msg.seed, submission=submission,
@@ -329,9 +337,9 @@ class TaskEngine:
         if run is None:
             return  # aborted
         dest = self._ballots.get(task_id, run.ballot)
-        for start in range(0, max(1, len(outcomes)), MAX_BATCH):
+        for part in _pages(outcomes):
             self._send(dest.node, TaskResult(task_id=task_id, ballot=run.ballot, attempt=attempt,
-                                             outcomes=tuple(outcomes[start:start + MAX_BATCH])))
+                                             outcomes=tuple(part)))
         self.counters["results_sent"] += len(outcomes)
         self._step(now)
 
@@ -485,6 +493,31 @@ class TaskEngine:
             **{f"tasks_{k}_total" if not k.startswith("tasks_") else f"{k}_total": float(v)
                for k, v in self.counters.items()},
         }
+
+
+#: Bytes of outcomes in one ``TaskResult`` (a frame holds 8 MiB).
+MAX_RESULT_BYTES = 4 * 1024 * 1024
+
+
+def outcome_size(outcome: Outcome) -> int:
+    """An upper bound of an outcome's encoded size."""
+    f = outcome.failure
+    text = 0 if f is None else len(f.type) + 4 * (len(f.message) + len(f.traceback) + len(f.stdout) + len(f.stderr))
+    return len(outcome.value) + text + 128
+
+
+def _pages(outcomes: Sequence[Outcome]) -> list[list[Outcome]]:
+    """``outcomes`` cut into messages of at most ``MAX_BATCH`` items and ``MAX_RESULT_BYTES``."""
+    pages: list[list[Outcome]] = [[]]
+    size = 0
+    for outcome in outcomes:
+        weight = outcome_size(outcome)
+        if pages[-1] and (size + weight > MAX_RESULT_BYTES or len(pages[-1]) >= MAX_BATCH):
+            pages.append([])
+            size = 0
+        pages[-1].append(outcome)
+        size += weight
+    return pages
 
 
 def _size(rec: TaskRecord) -> int:

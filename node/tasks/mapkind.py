@@ -68,7 +68,9 @@ class MapKind:
     """Subtasks recorded as succeeded; ``failed``: recorded as failed for good."""
     failed: int = 0
     retried: int = 0
-    """Attempts that failed and were tried again."""
+    """Attempts that failed and were tried again (as dispatched here)."""
+    retried_recorded: int = 0
+    """The same, counted from the recorded outcomes' attempts (what a replica knows)."""
     running: int = 0
     outcomes: dict[int, Outcome] = field(init=False)
     """Recorded (committed) outcomes, by index."""
@@ -215,6 +217,7 @@ class MapKind:
         sub = self.subtasks[outcome.index]
         self._held.discard(outcome.index)
         self.outcomes[outcome.index] = outcome
+        self.retried_recorded += max(0, outcome.attempts - 1)
         self._set(sub, SubtaskState.DONE if outcome.ok else SubtaskState.FAILED)
         sub.worker = outcome.worker
         sub.failure = outcome.failure

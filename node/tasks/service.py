@@ -48,7 +48,7 @@ from node.membership import LIVE
 from node.process_pool import ProcessPool
 from node.tasks.config import TaskConfig
 from node.tasks.coordinator import Worker
-from node.tasks.engine import AbortAttempts, RunAttempt, TaskChanged, TaskEngine
+from node.tasks.engine import AbortAttempts, RunAttempt, TaskChanged, TaskEngine, outcome_size
 from node.tasks.worker_frames import module_allowed
 from node.transport import Handler, Link
 from protocol.connection import Channel
@@ -63,6 +63,7 @@ from protocol.errors import (
 from protocol.messages.tasks import (
     BUNDLE_CHUNK_BYTES,
     MAX_BATCH,
+    MAX_INPUTS_BYTES,
     TERMINAL_STATES,
     BundleChunk,
     BundleGet,
@@ -181,7 +182,7 @@ class TaskService:
                                  settings=config.engine_settings(), wall_offset=time.time() - ctx.now())
         self._driver = Driver(self.engine, drain=self._drain)
         self.pool = ProcessPool(slots=self._slots, allow_modules=config.allowed)
-        self.bundles = BundleCache(ctx.data_dir / "bundles")
+        self.bundles = BundleCache((ctx.data_dir / "bundles").resolve())  # workers run elsewhere
         self._out = _Outbound(ctx)
         self._pool_ids = itertools.count(1)
         self._attempt_ids: dict[tuple[bytes, int], int] = {}
@@ -439,6 +440,9 @@ class TaskService:
                            f"on this mesh ({hint})")
         if submission.kind != "map":
             raise _Refused(TaskErrorCode.BAD_SUBMISSION, f"unknown task kind {submission.kind!r}")
+        if sum(map(len, seed.inputs)) > MAX_INPUTS_BYTES:
+            raise _Refused(TaskErrorCode.TOO_LARGE, f"the inputs take {sum(map(len, seed.inputs))} bytes: at most "
+                           f"{MAX_INPUTS_BYTES} per task")
         if submission.count != len(seed.inputs) or inputs_digest(seed.inputs) != submission.inputs_digest:
             raise _Refused(TaskErrorCode.BAD_SUBMISSION, "the inputs do not match the signed inputs digest")
         module = submission.function.split(":", 1)[0]
@@ -526,11 +530,20 @@ class TaskService:
         limit = max(1, min(message.limit, MAX_BATCH))
         kind = rec.kind
         if message.op is QueryOp.STATUS or message.op is QueryOp.WAIT:
-            end = min(kind.total, message.after_index + limit)
-            reports: tuple[SubtaskReport, ...] = tuple(kind.report(i) for i in range(message.after_index, end)) \
-                if message.op is QueryOp.STATUS else ()
+            reports: list[SubtaskReport] = []
+            end, size = message.after_index, 0
+            while message.op is QueryOp.STATUS and end < kind.total and len(reports) < limit:
+                report = kind.report(end)
+                weight = 128 if report.failure is None else outcome_size(Outcome(index=0, ok=False,
+                                                                                 failure=report.failure))
+                if reports and size + weight > MAX_PAGE_BYTES:
+                    break
+                reports.append(report)
+                size += weight
+                end += 1
             more = message.op is QueryOp.STATUS and end < kind.total
-            return TaskQueryReply(req=0, tasks=(summary,), subtasks=reports, next_index=end if more else None)
+            return TaskQueryReply(req=0, tasks=(summary,), subtasks=tuple(reports),
+                                  next_index=end if more else None)
         outcomes: list[Outcome] = []
         size = 0
         index = message.after_index
@@ -539,7 +552,7 @@ class TaskService:
             index += 1
             if outcome is None:
                 continue
-            weight = len(outcome.value) + 256
+            weight = outcome_size(outcome)
             if outcomes and size + weight > MAX_PAGE_BYTES:
                 index -= 1
                 break

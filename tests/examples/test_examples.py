@@ -77,7 +77,13 @@ TRAIN_TORCH = (
     "python examples/train_torch.py --join 127.0.0.1:7400 --mesh-key-file mesh-seed/mesh.key --data-dir worker-1 --rank 0 --threads 1",
     "python examples/train_torch.py --join 127.0.0.1:7400 --mesh-key-file mesh-seed/mesh.key --data-dir worker-2 --rank 1 --threads 1",
 )
-SCENARIOS = (RUN_A_MESH, METRICS, INSTALL, SIMULATIONS, ALLREDUCE_ASYNCIO, TRAIN_TORCH)
+TASKS = (
+    "python -m node submit --connect 127.0.0.1:7400 --data-dir mesh-seed --bundle examples/myjob mymod:work --inputs examples/myjob/inputs.jsonl --out results.jsonl",
+    "seq 0 99 | python -m node submit --connect 127.0.0.1:7400 --data-dir mesh-seed --bundle examples/myjob mymod:work --inputs - --json",
+    "python -m node tasks --connect 127.0.0.1:7400 --data-dir mesh-seed",
+    "python examples/tasks_map.py --connect 127.0.0.1:7400 --mesh-key-file mesh-seed/mesh.key",
+)
+SCENARIOS = (RUN_A_MESH, METRICS, INSTALL, SIMULATIONS, ALLREDUCE_ASYNCIO, TRAIN_TORCH, TASKS)
 
 #: First line of each block run as a whole here.
 SYSTEMD_UNIT = "# /etc/systemd/system/starmesh.service"
@@ -85,6 +91,8 @@ SYSTEMD_UNIT = "# /etc/systemd/system/starmesh.service"
 _SETUP = ("scripts/setup.sh creates .venv and installs packages from the network (minutes); this "
           "suite runs in the .venv it made")
 _BENCH = "a benchmark or a large simulation (30 s to minutes), over this file's budget; "
+_SUBMITTERS = ("a placeholder key (ed25519:Xy...) and a mesh of several nodes: "
+               "tests/submitters/test_submitters_net.py runs key, add, revoke and list across 3-4 real nodes")
 EXEMPT_COMMANDS: Mapping[str, str] = {
     "bash scripts/setup.sh && .venv/bin/python -m simulations demo": (
         f"{_SETUP}; the demo takes ~25 s: its mesh part runs in tests/node/test_node_mesh.py, its "
@@ -103,6 +111,10 @@ EXEMPT_COMMANDS: Mapping[str, str] = {
     "python -m simulations bench allreduce --nodes 4 --size 25M --codec none,fp16,int8,int8+zstd,topk --shape loopback,100mbit,1gbit": (
         "needs root and network namespaces (--shape), and minutes; tests/allreduce_net runs the "
         "worker processes it starts"),
+    **{command: _SUBMITTERS for command in (
+        "python -m node submitters key", "python -m node submitters add ed25519:Xy... --name alice",
+        "python -m node submitters revoke ed25519:Xy...", "python -m node submitters",
+        "python -m node submitters --json")},
 }
 #: First line of each block that is not a program, and why.
 EXEMPT_BLOCKS: Mapping[str, str] = {
@@ -488,3 +500,19 @@ def test_train_torch_example(seed: tuple[Machine, str], tmp_path: Path) -> None:
     assert all(digests), outs
     assert len({d.group(2) for d in digests if d}) == 1, outs
     assert all(float(d.group(1)) < 1.0 for d in digests if d), outs
+
+
+def test_run_work_on_the_mesh(seed: tuple[Machine, str], tmp_path: Path) -> None:
+    """The README's task commands, one after the other, against the examples' seed node (the
+    session's submitter key owns the mesh the seed created, as a first node's creator's does)."""
+    (out,) = _run_workers(seed, tmp_path / "submit", TASKS[:1])
+    rows = [json.loads(line) for line in (tmp_path / "submit" / "results.jsonl").read_text().splitlines()]
+    assert rows == [{"index": i, "ok": True, "value": {"x": i, "square": i * i}} for i in range(10)], out
+    (out,) = _run_workers(seed, tmp_path / "stdin", TASKS[1:2])
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["value"]["square"] for r in lines[:-1]] == [i * i for i in range(100)], out
+    assert lines[-1]["state"] == "done" and lines[-1]["done"] == 100, out
+    (out,) = _run_workers(seed, tmp_path / "tasks", TASKS[2:3])
+    assert "mymod:work" in out and "done" in out, out
+    (out,) = _run_workers(seed, tmp_path / "script", TASKS[3:])
+    assert f"squares: {[i * i for i in range(20)]}" in out and "done: 20/20 done, 0 failed" in out, out
