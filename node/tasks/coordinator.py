@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from node.core import Send
 from node.placement import ballot_key
-from node.tasks.mapkind import MapKind
+from node.tasks.kinds import KINDS, Kind
 from protocol.connection import Channel
 from protocol.messages.tasks import (
     MAX_LOG_BATCH,
@@ -143,7 +143,7 @@ class TaskRecord:
     created: float = 0.0
     updated: float = 0.0
     waiting_reason: str = ""
-    kind: MapKind = field(init=False)
+    kind: Kind = field(init=False)
     attempts: dict[int, Attempt] = field(default_factory=dict)
     _copies: dict[bytes, _Copy] = field(default_factory=dict)
     _outbox: list[Send[Message]] = field(default_factory=list)
@@ -154,7 +154,7 @@ class TaskRecord:
     """Members that refused to hold a replica (full): never asked again."""
 
     def __post_init__(self) -> None:
-        self.kind = MapKind(self.submission, self.seed.inputs)
+        self.kind = KINDS[self.submission.kind](self.submission, self.seed.inputs)
         self.created = self.created or self.submission.created
 
     # ---- roles ------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class TaskRecord:
     def _rebuild(self, upto: int) -> None:
         """Keep the log's first ``upto`` entries only, and the kind state they make."""
         del self.log[upto:]
-        self.kind = MapKind(self.submission, self.seed.inputs)
+        self.kind = KINDS[self.submission.kind](self.submission, self.seed.inputs)
         self.cancelled = False
         self.committed = self.applied = 0
         self.committed = upto

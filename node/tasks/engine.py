@@ -41,6 +41,7 @@ from node.tasks.coordinator import (
     Worker,
     ballot_order,
 )
+from node.tasks.kinds import KINDS
 from protocol.connection import Channel
 from protocol.errors import RemoteProtocolError
 from protocol.messages.tasks import (
@@ -280,7 +281,7 @@ class TaskEngine:
                 submission: Submission | None = decode_struct(Submission, msg.seed.body, what="submission")
             except RemoteProtocolError:  # a coordinator's garbage: refuse to hold it
                 submission = None
-            if submission is None or self.full():  # the coordinator picks another replica
+            if submission is None or submission.kind not in KINDS or self.full():  # another replica, please
                 self._send(sender, TaskReplicateAck(task_id=msg.task_id, ballot=msg.ballot, ok=False,
                                                     through=0, has_seed=False))
                 return

@@ -49,6 +49,7 @@ from node.process_pool import ProcessPool
 from node.tasks.config import TaskConfig
 from node.tasks.coordinator import Worker
 from node.tasks.engine import AbortAttempts, RunAttempt, TaskChanged, TaskEngine, outcome_size
+from node.tasks.kinds import KINDS
 from node.tasks.worker_frames import module_allowed
 from node.transport import Handler, Link
 from protocol.connection import Channel
@@ -438,7 +439,7 @@ class TaskService:
             raise _Refused(TaskErrorCode.UNAUTHORIZED,
                            f"UNAUTHORIZED: submitter key {self._authority.describe(key)} may not run work "
                            f"on this mesh ({hint})")
-        if submission.kind != "map":
+        if submission.kind not in KINDS:
             raise _Refused(TaskErrorCode.BAD_SUBMISSION, f"unknown task kind {submission.kind!r}")
         if sum(map(len, seed.inputs)) > MAX_INPUTS_BYTES:
             raise _Refused(TaskErrorCode.TOO_LARGE, f"the inputs take {sum(map(len, seed.inputs))} bytes: at most "
