@@ -27,6 +27,7 @@ SCENARIOS: dict[str, Entry] = {
     "demo": Entry("simulations.demo", "a local mesh on loopback: nodes join, one fails and is detected (live table)"),
     "gossip": Entry("simulations.gossip_sim", "in-process SWIM on virtual time: convergence, detection, traffic"),
     "allreduce": Entry("simulations.allreduce_sim", "in-process all-reduce on virtual time: each fault case vs the link optimum"),
+    "tasks": Entry("simulations.tasks_sim", "in-process task engines on virtual time: exactly-once results, throughput, failover"),
     "train": Entry("simulations.train", "real processes: a local mesh trains an MLP data-parallel, vs one process"),
     "chaos": Entry("simulations.chaos", "real processes under kill -9, SIGSTOP and a hostile member: leaks, lock-outs, crashes"),
 }
