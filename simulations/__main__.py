@@ -38,6 +38,7 @@ BENCHES: dict[str, Entry] = {
     "codecs": Entry("simulations.bench_codecs", "tensor codecs: bytes, error and speed per codec"),
     "allreduce": Entry("simulations.bench_allreduce", "real processes: all-reduce time vs link optimum and gloo"),
     "wire": Entry("simulations.bench_wire", "in-process: encrypted 4 MiB frame throughput of two Connections vs raw AEAD"),
+    "tasks": Entry("simulations.bench_tasks", "real processes: tiny-subtask throughput and round trip, worker and coordinator kill -9"),
 }
 
 
