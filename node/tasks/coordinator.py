@@ -34,6 +34,7 @@ without luck, as soon as one hears of the other.
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -150,6 +151,10 @@ class TaskRecord:
     _next_attempt: int = 1
     _load: dict[bytes, int] = field(default_factory=dict)  # attempts in flight per worker
     _wake_at: float | None = None  # a retry's backoff ends: dispatch again
+    _leases: list[tuple[float, int]] = field(default_factory=list)  # (deadline, attempt), lazy
+    _able_for: object = None  # the worker list _able_cache was made from
+    _able_cache: tuple[list[Worker], dict[bytes, int]] = ([], {})
+    _capacity: int = 0
     refused: set[bytes] = field(default_factory=set)
     """Members that refused to hold a replica (full): never asked again."""
 
@@ -251,6 +256,7 @@ class TaskRecord:
         copy.has_seed = True
         copy.acked = max(copy.acked, min(msg.through, len(self.log)))
         copy.sent = max(copy.sent, copy.acked)
+
         if progress:
             copy.waiting_since = now if copy.unacked else None
         if self._advance_commit():
@@ -267,6 +273,7 @@ class TaskRecord:
         if att is not None and att.worker == worker:
             att.indices.difference_update(o.index for o in outcomes)
             att.deadline = now + self.settings.lease_s
+            heapq.heappush(self._leases, (att.deadline, attempt))
             if not att.indices:
                 self._end_attempt(att)
         self._append(entries, now)
@@ -276,6 +283,7 @@ class TaskRecord:
             att = self.attempts.get(attempt)
             if att is not None and att.worker == worker:
                 att.deadline = now + self.settings.lease_s
+                heapq.heappush(self._leases, (att.deadline, attempt))
 
     def on_reject(self, worker: bytes, attempt: int, ballot: Ballot, reason: str, *, now: float) -> None:
         att = self.attempts.get(attempt)
@@ -310,20 +318,21 @@ class TaskRecord:
         self._wake_at = None
         if not self.is_coordinator or self.cancelled or self.kind.finished():
             return
-        res = self.submission.resources
-        able = [w for w in workers if (w.cpus == 0 or w.cpus >= res.cpus) and w.gpus >= res.gpus
-                and (res.memory_mb == 0 or w.memory_mb == 0 or w.memory_mb >= res.memory_mb)]
-        reason = "" if able else (f"no live member offers {res.cpus:g} cpus, {res.gpus} gpus, "
-                                  f"{res.memory_mb} MB")
+        ready = self.kind.next_ready()
+        if ready is None or ready > now:  # nothing to hand out now (the usual case): cheap
+            self._wake_at = ready
+            return
+        able, slots = self._able(workers)
+        reason = "" if able else (f"no live member offers {self.submission.resources.cpus:g} cpus, "
+                                  f"{self.submission.resources.gpus} gpus, "
+                                  f"{self.submission.resources.memory_mb} MB")
         if reason != self.waiting_reason:
             self.waiting_reason = reason
             self._touch(now)
-        if not able:
+        capacity = self._capacity * self.settings.pipeline
+        if not able or len(self.attempts) >= capacity:
             return
-        slots = {w.node_id: max(1, int(w.cpus // res.cpus) if res.cpus > 0 else int(w.cpus))
-                 for w in able}
-        total_slots = sum(slots.values())
-        batch = self.kind.batch_size(total_slots)
+        batch = self.kind.batch_size(self._capacity)
         progress = True
         while progress:
             progress = False
@@ -339,6 +348,7 @@ class TaskRecord:
                 self._next_attempt += 1
                 self.attempts[attempt] = Attempt(attempt, w.node_id, {i.index for i in items},
                                                  now + self.settings.lease_s)
+                heapq.heappush(self._leases, (now + self.settings.lease_s, attempt))
                 self._load[w.node_id] = self._load.get(w.node_id, 0) + 1
                 s = self.submission
                 self._outbox.append(Send(dest=w.node_id, channel=Channel.CONTROL, message=TaskAssign(
@@ -350,23 +360,48 @@ class TaskRecord:
         if self.attempts:
             self._touch(now, quiet=True)
 
+    def _able(self, workers: Sequence[Worker]) -> tuple[list[Worker], dict[bytes, int]]:
+        """The workers that can run this task's subtasks and their slots (cached per list)."""
+        if self._able_for is not workers:
+            res = self.submission.resources
+            able = [w for w in workers if (w.cpus == 0 or w.cpus >= res.cpus) and w.gpus >= res.gpus
+                    and (res.memory_mb == 0 or w.memory_mb == 0 or w.memory_mb >= res.memory_mb)]
+            self._able_cache = (able, {w.node_id: max(1, int(w.cpus // res.cpus) if res.cpus > 0 else int(w.cpus))
+                                       for w in able})
+            self._capacity = sum(self._able_cache[1].values())
+            self._able_for = workers
+        return self._able_cache
+
     # ---- timer --------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
         times: list[float] = []
         if self.is_coordinator:
-            if self.attempts:
-                times.append(min(a.deadline for a in self.attempts.values()))
+            lease = self._next_lease()
+            if lease is not None:
+                times.append(lease)
             if self._wake_at is not None:
                 times.append(self._wake_at)
             times.extend(c.waiting_since + self.settings.replicate_retry_s for c in self._copies.values()
                          if c.unacked and c.waiting_since is not None)
         return min(times) if times else None
 
+    def _next_lease(self) -> float | None:
+        """The earliest lease deadline (stale heap entries, of ended or renewed attempts, dropped)."""
+        heap = self._leases
+        while heap:
+            deadline, attempt = heap[0]
+            att = self.attempts.get(attempt)
+            if att is not None and att.deadline == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return None
+
     def handle_timer(self, *, now: float) -> None:
         if not self.is_coordinator:
             return
-        for att in [a for a in self.attempts.values() if a.deadline <= now]:
+        while (lease := self._next_lease()) is not None and lease <= now:
+            att = self.attempts[heapq.heappop(self._leases)[1]]
             self._lose(att, reason=f"no heartbeat for {self.settings.lease_s:g}s", now=now)
         for copy in self._copies.values():
             if copy.unacked and copy.waiting_since is not None and \

@@ -133,6 +133,7 @@ class TaskEngine:
         self.records: dict[bytes, TaskRecord] = {}
         self.directory: OrderedDict[bytes, TaskSummary] = OrderedDict()
         self._workers: dict[bytes, Worker] = {}
+        self._worker_list: list[Worker] = []
         self._ballots: OrderedDict[bytes, Ballot] = OrderedDict()  # highest seen, as a worker
         self._running: dict[tuple[bytes, int], _Running] = {}
         self._outbox: list[Send[Message]] = []
@@ -150,6 +151,7 @@ class TaskEngine:
         fresh = {w.node_id: w for w in workers}
         gone = [n for n in self._workers if n not in fresh]
         self._workers = fresh
+        self._worker_list = list(fresh.values())  # one list per view: records cache what they derive
         for node in gone:
             self._member_gone(node, now=now)
         self._step(now)
@@ -164,7 +166,7 @@ class TaskEngine:
                 rec.on_worker_gone(node, now=now)
                 if node in rec.replicas:
                     rec.on_replica_gone(node, self._replacement(rec), now=now)
-            elif rec.coordinator == node:
+            else:  # its coordinator, or a replica ahead of us in line, may be what left
                 self._maybe_take_over(rec, now=now)
 
     def _replacement(self, rec: TaskRecord) -> bytes | None:
@@ -418,7 +420,7 @@ class TaskEngine:
     def _step(self, now: float) -> None:
         """After any input: dispatch work, collect the records' output, deliver our own
         messages to ourselves, announce, expire."""
-        workers = list(self._workers.values())
+        workers = self._worker_list
         for _ in range(64):
             for rec in list(self.records.values()):
                 if rec.is_coordinator:
