@@ -51,7 +51,7 @@ from node.resources import basic_meta, detect_gpus_async, torch_versions
 from node.status_service import StatusService
 from node.submitters.service import SubmitterService
 from node.supervisor import Supervisor
-from node.tasks.service import TaskService
+from node.tasks.service import TASK_SLOTS_TAG, TaskService
 from node.transport import Handler, Link, LinkSettings, Traffic
 from protocol import crypto
 from protocol.connection import Channel
@@ -101,7 +101,8 @@ class Node:
         self.loop_lag = LoopLagMonitor()
         """How late this node's event loop runs (``loop_lag_*`` metrics; ``node.looplag``)."""
         torch_version, cuda_version = torch_versions()  # package metadata: torch not imported
-        self._meta = dataclasses.replace(basic_meta(tags=config.tags), torch_version=torch_version, cuda_version=cuda_version)
+        tags = config.tags + ((f"{TASK_SLOTS_TAG}={config.tasks.slots:g}",) if config.tasks.slots else ())
+        self._meta = dataclasses.replace(basic_meta(tags=tags), torch_version=torch_version, cuda_version=cuda_version)
         self._started = 0.0
         self._stopping = False
 

@@ -25,9 +25,9 @@ from typing import Any
 
 from node.config import parse_address
 from node.identity import create_mesh_key, load_mesh_key
+from node.status import StatusClient, reply_to_json
 from node.submitters.keys import public_key_of
 from node.submitters.store import default_key_path, load_or_create_submitter_key
-from node.status import StatusClient, reply_to_json
 from protocol.errors import StarmeshError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

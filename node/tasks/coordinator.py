@@ -155,6 +155,7 @@ class TaskRecord:
     _able_for: object = None  # the worker list _able_cache was made from
     _able_cache: tuple[list[Worker], dict[bytes, int]] = ([], {})
     _capacity: int = 0
+    _silent: dict[bytes, float] = field(default_factory=dict)  # worker -> no new work before
     refused: set[bytes] = field(default_factory=set)
     """Members that refused to hold a replica (full): never asked again."""
 
@@ -279,6 +280,7 @@ class TaskRecord:
         self._append(entries, now)
 
     def on_heartbeat(self, worker: bytes, attempts: Iterable[int], *, now: float) -> None:
+        self._silent.pop(worker, None)
         for attempt in attempts:
             att = self.attempts.get(attempt)
             if att is not None and att.worker == worker:
@@ -338,7 +340,7 @@ class TaskRecord:
             progress = False
             for w in sorted(able, key=lambda w: self._load.get(w.node_id, 0) / slots[w.node_id]):
                 room = slots[w.node_id] * self.settings.pipeline - self._load.get(w.node_id, 0)
-                if room <= 0:
+                if room <= 0 or (self._silent and self._silent.get(w.node_id, 0.0) > now and len(able) > 1):
                     continue
                 items = self.kind.take(batch, worker=w.node_id, now=now, others=len(able) > 1)
                 if not items:
@@ -402,6 +404,7 @@ class TaskRecord:
             return
         while (lease := self._next_lease()) is not None and lease <= now:
             att = self.attempts[heapq.heappop(self._leases)[1]]
+            self._silent[att.worker] = now + self.settings.lease_s  # no new work there for a while
             self._lose(att, reason=f"no heartbeat for {self.settings.lease_s:g}s", now=now)
         for copy in self._copies.values():
             if copy.unacked and copy.waiting_since is not None and \
@@ -410,6 +413,12 @@ class TaskRecord:
                 copy.seed_sent = copy.has_seed
                 copy.waiting_since = None
         self._replicate(now)
+
+    def quiet(self) -> bool:
+        """Nothing to do until a message comes: no attempts, every copy up to date, nothing to send."""
+        return not self.attempts and not self._outbox and all(
+            not c.unacked and c.told >= self.committed and c.sent >= len(self.log) and c.has_seed
+            for c in self._copies.values())
 
     def messages_to_send(self) -> list[Send[Message]]:
         out, self._outbox = self._outbox, []

@@ -140,7 +140,10 @@ class TaskEngine:
         self._local: deque[tuple[bytes, Message]] = deque()
         self._events: deque[Event] = deque()
         self._announced: dict[bytes, tuple[int, float]] = {}  # task -> (version, when)
-        self._finished_at: dict[bytes, float] = {}
+        self._finished_at: dict[bytes, float] = {}  # in finishing order: oldest first
+        self._finished_bytes: dict[bytes, int] = {}
+        self._retained = 0
+        self._live: set[bytes] = set()  # records that may act (see _settle)
         self.counters = {"tasks_created": 0, "takeovers": 0, "deposed": 0, "attempts_run": 0,
                          "attempts_refused": 0, "results_sent": 0}
 
@@ -189,6 +192,8 @@ class TaskEngine:
         want = min(self.settings.coordinator.replicas, MAX_REPLICAS)
         rec.lead(ballot=Ballot(epoch=epoch, node=self.self_id), replicas=(others + fill)[:want], now=now)
         self._note_ballot(rec.task_id, rec.ballot)
+        self._live.add(rec.task_id)
+        self._unfinish(rec.task_id)
         self.counters["takeovers"] += 1
         self._changed(rec.task_id)
 
@@ -204,6 +209,7 @@ class TaskEngine:
                          ballot=Ballot(epoch=0, node=self.self_id), role=Role.COORDINATOR,
                          settings=self.settings.coordinator)
         self.records[task_id] = rec
+        self._live.add(task_id)
         rec.lead(ballot=rec.ballot, replicas=chain[: min(self.settings.coordinator.replicas, MAX_REPLICAS)],
                  now=now)
         self._note_ballot(task_id, rec.ballot)
@@ -216,11 +222,17 @@ class TaskEngine:
         return len(self.records) >= self.settings.max_tasks and all(
             r.state not in TERMINAL_STATES for r in self.records.values())
 
+    def _unfinish(self, task_id: bytes) -> None:
+        """A record whose state may go back (takeover, deposed): retention starts over."""
+        if self._finished_at.pop(task_id, None) is not None:
+            self._retained -= self._finished_bytes.pop(task_id, 0)
+
     def cancel(self, task_id: bytes, *, now: float) -> bool:
         """Cancel a task we coordinate (False: we do not)."""
         rec = self.records.get(task_id)
         if rec is None or not rec.is_coordinator:
             return False
+        self._live.add(task_id)
         rec.cancel(now=now)
         self._step(now)
         return True
@@ -232,6 +244,9 @@ class TaskEngine:
         self._step(now)
 
     def _dispatch(self, sender: bytes, msg: Message, *, now: float) -> None:
+        task_id = getattr(msg, "task_id", None)
+        if task_id in self.records:
+            self._live.add(task_id)
         if isinstance(msg, TaskReplicate):
             self._on_replicate(sender, msg, now=now)
         elif isinstance(msg, TaskReplicateAck):
@@ -268,6 +283,8 @@ class TaskEngine:
 
     def _after_role(self, rec: TaskRecord, was_coordinator: bool, now: float) -> None:
         if was_coordinator and not rec.is_coordinator:
+            self._live.add(rec.task_id)
+            self._unfinish(rec.task_id)  # it rebuilt from its committed prefix
             self.counters["deposed"] += 1
             self._note_ballot(rec.task_id, rec.ballot)
             self._changed(rec.task_id)
@@ -292,6 +309,7 @@ class TaskEngine:
                              self_id=self.self_id, ballot=msg.ballot, role=Role.REPLICA,
                              settings=self.settings.coordinator)
             self.records[msg.task_id] = rec
+            self._live.add(msg.task_id)
             self._changed(msg.task_id)
         was = rec.is_coordinator
         version = rec.version
@@ -391,18 +409,26 @@ class TaskEngine:
         return self._events.popleft() if self._events else None
 
     def next_deadline(self) -> float | None:
-        times = [d for d in (r.next_deadline() for r in self.records.values()) if d is not None]
-        times.extend(r.beat_at for r in self._running.values())
-        for task_id, rec in self.records.items():
+        times = [r.beat_at for r in self._running.values()]
+        for task_id in self._live:
+            rec = self.records.get(task_id)
+            if rec is None or not rec.is_coordinator:
+                continue
+            deadline = rec.next_deadline()
+            if deadline is not None:
+                times.append(deadline)
             version, when = self._announced.get(task_id, (0, -1e18))
-            if rec.is_coordinator and rec.version != version:
+            if rec.version != version:
                 times.append(when + self.settings.announce_s)
-        times.extend(t + self.settings.retain_s for t in self._finished_at.values())
+        if self._finished_at:
+            times.append(next(iter(self._finished_at.values())) + self.settings.retain_s)
         return min(times) if times else None
 
     def handle_timer(self, *, now: float) -> None:
-        for rec in list(self.records.values()):
-            rec.handle_timer(now=now)
+        for task_id in list(self._live):
+            rec = self.records.get(task_id)
+            if rec is not None:
+                rec.handle_timer(now=now)
         self._heartbeats(now)
         self._step(now)
 
@@ -422,7 +448,10 @@ class TaskEngine:
         messages to ourselves, announce, expire."""
         workers = self._worker_list
         for _ in range(64):
-            for rec in list(self.records.values()):
+            for task_id in list(self._live):
+                rec = self.records.get(task_id)
+                if rec is None:
+                    continue
                 if rec.is_coordinator:
                     rec.dispatch(workers, now=now)
                 for send in rec.messages_to_send():
@@ -433,6 +462,7 @@ class TaskEngine:
                 sender, msg = self._local.popleft()
                 self._dispatch(sender, msg, now=now)
         self._announce(now)
+        self._settle(now)
         self._expire(now)
 
     def _send(self, dest: bytes, msg: Message) -> None:
@@ -445,8 +475,9 @@ class TaskEngine:
         self._events.append(TaskChanged(task_id))
 
     def _announce(self, now: float) -> None:
-        for task_id, rec in self.records.items():
-            if not rec.is_coordinator:
+        for task_id in self._live:
+            rec = self.records.get(task_id)
+            if rec is None or not rec.is_coordinator:
                 continue
             version, when = self._announced.get(task_id, (0, -1e18))
             terminal = rec.state in TERMINAL_STATES
@@ -461,21 +492,32 @@ class TaskEngine:
                 if node != self.self_id:
                     self._outbox.append(Send(dest=node, channel=Channel.CONTROL,
                                              message=TaskAnnounce(summary=summary)))
-        for task_id, rec in self.records.items():
-            if rec.state in TERMINAL_STATES and task_id not in self._finished_at:
+
+    def _settle(self, now: float) -> None:
+        """Finished records start their retention; quiet ones leave ``_live`` (the records
+        every step and timer look at), so a node's cost per message does not grow with the
+        finished tasks it keeps."""
+        for task_id in list(self._live):
+            rec = self.records.get(task_id)
+            if rec is None:
+                self._live.discard(task_id)
+                continue
+            if rec.state not in TERMINAL_STATES:
+                continue
+            if task_id not in self._finished_at:
                 self._finished_at[task_id] = now
+                self._finished_bytes[task_id] = _size(rec)
+                self._retained += self._finished_bytes[task_id]
+            announced = not rec.is_coordinator or self._announced.get(task_id, (0, 0.0))[0] == rec.version
+            if announced and rec.quiet():
+                self._live.discard(task_id)
 
     def _expire(self, now: float) -> None:
-        for task_id, at in list(self._finished_at.items()):
-            if now >= at + self.settings.retain_s:
-                self._drop(task_id)
-        total = sum(_size(self.records[t]) for t in self._finished_at if t in self.records)
-        for task_id in sorted(self._finished_at, key=self._finished_at.__getitem__):
-            if total <= self.settings.retain_bytes:
+        """Drop finished records past ``retain_s``, oldest first while over ``retain_bytes``."""
+        while self._finished_at:
+            task_id, at = next(iter(self._finished_at.items()))
+            if now < at + self.settings.retain_s and self._retained <= self.settings.retain_bytes:
                 break
-            rec = self.records.get(task_id)
-            if rec is not None:
-                total -= _size(rec)
             self._drop(task_id)
 
     def _make_room(self, now: float) -> None:
@@ -485,7 +527,9 @@ class TaskEngine:
     def _drop(self, task_id: bytes) -> None:
         self.records.pop(task_id, None)
         self._finished_at.pop(task_id, None)
+        self._retained -= self._finished_bytes.pop(task_id, 0)
         self._announced.pop(task_id, None)
+        self._live.discard(task_id)
 
     def stats(self) -> dict[str, float]:
         coordinating = sum(r.is_coordinator for r in self.records.values())

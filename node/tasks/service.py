@@ -61,6 +61,7 @@ from protocol.errors import (
     TimeoutError,
     TransportError,
 )
+from protocol.messages.gossip import NodeMeta
 from protocol.messages.tasks import (
     BUNDLE_CHUNK_BYTES,
     MAX_BATCH,
@@ -107,6 +108,25 @@ MAX_CANDIDATES = 6
 MAX_PAGE_BYTES = 4 * 1024 * 1024
 #: How far a cancel's signing time may be from ours.
 CANCEL_SKEW_S = 600.0
+
+
+#: The member tag a node with ``--task-slots`` advertises, so coordinators size it right.
+TASK_SLOTS_TAG = "starmesh.task-slots"
+
+
+def advertised_slots(meta: NodeMeta) -> float:
+    """The CPUs a member offers to subtasks: its ``TASK_SLOTS_TAG``, else its CPU count."""
+    for tag in meta.tags:
+        key, _, value = tag.partition("=")
+        if key == TASK_SLOTS_TAG:
+            try:
+                slots = float(value)
+            except ValueError:
+                break
+            if 0 < slots <= 4096:
+                return slots
+            break
+    return float(meta.cpus or 1)
 
 
 class Authority(Protocol):
@@ -192,6 +212,7 @@ class TaskService:
         self._relays: dict[int, asyncio.Future[Message]] = {}
         self._relay_reqs = itertools.count(1)
         self._fetches: dict[bytes, asyncio.Future[bytes]] = {}
+        self._bundle_dirs: dict[bytes, Path] = {}  # unpacked bundles already looked up
         self._chunks: dict[tuple[bytes, int], asyncio.Future[BundleChunk]] = {}
         self._refused_keys: set[bytes] = set()
         self.counters = {"submissions": 0, "refused": 0, "queries": 0, "relayed": 0, "bundle_fetches": 0}
@@ -255,7 +276,7 @@ class TaskService:
     def _workers(self) -> Iterator[Worker]:
         for m in self._ctx.members():
             if m.status in LIVE:
-                cpus = self._slots if m.node_id == self._ctx.node_id else float(m.meta.cpus or 1)
+                cpus = self._slots if m.node_id == self._ctx.node_id else advertised_slots(m.meta)
                 yield Worker(node_id=m.node_id, cpus=cpus, gpus=len(m.meta.gpus),
                              memory_mb=m.meta.memory_bytes >> 20)
 
@@ -306,11 +327,14 @@ class TaskService:
         return None
 
     async def _bundle_path(self, digest: bytes, holder: bytes) -> Path:
+        known = self._bundle_dirs.get(digest)
+        if known is not None:
+            return known
         loop = asyncio.get_running_loop()
         io = self._ctx.executors.io
         path = await loop.run_in_executor(io, self.bundles.path, digest)
         if path is not None:
-            return path
+            return self._remember_bundle(digest, path)
         data = self._held_bundle(digest)
         if data is None:
             fetch = self._fetches.get(digest)
@@ -318,7 +342,13 @@ class TaskService:
                 fetch = self._fetches[digest] = loop.create_future()
                 self._ctx.spawn(self._fetch(digest, holder, fetch))
             data = await asyncio.shield(fetch)
-        return await loop.run_in_executor(io, self.bundles.put, digest, data)
+        return self._remember_bundle(digest, await loop.run_in_executor(io, self.bundles.put, digest, data))
+
+    def _remember_bundle(self, digest: bytes, path: Path) -> Path:
+        if len(self._bundle_dirs) >= 1024:
+            self._bundle_dirs.clear()
+        self._bundle_dirs[digest] = path
+        return path
 
     async def _fetch(self, digest: bytes, holder: bytes, result: asyncio.Future[bytes]) -> None:
         self.counters["bundle_fetches"] += 1
