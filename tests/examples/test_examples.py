@@ -107,6 +107,7 @@ EXEMPT_COMMANDS: Mapping[str, str] = {
         _BENCH + "tests/discovery/test_discovery_gossip_sim.py runs the simulator on small meshes"),
     "python -m simulations tasks --nodes 200 --subtasks 20000 --crash-rate 2 --join-rate 2 --seed 1": (
         _BENCH + "tests/tasks/test_tasks_sim.py runs the simulator on a small mesh"),
+    "python -m simulations bench tasks --nodes 3": _BENCH + "tests/tasks/test_bench_tasks.py runs it small",
     "python -m simulations bench join --nodes 8 --trials 20": _BENCH + "tests/node/test_node_bench.py",
     "python -m simulations bench detect --nodes 8 --trials 20": _BENCH + "tests/node/test_node_bench.py",
     "python -m simulations bench codecs": _BENCH + "the codecs' properties are tests/codecs",
