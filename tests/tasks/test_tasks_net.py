@@ -177,6 +177,21 @@ def test_builtins_run_without_a_bundle(mesh: LocalMesh) -> None:
     assert refused.returncode == 1 and "NOT_ALLOWED" in refused.stderr
 
 
+def test_the_client_carries_on_through_another_member_when_its_node_dies(mesh: LocalMesh, bundle: Path) -> None:
+    """The submitter is a client of the mesh: its node killed mid-task, it re-attaches elsewhere."""
+    entry = mesh.nodes[2]
+    with MeshClient.connect(entry.address, mesh_secret=load_mesh_key(mesh.mesh_key)) as client:
+        task = client.map("job:slow", range(30), bundle=bundle)
+        wait_for(lambda: task.status().done >= 3, 60, what="some subtasks to finish")
+        entry.kill()
+        try:
+            results = task.results(timeout=120)
+        finally:
+            entry.restart()
+        assert [r.value for r in results] == [i + 1 for i in range(30)]
+    mesh.wait_ready([entry])
+
+
 def _descendants(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     kids = [int(p) for p in out.split()]
