@@ -9,9 +9,6 @@ of the person's default submitter key (``XDG_CONFIG_HOME`` is private to the tes
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,44 +22,31 @@ from node.submitters.keys import owner_line, public_key_of, public_key_to_text
 from node.submitters.log import SubmitterLog
 from node.submitters.store import default_key_path, load_submitter_key, log_path
 from protocol import crypto
-from simulations.nodeprocs import REPO_ROOT, NodeProcess, wait_for
+from simulations.nodeprocs import NodeProcess, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-RUNNER = Path(__file__).with_name("submitters_node.py")
 
 
-class SubmittersNode(NodeProcess):
-    """A ``NodeProcess`` that runs ``submitters_node.py`` (a node with the submitter service)."""
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.ready_file.unlink(missing_ok=True)
-        args = [sys.executable, str(RUNNER), "--listen", "127.0.0.1:0", "--data-dir", str(self.data_dir),
-                "--mesh-key-file", str(self.mesh_key), "--preset", self.preset,
-                "--ready-file", str(self.ready_file), "--log-level", "info"]
-        for seed in self.seeds:
-            args += ["--join", seed]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STARMESH_")}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL)
+def SubmittersNode(*, data_dir: Path, mesh_key: Path, seeds: tuple[str, ...] = ()) -> NodeProcess:
+    """A plain ``python -m node`` process (every node runs the submitter service), logging at INFO."""
+    return NodeProcess(data_dir=data_dir, mesh_key=mesh_key, seeds=seeds, extra_args=("--log-level", "info"))
 
 
 class Mesh:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.key = root / "mesh.key"
-        self.nodes: list[SubmittersNode] = []
+        self.nodes: list[NodeProcess] = []
 
-    def add(self, *, seeds: tuple[str, ...] = ()) -> SubmittersNode:
+    def add(self, *, seeds: tuple[str, ...] = ()) -> NodeProcess:
         node = SubmittersNode(data_dir=self.root / f"n{len(self.nodes)}", mesh_key=self.key, seeds=seeds)
         self.nodes.append(node)
         node.start()
         wait_for(node.poll_ready, 20, what="the node to listen", detail=lambda: node.log_text()[-3000:])
         return node
 
-    def log_of(self, node: SubmittersNode) -> SubmitterLog | None:
+    def log_of(self, node: NodeProcess) -> SubmitterLog | None:
         """The node's submitter log over a CLIENT link (None if it does not answer)."""
         secret = load_mesh_key(self.key)
 
@@ -76,7 +60,7 @@ class Mesh:
             return None
         return log
 
-    def wait_authorized(self, node: SubmittersNode, key: bytes, expected: bool) -> None:
+    def wait_authorized(self, node: NodeProcess, key: bytes, expected: bool) -> None:
         def check() -> bool:
             log = self.log_of(node)
             return log is not None and log.is_authorized(key) is expected
@@ -99,7 +83,7 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
         m.close()
 
 
-def _cli(capsys: pytest.CaptureFixture[str], mesh: Mesh, node: SubmittersNode, *argv: str) -> str:
+def _cli(capsys: pytest.CaptureFixture[str], mesh: Mesh, node: NodeProcess, *argv: str) -> str:
     code = submitters_cli.main([*argv, "--connect", node.address, "--mesh-key-file", str(mesh.key),
                                 "--timeout", "5"])
     out = capsys.readouterr()
