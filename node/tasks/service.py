@@ -31,9 +31,9 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -178,7 +178,6 @@ class _Outbound:
                     queue.clear()
                     break
                 queue.popleft()
-                await asyncio.sleep(0) if not queue else None
         finally:
             if self._queues.get(dest) is queue:
                 del self._queues[dest]
@@ -504,6 +503,8 @@ class TaskService:
     async def _on_query(self, link: Link, message: Message) -> None:
         assert isinstance(message, TaskQuery) and link.peer is not None
         self.counters["queries"] += 1
+        if link.peer.channel is Channel.CONTROL and not message.relayed:
+            message = dataclasses.replace(message, relayed=True)  # a member asks: never relay again
         if message.op is QueryOp.LIST:
             await self._reply(link, message.req, self._list(message))
             return
@@ -622,7 +623,9 @@ class TaskService:
     # ---- cancel ---------------------------------------------------------------------
 
     async def _on_cancel(self, link: Link, message: Message) -> None:
-        assert isinstance(message, TaskCancel)
+        assert isinstance(message, TaskCancel) and link.peer is not None
+        if link.peer.channel is Channel.CONTROL and not message.relayed:
+            message = dataclasses.replace(message, relayed=True)
         self._ctx.spawn(self._answer_later(link, message.req, self._cancel(message)))
 
     async def _cancel(self, message: TaskCancel) -> Message:
@@ -670,8 +673,9 @@ class TaskService:
 
     # ---- replies and relays ---------------------------------------------------------
 
-    async def _answer_later(self, link: Link, req: int, answer: object) -> None:
-        assert asyncio.iscoroutine(answer)
+    async def _answer_later(self, link: Link, req: int, answer: Coroutine[Any, Any, Message]) -> None:
+        """Reply to ``req`` on ``link`` with what ``answer`` comes to (spawned: the link's
+        next request is read meanwhile)."""
         await self._reply(link, req, await answer)
 
     async def _reply(self, link: Link, req: int, message: Message) -> None:
