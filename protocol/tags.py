@@ -9,6 +9,7 @@ Numbers are grouped in ranges so that layers can grow independently:
 48-79  tensors and all-reduce (protocol/messages/tensor.py)
 80-103 tasks, their coordinators and bundles (protocol/messages/tasks.py)
 104-111 submitter authorization (protocol/messages/submitters.py)
+112-127 blobs: manifests, chunks, providers, clients (protocol/messages/blobs.py)
 ====== ===========================================================
 """
 
@@ -74,3 +75,21 @@ class MsgType(enum.IntEnum):
     SUBMITTERS_UPDATE = 106
     SUBMITTERS_LIST = 107
     SUBMITTERS_REPLY = 108
+
+    # 112-127: blobs (see protocol/messages/blobs.py)
+    BLOB_WANT = 112
+    BLOB_MANIFEST = 113
+    BLOB_HAVE = 114
+    BLOB_CHUNK_GET = 115
+    BLOB_CHUNK = 116
+    BLOB_PROVIDE = 117
+    BLOB_FIND = 118
+    BLOB_PROVIDERS = 119
+    BLOB_PUT = 120
+    BLOB_GET = 121
+    BLOB_DATA = 122
+    BLOB_LIST = 123
+    BLOB_LIST_REPLY = 124
+    BLOB_PIN = 125
+    BLOB_GC = 126
+    BLOB_REPLY = 127
