@@ -76,12 +76,14 @@ class MapKind:
     """Recorded (committed) outcomes, by index."""
     _held: set[int] = field(init=False)  # an entry is being replicated: never dispatch again
     _lost_for_good: list[bytes] = field(init=False)
+    _made: dict[bytes, Outcome] = field(init=False)  # entries made here, not yet applied
 
     def __post_init__(self) -> None:
         self.subtasks = [Subtask(i) for i in range(len(self.inputs))]
         self._pending = [(0.0, i) for i in range(len(self.inputs))]
         self.outcomes = {}
         self._held = set()
+        self._made = {}
         self._lost_for_good = []
 
     # ---- what the coordinator asks --------------------------------------------------
@@ -146,9 +148,12 @@ class MapKind:
                 if not outcome.ok and not mine:
                     continue  # a stale attempt's failure: the current attempt decides
                 self._held.add(outcome.index)  # until its entry commits: never dispatched again
-                entries.append(encode_struct(Outcome(
-                    index=outcome.index, ok=outcome.ok, value=outcome.value, failure=outcome.failure,
-                    attempts=min(max(1, sub.attempts), 0xFFFF), worker=worker)))
+                recorded = Outcome(index=outcome.index, ok=outcome.ok, value=outcome.value,
+                                   failure=outcome.failure, attempts=min(max(1, sub.attempts), 0xFFFF),
+                                   worker=worker)
+                entry = encode_struct(recorded)
+                self._made[entry] = recorded  # apply() needs no decode of our own entries
+                entries.append(entry)
         return entries
 
     def on_lost(self, indices: Iterable[int], *, worker: bytes, reason: str, now: float) -> None:
@@ -191,6 +196,7 @@ class MapKind:
         """After a takeover: every RUNNING subtask (of attempts the new coordinator does not
         know) runs again; entries not committed are forgotten (they were never counted)."""
         self._held.clear()
+        self._made.clear()
         for sub in self.subtasks:
             if sub.state is SubtaskState.RUNNING:
                 self._set(sub, SubtaskState.PENDING)
@@ -211,7 +217,7 @@ class MapKind:
 
     def apply(self, entry: bytes) -> bool:
         """Record a committed (or replayed) entry; False if its index was recorded already."""
-        outcome = decode_struct(Outcome, entry, what="map log entry")
+        outcome = self._made.pop(entry, None) or decode_struct(Outcome, entry, what="map log entry")
         if not 0 <= outcome.index < self.total or outcome.index in self.outcomes:
             return False
         sub = self.subtasks[outcome.index]
@@ -235,6 +241,7 @@ class MapKind:
                                                    attempts=min(sub.attempts, 0xFFFF))
         self._pending.clear()
         self._held.clear()
+        self._made.clear()
 
     def report(self, index: int) -> SubtaskReport:
         sub = self.subtasks[index]
