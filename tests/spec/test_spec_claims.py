@@ -85,15 +85,18 @@ def _channel_table() -> dict[Channel, set[MsgType]]:
 
 #: Replies a node sends on CLIENT links and never receives there (a client matches them by ``req``).
 CLIENT_REPLIES = {MsgType.STATUS_REPLY, MsgType.TASK_ACCEPTED, MsgType.TASK_ERROR,
-                  MsgType.TASK_QUERY_REPLY, MsgType.TASK_CANCELLED, MsgType.SUBMITTERS_REPLY}
+                  MsgType.TASK_QUERY_REPLY, MsgType.TASK_CANCELLED, MsgType.SUBMITTERS_REPLY,
+                  MsgType.BLOB_DATA, MsgType.BLOB_LIST_REPLY, MsgType.BLOB_REPLY}
 
 
 def _services() -> list[Any]:
     """One uninitialised instance of every service that registers handlers."""
+    from node.blobs.service import BlobService
     from node.submitters.service import SubmitterService
     from node.tasks.service import TaskService
 
-    return [object.__new__(cls) for cls in (AllReduceService, StatusService, SubmitterService, TaskService)]
+    return [object.__new__(cls) for cls in (AllReduceService, StatusService, SubmitterService, TaskService,
+                                            BlobService)]
 
 
 def test_channel_table_is_what_the_node_dispatches() -> None:
@@ -104,7 +107,8 @@ def test_channel_table_is_what_the_node_dispatches() -> None:
             served[channel].add(tag)
     table = _channel_table()
     assert table[Channel.CONTROL] == served[Channel.CONTROL]
-    assert table[Channel.BULK] == served[Channel.BULK] == {MsgType.AR_PART, MsgType.AR_AVERAGE}
+    assert table[Channel.BULK] == served[Channel.BULK] == {MsgType.AR_PART, MsgType.AR_AVERAGE,
+                                                           MsgType.BLOB_CHUNK_GET, MsgType.BLOB_CHUNK}
     # the node receives only the requests on CLIENT; the replies go the other way
     assert not served[Channel.CLIENT] & CLIENT_REPLIES
     assert table[Channel.CLIENT] == served[Channel.CLIENT] | CLIENT_REPLIES
