@@ -72,7 +72,9 @@ class SwimConfig:
     """Seconds between full state syncs (anti-entropy) with one random live member, for up
     to ``push_pull_scale_threshold`` members. Above that the interval grows linearly with N
     (``interval * N / threshold``), so push/pull bytes per node per second stay flat while a
-    sync itself carries O(N) members. 0 disables periodic push/pull (joins still sync)."""
+    sync itself carries O(N) members. N counts the live members we heard from directly
+    (confirmed) and ourselves, so members only heard of (a fake-member flood) cannot stretch
+    it. 0 disables periodic push/pull (joins still sync)."""
 
     join_sync_after: float = 5.0
     """Seconds after a join completes at which one extra push/pull with the seed that
@@ -226,6 +228,39 @@ class SwimConfig:
             dead_reap_after=4.0,
             join_retry_interval=0.5,
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FloodPolicy:
+    """Local defences against a member holding the mesh key that floods gossip with members
+    that do not exist. Local policy, not protocol: a peer need not do the same, so these are
+    not ``SwimConfig`` fields (whose every field PROTOCOL.md §8 and its vectors specify)."""
+
+    max_new_per_sender: int = 64
+    """Admission bound (local policy, not protocol): most members unknown to us that one
+    sender may introduce per ``admission_window`` through gossip or a sync we did not ask
+    for; more are ignored (``Swim.unknown_members_refused``). A member announcing itself
+    and the answers to our own join and syncs are not counted. A member holding the mesh
+    key can otherwise flood every table with node ids that do not exist. 0: no bound."""
+
+    admission_window: float = 10.0
+    """Seconds of one ``max_new_per_sender`` window (every sender's count restarts)."""
+
+    push_pull_confirmed_share: float = 0.5
+    """Share of the periodic push/pulls whose partner is drawn from the members we heard
+    from directly (confirmed) rather than from every live member, spread evenly over the
+    rounds (0.5: every second one, the first after a join not), so that a flood of members
+    that do not exist cannot take every sync. In ``[0, 1]``."""
+
+    def __post_init__(self) -> None:
+        if not self.admission_window > 0 or self.max_new_per_sender < 0:
+            raise ConfigError("FloodPolicy: admission_window must be > 0, max_new_per_sender >= 0")
+        if not 0.0 <= self.push_pull_confirmed_share <= 1.0:
+            raise ConfigError("FloodPolicy.push_pull_confirmed_share must be in [0, 1]")
+
+    def replace(self, **changes: object) -> FloodPolicy:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 #: The named timing presets, the one table of them (``NodeConfig.preset``, ``--preset`` of the

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable
 
 from discovery.broadcast import BroadcastQueue
-from discovery.config import SwimConfig
+from discovery.config import FloodPolicy, SwimConfig
 from discovery.events import EventKind, MemberEvent
 from discovery.incarnation import refutation_incarnation
 from discovery.members import Member
@@ -59,16 +59,26 @@ class MemberTable:
     """All known members (ourselves included) and the transitions between their states."""
 
     def __init__(
-        self, *, me: Member, config: SwimConfig, send: Send, on_added: Callable[[bytes], None]
+        self,
+        *,
+        me: Member,
+        config: SwimConfig,
+        send: Send,
+        on_added: Callable[[bytes], None],
+        flood: FloodPolicy | None = None,
     ) -> None:
         self.me = me
         self.config = config
+        self.flood = flood or FloodPolicy()
         self._send = send
         self._on_added = on_added
         self.members: dict[bytes, Member] = {me.node_id: me}
         self.others: list[bytes] = []
         """Ids of every known member but us, for random choice (kept in sync with ``members``)."""
         self.by_address: dict[str, bytes] = {}
+        self.heard: dict[bytes, Member] = {}
+        """The confirmed members (a message from them arrived), for choices among them alone:
+        they may be a few among many members only heard of (a fake-member flood)."""
         self.broadcasts = BroadcastQueue(
             retransmit_mult=config.retransmit_mult, max_size=config.max_broadcasts
         )
@@ -90,6 +100,11 @@ class MemberTable:
         """Claims about us refuted (each raised our incarnation)."""
         self.claims_refused = 0
         """Claims about us refused as implausible (``refutation_incarnation`` is None)."""
+        self.unknown_refused = 0
+        """Members unknown to us that a sender introduced beyond ``max_new_per_sender``."""
+        self._introduced: dict[bytes, int] = {}
+        """Members each sender introduced in the current admission window."""
+        self._window_end = float("-inf")
 
     # ----------------------------------------------------------------- helpers
 
@@ -123,6 +138,23 @@ class MemberTable:
             m.suspicion = None
             self.suspects.pop(m.node_id, None)
 
+    def admit(self, sender: bytes, now: float) -> bool:
+        """Whether ``sender`` may introduce one more member unknown to us now (and count it):
+        at most ``max_new_per_sender`` per ``admission_window``. Local policy against a member
+        that floods the mesh with node ids that do not exist; refusals are counted."""
+        cfg = self.flood
+        if cfg.max_new_per_sender == 0:
+            return True
+        if now >= self._window_end:  # a new window for every sender (the dict stays small)
+            self._introduced.clear()
+            self._window_end = now + cfg.admission_window
+        count = self._introduced.get(sender, 0)
+        if count >= cfg.max_new_per_sender:
+            self.unknown_refused += 1
+            return False
+        self._introduced[sender] = count + 1
+        return True
+
     def _add(
         self, node: bytes, inc: int, address: str, meta: NodeMeta, now: float
     ) -> Member | None:
@@ -151,16 +183,21 @@ class MemberTable:
         msg: Alive | None = None,
         gossip: bool = True,
         urgent: bool = False,
+        admit_from: bytes | None = None,
     ) -> None:
         """Apply ``Alive(inc, node, address, meta)``; ``src`` is who handed it to us and
         ``msg`` the message itself, if it came as one (re-gossiped as is). ``gossip=False``
         applies it without queueing it for dissemination (state learned from a sync);
-        ``urgent`` queues it as urgent news even when it is not a refutation."""
+        ``urgent`` queues it as urgent news even when it is not a refutation. An unknown
+        ``node`` introduced by ``admit_from`` (not by itself) counts against that sender's
+        admission bound (``admit``) and is ignored beyond it."""
         if node == self.me.node_id:
             self._alive_about_me(inc, address, meta, now)
             return
         m = self.members.get(node)
         if m is None:
+            if admit_from is not None and admit_from != node and not self.admit(admit_from, now):
+                return
             m = self._add(node, inc, address, meta, now)
             if m is not None:
                 if gossip:
@@ -339,12 +376,23 @@ class MemberTable:
         node = m.node_id
         del self.gone[node]
         del self.members[node]
+        self.heard.pop(node, None)
         self.others.remove(node)
         if self.by_address.get(m.address) == node:
             del self.by_address[m.address]
         self.emit(EventKind.REAPED, m, now)
 
     # ---------------------------------------------------------------- queries
+
+    def confirm(self, m: Member) -> None:
+        """``m`` (not us) sent us a message itself: it exists."""
+        if not m.confirmed and m is not self.me:
+            m.confirmed = True
+            self.heard[m.node_id] = m
+
+    def num_confirmed_live(self) -> int:
+        """Live members we heard from directly, ourselves included (O(confirmed))."""
+        return 1 + sum(1 for m in self.heard.values() if m.live)
 
     def gossip_target(self, m: Member, now: float) -> bool:
         """Live members, and the confirmed dead for ``gossip_to_dead`` seconds (so they can

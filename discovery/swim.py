@@ -34,9 +34,10 @@ reaching an idle node goes out at once, then at most one round per interval (mem
 ticks regardless: here a quiet mesh relays fresh news at network speed).
 
 Anti-entropy: every ``push_pull_interval`` (stretched linearly above
-``push_pull_scale_threshold`` members, so sync bytes per node stay flat) a full
-``PushPull`` with one random alive member, and one with a random member we believe DEAD
-(Serf's reconnect: a healed partition finds itself again); the answer has ``reply`` set.
+``push_pull_scale_threshold`` confirmed members, so sync bytes per node stay flat) a full
+``PushPull`` with one random alive member (in a share ``push_pull_confirmed_share`` of
+the rounds, one we heard from directly), and one with a random confirmed member we believe
+DEAD (Serf's reconnect: a healed partition finds itself again); the answer has ``reply`` set.
 A table larger than one message allows (``MAX_SYNC_BYTES`` encoded,
 ``MAX_MEMBERS_PER_SYNC`` entries) goes in several parts, cut by encoded size; every part
 after the first has ``reply`` set, so only the first is answered.
@@ -72,6 +73,14 @@ the gossip misses it; and our refutation goes straight to whoever handed us the 
 its accuser, whose suspicion timer runs out first; a restarted member (incarnation > 0)
 announcing itself in a sync is spread as urgent news. None of this happens in a quiet mesh, so
 honest joins are unchanged (``python -m simulations gossip`` gives the same rounds).
+Floods are also bounded where they enter (local policy, ``FloodPolicy``): one sender
+introduces at most ``max_new_per_sender`` members unknown to us per ``admission_window``,
+through gossip or a sync we did not ask for (a member announcing itself, and the answers to
+the syncs we sent, are not counted; ``unknown_members_refused``). And since fakes would
+otherwise make most of the table, the push/pull period scales with confirmed members only
+and every second sync (``push_pull_confirmed_share``) goes to a confirmed member, drawn
+from the confirmed alone: a member someone forgot is learned again within a few sync
+periods, whatever the flood.
 
 Transport hints: ``on_unreachable(address)`` (a failed dial or dropped connection) makes
 that member the next probe target, and skips the wait for a direct ack when it is the
@@ -90,7 +99,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
-from discovery.config import SwimConfig
+from discovery.config import FloodPolicy, SwimConfig
 from discovery.events import EventKind, MemberEvent
 from discovery.incarnation import MAX_INCARNATION, bumped_incarnation
 from discovery.members import Member, MemberView
@@ -123,6 +132,14 @@ _MAX_SEEDS = 64
 _FOLLOW_UP_TRIES = 5
 
 
+def push_pull_period(config: SwimConfig, n_confirmed: int) -> float:
+    """Seconds between periodic syncs: ``push_pull_interval``, stretched linearly above
+    ``push_pull_scale_threshold`` members. ``n_confirmed`` counts the live members we heard
+    from directly and ourselves: members only heard of (maybe a flood of ids that do not
+    exist) cannot stretch it."""
+    return config.push_pull_interval * max(1.0, n_confirmed / config.push_pull_scale_threshold)
+
+
 class Swim:
     """One SWIM member. See the module docstring for the protocol."""
 
@@ -136,10 +153,12 @@ class Swim:
         rng: random.Random,
         now: float,
         incarnation: int = 0,
+        flood: FloodPolicy | None = None,
     ) -> None:
         """``incarnation``: where our own incarnation starts, in ``[0, MAX_INCARNATION]``. A
         restarted node passes one more than the last it used (``start_incarnation``), so its
-        Alive beats every claim others hold about its last run."""
+        Alive beats every claim others hold about its last run. ``flood``: the local defences
+        against fake-member floods (default ``FloodPolicy()``)."""
         if not 0 <= incarnation <= MAX_INCARNATION:
             raise ValueError(f"incarnation {incarnation} is outside [0, {MAX_INCARNATION}]")
         self._cfg = config
@@ -157,8 +176,9 @@ class Swim:
         self._probe_order: list[bytes] = []
         self._probe_index = 0
         self._table = MemberTable(
-            me=self._me, config=config, send=self._send, on_added=self._on_added
+            me=self._me, config=config, send=self._send, on_added=self._on_added, flood=flood
         )
+        self._flood = self._table.flood
         self._probe: Probe | None = None
         self._last_probe_start = now - config.probe_interval
         self._hints: deque[bytes] = deque()
@@ -168,6 +188,11 @@ class Swim:
         self._join_at: float | None = None
         self._sync_next: str | None = None
         self._sync_tries = 0
+        self._confirmed_credit = 0.0
+        """Accumulates ``push_pull_confirmed_share`` per sync; a whole one buys a confirmed partner."""
+        self._asked: dict[str, float] = {}
+        """Addresses we sent a sync that asks for an answer -> until when its answer is
+        exempt from the admission bound (``admission_window`` seconds)."""
         # Stagger the periodic timers so that nodes started together do not move in step.
         self._next_probe = now + rng.random() * config.probe_interval
         self._next_gossip = now + rng.random() * config.gossip_interval
@@ -202,15 +227,15 @@ class Swim:
         sender = members.get(src_node)
         if sender is not None and sender is not self._me:
             sender.last_heard = now
-            sender.confirmed = True  # it spoke to us itself
+            self._table.confirm(sender)  # it spoke to us itself
         handler = self._handlers.get(type(msg))
         if handler is None:
             _log.debug("ignoring %s from %s", type(msg).__name__, src_address)
             return
         handler(self, src_address, src_node, msg, now)
         introduced = members.get(src_node) if sender is None else None
-        if introduced is not None and introduced is not self._me:
-            introduced.confirmed = True  # it introduced itself with this message
+        if introduced is not None:
+            self._table.confirm(introduced)  # it introduced itself with this message
 
     def on_unreachable(self, address: str, *, now: float) -> None:
         """Transport hint: a dial to ``address`` failed or its connection dropped. Probe it soon."""
@@ -376,6 +401,12 @@ class Swim:
         return self._table.left
 
     @property
+    def unknown_members_refused(self) -> int:
+        """Members unknown to us that we ignored because their sender had introduced
+        ``max_new_per_sender`` others this ``admission_window`` (only grows)."""
+        return self._table.unknown_refused
+
+    @property
     def events_dropped(self) -> int:
         """Events dropped so far because ``max_events`` were waiting (only grows): a consumer
         that tracks state from events rebuilds it from ``members()`` when this moved."""
@@ -525,13 +556,12 @@ class Swim:
                     break
         return list(picked.values())
 
-    def _sample_confirmed_first(self, k: int, ok: Callable[[Member], bool]) -> list[Member]:
-        """Up to ``k`` like ``_sample``, members we heard from directly first; the rest of the
-        ``k`` (when too few are confirmed) from the unconfirmed. For the push/pull partner."""
-        picked = self._sample(k, lambda m: m.confirmed and ok(m))
-        if len(picked) < k:
-            picked += self._sample(k - len(picked), lambda m: not m.confirmed and ok(m))
-        return picked
+    def _sample_confirmed(self, k: int, ok: Callable[[Member], bool]) -> list[Member]:
+        """Up to ``k`` distinct random confirmed members satisfying ``ok``. Drawn from the
+        confirmed alone (O(confirmed)): rejection sampling over every member misses them
+        when a flood of members never heard from outnumbers them."""
+        cands = [m for m in self._table.heard.values() if ok(m)]
+        return self._rng.sample(cands, min(k, len(cands)))
 
     # ---------------------------------------------------- gossip and push/pull
 
@@ -543,8 +573,8 @@ class Swim:
         if table.broadcasts.has_urgent() and not any(m.confirmed for m in targets):
             # News that starts or stops a timer must reach someone real even when members
             # never heard from (a fake-member flood) outnumber the rest: one more target.
-            targets += self._sample(
-                1, lambda m: m.confirmed and table.gossip_target(m, now) and m not in targets
+            targets += self._sample_confirmed(
+                1, lambda m: table.gossip_target(m, now) and m not in targets
             )
         for m in targets:
             msgs = table.broadcasts.get(self._cfg.max_piggyback, n_members=table.num_live)
@@ -554,10 +584,7 @@ class Swim:
                 self._send(m.address, g)
 
     def _push_pull_period(self) -> float:
-        cfg = self._cfg
-        return cfg.push_pull_interval * max(
-            1.0, self._table.num_live / cfg.push_pull_scale_threshold
-        )
+        return push_pull_period(self._cfg, self._table.num_confirmed_live())
 
     def _push_pull(self, now: float) -> None:
         """One anti-entropy round: a sync with a random alive member (or the join follow-up
@@ -567,6 +594,7 @@ class Swim:
             # Right after a join: *pull* from the seed, which knows the most. The seed
             # knows us already, so we send only our own entry; it answers with everything.
             # Retried (at most _FOLLOW_UP_TRIES times) until an answer arrives.
+            self._ask(self._sync_next, now)
             self._send(self._sync_next, PushPull(members=(self._me.state(),)))
             self._sync_tries += 1
             if self._sync_tries < _FOLLOW_UP_TRIES:
@@ -574,14 +602,46 @@ class Swim:
             else:
                 self._sync_next = None
         else:
-            peers = self._sample(1, lambda m: m.status is ALIVE)
+            peers: list[Member] = []
+            if self._confirmed_turn():
+                # Members never heard from may be a flood of ids that do not exist: a sync
+                # with one of them is lost, and the sync is what repairs a forgotten member.
+                peers = self._sample_confirmed(1, lambda m: m.status is ALIVE)
+            if not peers:
+                peers = self._sample(1, lambda m: m.status is ALIVE)
             if peers:
+                self._ask(peers[0].address, now)
                 self._send_state(peers[0].address, join=False, reply=False)
         # Reconnect (Serf's reconnect_interval): also sync with one member we think is dead,
         # so two sides of a healed partition find each other before the dead are reaped.
-        gone = self._sample(1, lambda m: m.status is MemberStatus.DEAD and m.confirmed)
+        def dead(m: Member) -> bool:
+            return m.status is MemberStatus.DEAD and m.confirmed
+
+        gone = self._sample(1, dead) or self._sample_confirmed(1, dead)  # (the scan: floods)
         if gone:
+            self._ask(gone[0].address, now)
             self._send_state(gone[0].address, join=False, reply=False)
+
+    def _confirmed_turn(self) -> bool:
+        """Whether this round's partner is drawn from the confirmed: a share
+        ``push_pull_confirmed_share`` of the rounds, spread evenly (no random draw)."""
+        share = self._flood.push_pull_confirmed_share
+        self._confirmed_credit += share
+        if self._confirmed_credit >= 1.0:
+            self._confirmed_credit -= 1.0
+            return True
+        return False
+
+    def _ask(self, address: str, now: float) -> None:
+        """Remember that we asked ``address`` for its table: its answer is admitted whole."""
+        asked = self._asked
+        if len(asked) >= 2 * _MAX_SEEDS:  # (joins ask <= 64 seeds, a round 2 members)
+            for a in [a for a, until in asked.items() if until <= now]:
+                del asked[a]
+            while len(asked) >= 2 * _MAX_SEEDS:
+                del asked[next(iter(asked))]  # the oldest
+        asked.pop(address, None)
+        asked[address] = now + self._flood.admission_window
 
     def _send_state(self, address: str, *, join: bool, reply: bool) -> None:
         """Our full member table, in as many PushPull messages as the caps need: each encodes
@@ -602,6 +662,7 @@ class Swim:
 
     def _send_join(self, now: float) -> None:
         for seed in self._join_seeds:
+            self._ask(seed, now)
             self._send_state(seed, join=True, reply=False)
         self._join_at = now + self._cfg.join_retry_interval
 
@@ -646,7 +707,8 @@ class Swim:
 
     def _on_alive(self, src_address: str, src_node: bytes, msg: Alive, now: float) -> None:
         self._table.alive(
-            msg.node, msg.incarnation, msg.address, msg.meta, now=now, src=src_node, msg=msg
+            msg.node, msg.incarnation, msg.address, msg.meta, now=now, src=src_node, msg=msg,
+            admit_from=src_node,
         )
 
     def _on_suspect(self, src_address: str, src_node: bytes, msg: Suspect, now: float) -> None:
@@ -706,6 +768,10 @@ class Swim:
         elif self._sync_next is not None and not msg.join:  # the follow-up was answered
             self._sync_next = None
         table = self._table
+        # Members we never heard of count against the sender's admission bound, unless this
+        # answers a sync we sent to that address (our join, follow-up or periodic sync).
+        asked = self._asked.get(src_address)
+        admit_from = None if msg.reply and asked is not None and asked > now else src_node
         # memberlist re-gossips everything a sync taught it. That is right for a few
         # entries (probably news to others too) but a joiner learning a mesh of N would
         # flood everyone with N stale Alives: beyond max_piggyback new entries only the
@@ -718,7 +784,8 @@ class Swim:
                 # A restarted member (incarnation > 0) announcing itself is spread as urgent
                 # news, so it reaches the members that forgot it through any fake-member flood.
                 table.alive(s.node, s.incarnation, s.address, s.meta, now=now,
-                            gossip=regossip_all or own, urgent=own and s.incarnation > 0)  # fmt: skip
+                            gossip=regossip_all or own, urgent=own and s.incarnation > 0,
+                            admit_from=admit_from)  # fmt: skip
             elif s.status is MemberStatus.LEFT:
                 table.dead(s.node, s.incarnation, s.node, now=now)
             else:  # memberlist mergeState: a remote "dead" only makes us suspect

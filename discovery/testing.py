@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from discovery.config import SwimConfig
+from discovery.config import FloodPolicy, SwimConfig
 from discovery.events import MemberEvent
 from discovery.swim import Swim
 from protocol.connection import MAX_MESSAGE_BYTES
@@ -52,9 +52,16 @@ class MemoryMesh:
     """Several Swim cores wired through an in-memory network with a fixed latency."""
 
     def __init__(
-        self, *, config: SwimConfig, seed: int = 0, latency: float = 1 / 1024, hints: bool = True
+        self,
+        *,
+        config: SwimConfig,
+        seed: int = 0,
+        latency: float = 1 / 1024,
+        hints: bool = True,
+        flood: FloodPolicy | None = None,
     ) -> None:
         self.config = config
+        self.flood = flood
         self.seed = seed
         self.latency = latency
         self.hints = hints
@@ -82,6 +89,7 @@ class MemoryMesh:
             config=self.config,
             rng=rng,
             now=self.now,
+            flood=self.flood,
         )
         self.nodes[address] = node
         self.crashed.discard(address)

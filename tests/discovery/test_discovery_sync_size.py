@@ -7,7 +7,7 @@ import functools
 
 import pytest
 
-from discovery.config import SwimConfig
+from discovery.config import FloodPolicy, SwimConfig
 from discovery.testing import MemoryMesh, node_id_for
 from protocol.limits import MAX_MEMBERS_PER_SYNC, MAX_META_BYTES
 from protocol.messages.gossip import (
@@ -23,6 +23,7 @@ from protocol.messages.gossip import (
 from protocol.schema import encode_body
 
 CFG = SwimConfig.test()
+UNBOUNDED = FloodPolicy(max_new_per_sender=0)  # the tables are taught by injected syncs
 A, B = "a:1", "b:1"
 N = 3_000
 
@@ -57,7 +58,7 @@ def test_split_by_size(sizes: list[int], budget: int, max_items: int,
 
 def test_thousands_of_members_with_maximal_metadata_sync_completely_in_capped_parts() -> None:
     assert MAX_META_BYTES - 16 < encoded_meta_size(big_meta(0)) <= MAX_META_BYTES
-    mesh = MemoryMesh(config=CFG, seed=1)
+    mesh = MemoryMesh(config=CFG, seed=1, flood=UNBOUNDED)
     a = mesh.add(A)
     states = [big_state(i) for i in range(N)]
     for i in range(0, N, 100):  # teach A the table (parts that ask for no answer)
@@ -88,7 +89,7 @@ def _groups(mesh: MemoryMesh, src: str, dst: str) -> list[list[PushPull]]:
 
 
 def test_a_large_sync_is_answered_exactly_once_with_every_part_under_the_cap() -> None:
-    mesh = MemoryMesh(config=CFG, seed=1)
+    mesh = MemoryMesh(config=CFG, seed=1, flood=UNBOUNDED)
     a = mesh.add(A)
     mesh.inject("x:1", A, PushPull(reply=True, members=tuple(big_state(i) for i in range(600))))
     b = mesh.add(B, seeds=[A])
