@@ -32,7 +32,7 @@ from node.config import (
 from node.options import Option, Override, add_options, options_of, resolve, section_docs
 from protocol.errors import ConfigError, ErrorCode, RemoteProtocolError, StarmeshError
 
-COMMANDS = ("run", "status", "mesh-key", "submit", "tasks", "task", "results", "cancel", "submitters")
+COMMANDS = ("run", "status", "mesh-key", "submit", "tasks", "task", "results", "cancel", "submitters", "blob")
 
 RUN_DESCRIPTION = """\
 Run a Starmesh node: gossip membership over an encrypted TCP protocol.
@@ -48,6 +48,7 @@ other commands:
   python -m node submit --bundle DIR MOD:FN --inputs F   run a function over inputs on the mesh
   python -m node tasks | task ID | results ID | cancel ID   follow and manage tasks
   python -m node submitters [add KEY | revoke KEY | key] who may submit work
+  python -m node blob put PATH | get ID --out PATH | ls | pin ID | unpin ID | gc   the blob cache
 """
 
 
@@ -116,7 +117,7 @@ RUN_OVERRIDES: dict[str, Override] = {
 }
 
 #: Flag prefix of each nested config's fields (none for ``links`` and ``executors``).
-RUN_PREFIXES: dict[str, str] = {"allreduce": "allreduce-", "tasks": "task-"}
+RUN_PREFIXES: dict[str, str] = {"allreduce": "allreduce-", "tasks": "task-", "blobs": "blob-"}
 
 
 def run_options() -> tuple[Option, ...]:
@@ -255,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from node.submitters_cli import main as submitters_main
 
             return submitters_main(rest)
+        if command == "blob":
+            from node.blobs_cli import main as blob_main
+
+            return blob_main(rest)
         if command in ("submit", "tasks", "task", "results", "cancel"):
             from node import tasks_cli
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from discovery.config import PRESETS as SWIM_PRESETS
 from node.allreduce.config import AllReduceSettings
+from node.blobs.config import BlobConfig
 from node.tasks.config import TaskConfig
 from protocol.errors import ConfigError
 from protocol.messages.gossip import MAX_TAG_LEN, MAX_TAGS, is_tag
@@ -312,6 +313,9 @@ class NodeConfig:
 
     tasks: TaskConfig = field(default_factory=TaskConfig)
     """What this node runs for tasks, and what it keeps of them."""
+
+    blobs: BlobConfig = field(default_factory=BlobConfig)
+    """The blob cache: its bound and this node's upload rate."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESET_NAMES:

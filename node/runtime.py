@@ -39,6 +39,8 @@ from discovery.swim import Swim
 from node import congestion
 from node.allreduce import AllReduceOutcome
 from node.allreduce.service import AllReduceService
+from node.blobs.service import BlobService
+from node.blobs.store import BlobStore
 from node.config import NodeConfig
 from node.context import Executors, NodeContext, Service
 from node.core import Stats
@@ -78,6 +80,7 @@ class Node:
     allreduce: AllReduceService
     submitters: SubmitterService
     tasks: TaskService
+    blobs: BlobService
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -156,7 +159,9 @@ class Node:
         self.allreduce = AllReduceService(ctx, settings=config.allreduce)
         self.submitters = SubmitterService(ctx, owner=self._files.mesh_owner)
         self.tasks = TaskService(ctx, config=config.tasks, authority=self.submitters)
-        for service in (self.status, self.allreduce, self.submitters, self.tasks):
+        self.blobs = BlobService(ctx, store=BlobStore(config.data_dir / "blobs", max_bytes=config.blobs.cache_bytes),
+                                 config=config.blobs)
+        for service in (self.status, self.allreduce, self.submitters, self.tasks, self.blobs):
             await self._add_service(service)
         await pool.start_serving()
         membership.join(self._files.seeds(own_address=self.address))

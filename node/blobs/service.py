@@ -25,13 +25,14 @@ import dataclasses
 import itertools
 import logging
 import random
-from dataclasses import dataclass
+import threading
 from pathlib import Path
 from typing import Any
 
 import zstandard
 
 from discovery.events import MemberEvent
+from node.blobs.config import BlobConfig
 from node.blobs.fetch import (
     BlobFetch,
     ChunkVerified,
@@ -94,17 +95,6 @@ MAX_CLIENT_UPLOADS = 4
 MAX_FALLBACK = 8
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BlobConfig:
-    """How a node's blob service runs."""
-
-    cache_bytes: int = 8 * 1024 ** 3
-    """Bound of the store (``--blob-cache-bytes``): complete blobs plus fetches in progress."""
-    upload_rate: float = 0.0
-    """Bytes per second this node uploads to peers at most (``--blob-upload-rate``); 0: no limit."""
-    fetch: FetchSettings = dataclasses.field(default_factory=FetchSettings)
-
-
 class BlobUnavailable(BlobError):
     """No live member holds the blob, or none could serve it."""
 
@@ -145,10 +135,11 @@ class BlobService:
     name = "blobs"
 
     def __init__(self, ctx: NodeContext, *, store: BlobStore, config: BlobConfig | None = None,
-                 rng: random.Random | None = None) -> None:
+                 fetch: FetchSettings | None = None, rng: random.Random | None = None) -> None:
         self._ctx = ctx
         self.store = store
         self.config = config or BlobConfig()
+        self._fetch_settings = fetch or FetchSettings()
         self._rng = rng or random.Random()
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._reqs = itertools.count(1)
@@ -162,7 +153,7 @@ class BlobService:
         self._interested: dict[bytes, set[bytes]] = {}
         self._have_sent: dict[bytes, float] = {}
         self._provide_now = asyncio.Event()
-        self._zstd = zstandard.ZstdCompressor(level=1)
+        self._zstd = threading.local()  # a ZstdCompressor is not thread-safe: one per codec thread
         self.counters = collections.Counter[str]()
 
     # ---- Service --------------------------------------------------------------------
@@ -293,6 +284,9 @@ class BlobService:
         else:
             if not result.done():
                 result.set_result(path)
+        finally:
+            if self._results.get(blob_id) is result:  # the next get starts afresh
+                del self._results[blob_id]
 
     async def _fetch(self, blob_id: bytes, hints: tuple[bytes, ...]) -> Path:
         self.counters["fetches"] += 1
@@ -311,7 +305,7 @@ class BlobService:
         self._provide_now.set()
         done: asyncio.Future[Path] = loop.create_future()
         core = BlobFetch(blob_id=blob_id, manifest=manifest, have=have, now=self._ctx.now(),
-                         rng=random.Random(self._rng.getrandbits(64)), settings=self.config.fetch)
+                         rng=random.Random(self._rng.getrandbits(64)), settings=self._fetch_settings)
         fetch = _Fetch(core, None, done)
         self._fetches[blob_id] = fetch
         fetch.driver = Driver(core, drain=lambda: self._drain(fetch))
@@ -390,7 +384,7 @@ class BlobService:
         core = fetch.core
         try:
             reply = await self._ask(dest, BlobChunkGet(req=0, blob_id=core.blob_id, index=index),
-                                    channel=Channel.BULK, timeout=self.config.fetch.request_timeout_s * 1.5)
+                                    channel=Channel.BULK, timeout=self._fetch_settings.request_timeout_s * 1.5)
         except (StarmeshError, builtins.TimeoutError):
             if not self._ctx.is_live(dest):
                 core.remove_holder(dest, now=self._ctx.now())
@@ -545,10 +539,14 @@ class BlobService:
                 self._slots.pop(peer, None)
 
     def _deflate(self, data: bytes) -> bytes | None:
-        """zstd of ``data`` if that saves at least 1/16 of it (a 16 KiB sample decides first)."""
-        if len(data) >= 64 * 1024 and len(self._zstd.compress(data[:16384])) > 15360:
+        """zstd of ``data`` if that saves at least 1/16 of it (a 16 KiB sample decides first).
+        Runs on the codec threads, each with its own compressor."""
+        zstd = getattr(self._zstd, "compressor", None)
+        if zstd is None:
+            zstd = self._zstd.compressor = zstandard.ZstdCompressor(level=1)
+        if len(data) >= 64 * 1024 and len(zstd.compress(data[:16384])) > 15360:
             return None
-        packed = self._zstd.compress(data)
+        packed = zstd.compress(data)
         return packed if len(packed) < len(data) - len(data) // 16 else None
 
     # ---- the provider directory -----------------------------------------------------

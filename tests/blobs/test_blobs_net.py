@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from node.blobs.service import BlobConfig, BlobService
-from node.blobs.store import BlobStore
+from node.blobs.service import BlobService
 from node.config import Address, NodeConfig, parse_address
 from node.runtime import Node
 
@@ -23,11 +22,8 @@ def _config(tmp_path: Path, name: str, seeds: tuple[Address, ...] = ()) -> NodeC
 
 
 async def _with_blobs(node: Node) -> BlobService:
-    assert node._ctx is not None
-    service = BlobService(node._ctx, store=BlobStore(node.config.data_dir / "blobs", max_bytes=1 << 30),
-                          config=BlobConfig())
-    await node._add_service(service)
-    return service
+    """The node's own blob service (every node runs one)."""
+    return node.blobs
 
 
 async def _wait_members(nodes: list[Node], n: int) -> None:
