@@ -62,6 +62,13 @@ def _start_mesh(mesh: LocalMesh, n: int) -> list[NodeProcess]:
     return nodes
 
 
+def _remembered(node: NodeProcess) -> list[str]:
+    try:
+        return (node.data_dir / "peers").read_text().split()
+    except OSError:
+        return []
+
+
 def test_join_kill_leave_restart(local_mesh: LocalMesh) -> None:
     nodes = _start_mesh(local_mesh, 5)
     victim, leaver, *rest = nodes  # the victim is the seed: on restart it rejoins by itself
@@ -79,6 +86,10 @@ def test_join_kill_leave_restart(local_mesh: LocalMesh) -> None:
     observer = rest[0]
     before = states(local_mesh.views([observer])[observer.node_id])[victim.node_id][1]
 
+    # the victim writes the peers it will rejoin through at most once a second (write-behind):
+    # kill it only once they are on disk, as a node running for more than a second has them
+    others = {n.address for n in nodes if n is not victim}
+    wait_for(lambda: others <= set(_remembered(victim)), 10, what="the victim to remember its peers")
     victim.kill()  # SIGKILL: no goodbye
     survivors = [leaver, *rest]
     _all_see(local_mesh, survivors, {victim.node_id: "dead"}, timeout=20)

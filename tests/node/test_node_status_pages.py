@@ -116,7 +116,8 @@ async def test_status_of_a_node_with_thousands_of_large_members(tmp_path: Path) 
         states = [MemberState(node=node_id_for(f"f{i}"), incarnation=0, status=MemberStatus.ALIVE,
                               address=f"127.1.{i // 250}.{i % 250 + 1}:9", meta=big_meta(i))
                   for i in range(N)]
-        for i in range(0, N, 200):  # what a seed's answer teaches a joiner (no answer asked)
+        membership.join(["127.0.0.9:9"])  # we ask that seed: its answer is admitted whole
+        for i in range(0, N, 200):  # what a seed's answer teaches a joiner
             membership.swim.on_message("127.0.0.9:9", node_id_for("x"),
                                        PushPull(reply=True, members=tuple(states[i:i + 200])),
                                        now=asyncio.get_running_loop().time())
