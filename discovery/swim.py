@@ -366,6 +366,7 @@ class Swim:
             "refutations_total": table.refutations,
             "implausible_claims_total": table.claims_refused,
             "push_pull_rounds_total": self._push_pulls,
+            "unknown_members_refused_total": self.unknown_members_refused,
         }
 
     @property

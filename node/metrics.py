@@ -91,6 +91,8 @@ METRICS: Mapping[str, MetricSpec] = {
                                    "that was reached.", "limit"),
     "closed_client_connections_total": _c("Status-client connections closed, by why (budget: to make "
                                           "room; idle: client idle timeout).", "why"),
+    "unknown_members_refused_total": _c("Unknown members ignored past the per-sender admission bound "
+                                        "(fake-member floods: discovery.config.FloodPolicy)."),
     # submitters (node.submitters.service)
     "submitters_granted": _g("Keys that may submit work now (the owner not counted)."),
     "submitters_log_version": _g("Entries in this node's signed log of grants and revocations."),

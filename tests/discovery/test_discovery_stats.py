@@ -50,6 +50,7 @@ def test_a_new_member_reports_itself_and_zero_counters() -> None:
         "refutations_total": 0,
         "implausible_claims_total": 0,
         "push_pull_rounds_total": 0,
+        "unknown_members_refused_total": 0,
     }
 
 
