@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import builtins
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.config import Address, LinkConfig
-from node.transport import Link, LinkSettings, Spawn, handshake_failure, settled
+from node.transport import Handler, Link, LinkSettings, Spawn, handshake_failure, settled
 from protocol import crypto
 from protocol.connection import Channel, Role
 from protocol.errors import TimeoutError, TransportError
@@ -60,28 +60,9 @@ class ClientLink:
         """Dial ``address`` and finish the handshake. ``TransportError``, ``TimeoutError`` or
         ``RemoteProtocolError`` (refused, e.g. another mesh key)."""
         client = cls(address)
-        settings = LinkSettings(identity=identity or crypto.generate_identity(), mesh_secret=mesh_secret,
-                                listen_address=None,
-                                config=LinkConfig(handshake_timeout=min(timeout, 600.0)))
-        dispatch = {Channel.CLIENT: {tag: client._on_reply for tag in replies}}
-
-        def make_link() -> Link:
-            return Link(role=Role.INITIATOR, channel=Channel.CLIENT, settings=settings, dispatch=dispatch,
-                        spawn=spawn, on_open=lambda _: None, on_close=client._on_close)
-
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                _, client.link = await loop.create_connection(make_link, address.host, address.port)
-                await settled(client.link.opened)
-        except builtins.TimeoutError:
-            client.close()
-            raise TimeoutError(f"{address}: no handshake within {timeout}s") from None
-        except OSError as exc:
-            raise TransportError(f"{address}: {exc.strerror or exc}") from None
-        except BaseException:
-            client.close()
-            raise
+        client.link = await dial_client(
+            address, mesh_secret=mesh_secret, spawn=spawn, identity=identity, timeout=timeout,
+            dispatch={Channel.CLIENT: {tag: client._on_reply for tag in replies}}, on_close=client._on_close)
         return client
 
     async def request(self, make: Callable[[int], Message], *, timeout: float) -> Message:
@@ -112,3 +93,36 @@ class ClientLink:
     def close(self) -> None:
         if self.link is not None:
             self.link.close()
+
+
+async def dial_client(
+    address: Address, *, mesh_secret: bytes, spawn: Spawn, dispatch: Mapping[Channel, Mapping[MsgType, Handler]],
+    on_close: Callable[[Link, BaseException | None], None], timeout: float,
+    identity: Ed25519PrivateKey | None = None,
+) -> Link:
+    """Dial ``address`` as a CLIENT (a throwaway identity unless ``identity``) and finish the
+    handshake: the open link. ``TransportError``, ``TimeoutError`` or ``RemoteProtocolError``
+    (refused, e.g. another mesh key). Every client tool dials through here."""
+    settings = LinkSettings(identity=identity or crypto.generate_identity(), mesh_secret=mesh_secret,
+                            listen_address=None, config=LinkConfig(handshake_timeout=min(timeout, 600.0)))
+
+    def make_link() -> Link:
+        return Link(role=Role.INITIATOR, channel=Channel.CLIENT, settings=settings, dispatch=dispatch,
+                    spawn=spawn, on_open=lambda _: None, on_close=on_close)
+
+    link: Link | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            _, link = await asyncio.get_running_loop().create_connection(make_link, address.host, address.port)
+            await settled(link.opened)
+    except builtins.TimeoutError:
+        if link is not None:
+            link.close()
+        raise TimeoutError(f"{address}: no handshake within {timeout}s") from None
+    except OSError as exc:
+        raise TransportError(f"{address}: {exc.strerror or exc}") from None
+    except BaseException:
+        if link is not None:
+            link.close()
+        raise
+    return link

@@ -21,10 +21,11 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from discovery.members import MemberView
-from node.config import Address, LinkConfig
-from node.transport import Link, LinkSettings, Spawn, handshake_failure, settled
+from node.client_link import dial_client
+from node.config import Address
+from node.transport import Link, Spawn, handshake_failure
 from protocol import crypto
-from protocol.connection import Channel, Role
+from protocol.connection import Channel
 from protocol.errors import (
     ErrorCode,
     RemoteProtocolError,
@@ -207,28 +208,9 @@ class StatusClient:
         """Dial ``address`` and finish the handshake. ``TransportError``, ``TimeoutError`` or
         ``RemoteProtocolError`` (refused, e.g. another mesh key)."""
         client = cls()
-        settings = LinkSettings(identity=identity or crypto.generate_identity(), mesh_secret=mesh_secret,
-                                listen_address=None,
-                                config=LinkConfig(handshake_timeout=min(timeout, 600.0)))
-        dispatch = {Channel.CLIENT: {MsgType.STATUS_REPLY: client._on_reply}}
-
-        def make_link() -> Link:
-            return Link(role=Role.INITIATOR, channel=Channel.CLIENT, settings=settings, dispatch=dispatch,
-                        spawn=spawn, on_open=lambda _: None, on_close=client._on_close)
-
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                _, client.link = await loop.create_connection(make_link, address.host, address.port)
-                await settled(client.link.opened)
-        except builtins.TimeoutError:
-            client.close()
-            raise TimeoutError(f"{address}: no handshake within {timeout}s") from None
-        except OSError as exc:
-            raise TransportError(f"{address}: {exc.strerror or exc}") from None
-        except BaseException:
-            client.close()
-            raise
+        client.link = await dial_client(
+            address, mesh_secret=mesh_secret, spawn=spawn, identity=identity, timeout=timeout,
+            dispatch={Channel.CLIENT: {MsgType.STATUS_REPLY: client._on_reply}}, on_close=client._on_close)
         return client
 
     async def request(self, *, timeout: float = 3.0) -> NodeStatus:
