@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -79,11 +80,11 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 def _read_inputs(source: str) -> list[Any]:
     try:
-        stream = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
+        stream = contextlib.nullcontext(sys.stdin) if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
     except OSError as exc:
         raise ConfigError(f"--inputs {source}: {exc.strerror or exc}") from None
     values = []
-    with stream if source != "-" else _nullcontext(stream) as lines:
+    with stream as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -92,17 +93,6 @@ def _read_inputs(source: str) -> list[Any]:
             except ValueError as exc:
                 raise ConfigError(f"--inputs {source} line {number}: not JSON ({exc})") from None
     return values
-
-
-class _nullcontext:
-    def __init__(self, value: IO[str]) -> None:
-        self.value = value
-
-    def __enter__(self) -> IO[str]:
-        return self.value
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 def _open_out(path: str) -> IO[str]:
