@@ -16,7 +16,9 @@ store           ``node/<domain>/store.py``: the domain's on-disk store (``os``, 
                 ``shutil``, ``tempfile``, ``time``; no sockets, processes or event loop)
 service         ``node/<domain>/service.py``: the domain's one asyncio adapter
 worker          ``worker.py`` / ``*_worker.py`` in ``node/`` or ``simulations/``: the entry point
-                of a child process; may import anything
+                of a child process; may import anything. So is everything under
+                ``node/training/runner/``: the torch side of a training job, which runs only in
+                a job's worker process
 runtime         every other top-level ``node/*.py``: the asyncio / I/O layer
 simulation      everything else in ``simulations/``
 ==============  =============================================================================
@@ -84,6 +86,10 @@ PURE_NODE_MODULES = frozenset({
 TORCH_LAZY = frozenset({"protocol/tensor/fastcast.py", "node/arrays.py", "node/torch_hooks.py"})
 
 
+#: Child-process code by place rather than name: a training job's torch runner.
+RUNNER_PREFIX = "node/training/runner/"
+
+
 class Kind(enum.Enum):
     CORE = "core"
     PURE = "pure"
@@ -133,7 +139,7 @@ def kind_of(rel: str, *, pure: frozenset[str] = PURE_NODE_MODULES) -> Kind:
         return Kind.CORE
     if package == "simulations":
         return Kind.WORKER if _is_worker(stem) else Kind.SIMULATION
-    if _is_worker(stem):
+    if _is_worker(stem) or rel.startswith(RUNNER_PREFIX):
         return Kind.WORKER
     if len(parts) == 2:
         return Kind.PURE if rel in pure else Kind.RUNTIME
@@ -323,6 +329,7 @@ def test_real_tree_is_seen() -> None:
     assert kind_of("node/tasks/deep/service.py") is Kind.CORE  # exactly one service per domain
     assert kind_of("node/blobs/store.py") is Kind.STORE
     assert kind_of("node/training/torch_worker.py") is Kind.WORKER
+    assert kind_of("node/training/runner/charlm.py") is Kind.WORKER
     assert kind_of("simulations/allreduce_worker.py") is Kind.WORKER
 
 

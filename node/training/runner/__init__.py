@@ -1,0 +1,7 @@
+"""The torch side of a training job: runs only in a job's worker process, never in a node.
+
+``job`` is the interface a user's bundle implements (``Job``); ``charlm`` is the built-in
+character-level GPT on tiny Shakespeare; ``state`` saves and loads the shared training state
+as safetensors; ``diloco`` is the outer optimizer; ``export`` prunes, quantizes and samples;
+``reference`` trains the same job in one process, for comparison.
+"""
