@@ -1,0 +1,118 @@
+"""The same job trained in one process: what a distributed run is measured against.
+
+A distributed sync step with ``W`` workers reads ``W`` batches (one per worker, each at its own
+(shard, position) cursor), averages the ``W`` gradients and takes one optimizer step. Since the
+loss is a mean over equal batches, the average of the per-batch gradients is the gradient of the
+mean of the per-batch losses: ``train_step`` computes exactly that in one process, by
+accumulating ``loss_b / W`` over the step's batches (the same arithmetic up to floating-point
+summation order). So ``train_reference(job, steps, plan=...)`` over the cursors the distributed run
+consumed is the "same config trained in one process" at the same global batch.
+
+``accumulate`` and ``apply`` are the two halves of ``train_step``, for a worker that averages the
+gradients between them (``accumulate`` its own batches, all-reduce ``p.grad``, ``apply``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from node.training.runner.job import Job
+
+Cursor = tuple[int, int]
+"""``(shard, position)``: where a batch is read (``Job.batch``)."""
+
+
+def round_robin(step: int, *, workers: int, shards: int) -> list[Cursor]:
+    """The cursors of step ``step`` when batch ``j = step * workers + w`` reads shard ``j % shards``
+    at position ``j // shards``: shards consumed evenly, each in order, none read twice."""
+    first = step * workers
+    return [(j % shards, j // shards) for j in range(first, first + workers)]
+
+
+def accumulate(job: Job, model: nn.Module, cursors: Sequence[Cursor]) -> float:
+    """Zero the gradients, then backpropagate the mean loss over the cursors' batches.
+
+    Returns that mean loss. Afterwards ``p.grad`` is the gradient of the mean (module docstring).
+    """
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for shard, position in cursors:
+        loss = job.loss(model, job.batch(shard, position)) / len(cursors)
+        loss.backward()  # type: ignore[no-untyped-call]
+        total += float(loss.detach())
+    return total
+
+
+def apply(job: Job, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Clip the (averaged) gradient to ``job.grad_clip`` if set, and take the optimizer step."""
+    if job.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), job.grad_clip)
+    optimizer.step()
+
+
+def train_step(job: Job, model: nn.Module, optimizer: torch.optim.Optimizer,
+               cursors: Sequence[Cursor]) -> float:
+    """One optimizer step on the mean loss of the cursors' batches; returns that loss."""
+    loss = accumulate(job, model, cursors)
+    apply(job, model, optimizer)
+    return loss
+
+
+def validation_loss(evaluate: Callable[[nn.Module], float], model: nn.Module) -> float:
+    """``evaluate(model)`` as ``Job.evaluate`` expects it: eval mode, no grad (mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(evaluate(model))
+    finally:
+        model.train(was_training)
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceResult:
+    """A one-process run: per-step mean losses, final validation loss, and its speed."""
+
+    losses: list[float]
+    val_loss: float
+    seconds: float
+    """Wall time of the training steps (evaluation not included)."""
+    tokens_per_s: float
+    """Tokens trained per second (``job.tokens_per_batch`` x batches / ``seconds``)."""
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(1, len(self.losses))
+
+
+def train_reference(job: Job, steps: int, *, workers: int = 1,
+                    plan: Callable[[int], Sequence[Cursor]] | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> ReferenceResult:
+    """Train ``job.model`` in place for ``steps`` steps and evaluate it.
+
+    Step ``s`` reads the batches at ``plan(s)``; by default ``round_robin(s, workers=workers,
+    shards=job.shards)``, the global batch of ``workers`` workers.
+    """
+    model = job.model
+    optimizer = optimizer or job.optimizer(model.parameters())
+
+    def default_plan(step: int) -> list[Cursor]:
+        return round_robin(step, workers=workers, shards=job.shards)
+
+    cursors = plan or default_plan
+    model.train()
+    losses, batches = [], 0
+    start = time.perf_counter()
+    for step in range(steps):
+        step_cursors = cursors(step)
+        losses.append(train_step(job, model, optimizer, step_cursors))
+        batches += len(step_cursors)
+    seconds = time.perf_counter() - start
+    val_loss = validation_loss(job.evaluate, model)
+    return ReferenceResult(losses=losses, val_loss=val_loss, seconds=seconds,
+                           tokens_per_s=job.tokens_per_batch * batches / max(seconds, 1e-9))
