@@ -39,6 +39,7 @@ BENCHES: dict[str, Entry] = {
     "allreduce": Entry("simulations.bench_allreduce", "real processes: all-reduce time vs link optimum and gloo"),
     "wire": Entry("simulations.bench_wire", "in-process: encrypted 4 MiB frame throughput of two Connections vs raw AEAD"),
     "tasks": Entry("simulations.bench_tasks", "real processes: tiny-subtask throughput and round trip, worker and coordinator kill -9"),
+    "blobs": Entry("simulations.bench_blobs", "real processes: k newcomers fetch one blob from one seeder vs S/B; kill -9 and a liar"),
 }
 
 
