@@ -47,3 +47,21 @@ def test_reference_run_is_deterministic(tiny: dict[str, str]) -> None:
     assert a.tokens_per_s > 0 and a.seconds_per_step > 0
     custom = reference.train_reference(charlm.make_job(tiny), 2, plan=lambda s: [(s, 0)])
     assert custom.losses[0] == reference.train_reference(charlm.make_job(tiny), 1).losses[0]
+
+
+def test_diloco_reference_with_plain_averaging_of_one_worker_is_plain_training(tiny: dict[str, str]) -> None:
+    plain = charlm.make_job(tiny)
+    reference.train_reference(plain, 6)
+    job = charlm.make_job(tiny)
+    result = reference.train_diloco_reference([job], 6, inner_steps=3, outer_lr=1.0, outer_momentum=0.0)
+    assert len(result.losses) == 6
+    for a, b in zip(plain.model.parameters(), job.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_diloco_reference_keeps_replicas_identical_after_each_round(tiny: dict[str, str]) -> None:
+    jobs = [charlm.make_job(tiny) for _ in range(2)]
+    result = reference.train_diloco_reference(jobs, 5, inner_steps=2)
+    for a, b in zip(jobs[0].model.parameters(), jobs[1].model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert result.val_loss < 4.2 and len(result.losses) == 5

@@ -8,6 +8,11 @@ accumulating ``loss_b / W`` over the step's batches (the same arithmetic up to f
 summation order). So ``train_reference(job, steps, plan=...)`` over the cursors the distributed run
 consumed is the "same config trained in one process" at the same global batch.
 
+``train_diloco_reference`` is DiLoCo's one-process counterpart: ``W`` replicas (one ``Job`` each,
+built alike) each take ``H`` inner steps on their own cursors, their pseudo-gradients are
+averaged exactly, and one outer Nesterov step moves them all (``diloco.OuterOptimizer``); what
+the bench's DiLoCo run is compared with when the all-reduce's codec is taken out of the picture.
+
 ``accumulate`` and ``apply`` are the two halves of ``train_step``, for a worker that averages the
 gradients between them (``accumulate`` its own batches, all-reduce ``p.grad``, ``apply``).
 """
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from node.training.runner import diloco
 from node.training.runner.job import Job
 
 Cursor = tuple[int, int]
@@ -116,3 +122,50 @@ def train_reference(job: Job, steps: int, *, workers: int = 1,
     val_loss = validation_loss(job.evaluate, model)
     return ReferenceResult(losses=losses, val_loss=val_loss, seconds=seconds,
                            tokens_per_s=job.tokens_per_batch * batches / max(seconds, 1e-9))
+
+
+def train_diloco_reference(jobs: Sequence[Job], steps: int, *, inner_steps: int,
+                           plan: Callable[[int], Sequence[Cursor]] | None = None,
+                           outer_lr: float = diloco.OUTER_LR,
+                           outer_momentum: float = diloco.OUTER_MOMENTUM) -> ReferenceResult:
+    """DiLoCo with ``len(jobs)`` workers in one process (module docstring), in place.
+
+    Inner step ``s`` of worker ``w`` reads ``plan(s)[w]`` (by default the round-robin plan, the
+    same batches ``train_reference(..., workers=len(jobs))`` reads at step ``s``); after every
+    ``inner_steps`` steps, and after the last, an outer step. ``losses[s]`` is the workers' mean
+    inner loss; the validation loss is of the final global parameters.
+    """
+    if not jobs or inner_steps < 1:
+        raise ValueError("train_diloco_reference needs at least one job and inner_steps >= 1")
+    workers = len(jobs)
+    models = [job.model for job in jobs]
+    optimizers = [job.optimizer(model.parameters()) for job, model in zip(jobs, models, strict=True)]
+    outer = diloco.OuterOptimizer(models[0], lr=outer_lr, momentum=outer_momentum)
+    for model in models[1:]:
+        diloco.unflatten_into(model, outer.params)
+
+    def default_plan(step: int) -> list[Cursor]:
+        return round_robin(step, workers=workers, shards=jobs[0].shards)
+
+    cursors = plan or default_plan
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(steps):
+        step_cursors = cursors(step)
+        step_losses = [train_step(job, model, opt, [cursor]) for job, model, opt, cursor
+                       in zip(jobs, models, optimizers, step_cursors, strict=True)]
+        losses.append(sum(step_losses) / workers)
+        if (step + 1) % inner_steps == 0 or step + 1 == steps:
+            _outer_round(outer, models)
+    seconds = time.perf_counter() - start
+    val_loss = validation_loss(jobs[0].evaluate, models[0])
+    return ReferenceResult(losses=losses, val_loss=val_loss, seconds=seconds,
+                           tokens_per_s=jobs[0].tokens_per_batch * workers * steps / max(seconds, 1e-9))
+
+
+def _outer_round(outer: diloco.OuterOptimizer, models: Sequence[nn.Module]) -> None:
+    """Average the replicas' pseudo-gradients, step ``θ``, restart every replica from it."""
+    averaged = torch.stack([outer.pseudo_gradient(model) for model in models]).mean(0)
+    outer.step(models[0], averaged)
+    for model in models[1:]:
+        diloco.unflatten_into(model, outer.params)
