@@ -126,7 +126,7 @@ METRICS: Mapping[str, MetricSpec] = {
     "task_processes_warm": _g("Idle worker processes kept warm."),
     "task_attempts_running": _g("Attempts running in worker processes."),
     "task_subtask_failures_total": _c("Subtasks that failed in a worker process (any reason)."),
-    # blobs (node.blobs.service, node.blobs.store)
+    # blobs (node.blobs.service, node.blobs.store, node.blobs.replicas, node.blobs.directory)
     "blob_store_bytes": _g("Bytes of blobs in this node's store (complete and being fetched)."),
     "blob_store_limit_bytes": _g("The store's bound (--blob-cache-bytes)."),
     "blob_store_blobs": _g("Complete blobs held here."),
@@ -143,6 +143,19 @@ METRICS: Mapping[str, MetricSpec] = {
     "blob_busy_total": _c("Chunk requests answered busy (upload slots full)."),
     "blob_uploaded_bytes_total": _c("Chunk bytes sent to peers, after zstd."),
     "blob_uploaded_raw_bytes_total": _c("Chunk bytes sent to peers, before zstd."),
+    "blob_store_held": _g("Blobs kept from eviction for other members' leases (replicate)."),
+    "blob_directory_expired_total": _c("Directory records swept after their TTL ran out unrenewed."),
+    "blob_replicated_blobs": _g("Blobs this node keeps leased copies of on other members."),
+    "blob_replica_copies": _g("Leased copies confirmed on other members (all blobs)."),
+    "blob_replica_asks_total": _c("BLOB_LEASE requests sent (first asks, polls and renewals)."),
+    "blob_replica_misses_total": _c("BLOB_LEASE requests that went unanswered."),
+    "blob_replica_refused_total": _c("Copies refused or failed by the member asked (replaced)."),
+    "blob_replica_lost_total": _c("Copies whose member left or died (replaced)."),
+    "blob_replica_released_total": _c("Blobs whose copies were released."),
+    "blob_leases_granted": _g("Leases this node grants others now."),
+    "blob_lease_granted_total": _c("Leases granted (renewals not counted)."),
+    "blob_lease_refused_total": _c("Leases refused past the bound."),
+    "blob_lease_expired_total": _c("Leases that ran out unrenewed."),
     # all-reduce (node.allreduce.service)
     "allreduce_rounds_total": _c("All-reduce rounds ended here, by outcome.", "outcome"),
     "allreduce_round_seconds": MetricSpec("histogram", "Duration of finished all-reduce rounds."),

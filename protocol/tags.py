@@ -10,6 +10,7 @@ Numbers are grouped in ranges so that layers can grow independently:
 80-103 tasks, their coordinators and bundles (protocol/messages/tasks.py)
 104-111 submitter authorization (protocol/messages/submitters.py)
 112-127 blobs: manifests, chunks, providers, clients (protocol/messages/blobs.py)
+128-135 blobs, continued: leased copies (protocol/messages/blobs.py)
 ====== ===========================================================
 """
 
@@ -93,3 +94,10 @@ class MsgType(enum.IntEnum):
     BLOB_PIN = 125
     BLOB_GC = 126
     BLOB_REPLY = 127
+
+    # 128-135: blobs, continued: leased copies (see protocol/messages/blobs.py)
+    BLOB_LEASE = 128
+    BLOB_LEASE_REPLY = 129
+    BLOB_RELEASE = 130
+    BLOB_REPLICATE = 131
+    BLOB_REPLICAS = 132

@@ -15,9 +15,11 @@ when the fetch resumes) or debris removed on open, never a torn blob that would 
 
 Bounded: complete blobs plus partial chunks stay within ``max_bytes``. Making room evicts
 unpinned complete blobs, least recently used first (the data file's mtime, touched by every
-read); pinned blobs, the blob being written and fetches in progress are never evicted. When
-there is still no room, ``StoreFull``. ``gc()`` drops every unpinned blob and every partial
-fetch not in ``keep``. All methods block (disk): the service calls them in its io executor.
+read); pinned blobs, *held* blobs (``hold``: kept for a lease another member holds, not
+persisted: after a restart, or once ``release``d, an ordinary cache entry again), the blob
+being written and fetches in progress are never evicted. When there is still no room,
+``StoreFull``. ``gc()`` drops every blob neither pinned nor held and every partial fetch not
+in ``keep``. All methods block (disk): the service calls them in its io executor.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class BlobInfo:
     pinned: bool
     last_used: float
     """Unix time of the last read or write."""
+    held: bool = False
+    """Kept for another member's lease (``BlobStore.hold``)."""
 
 
 @dataclass(slots=True)
@@ -111,6 +115,7 @@ class BlobStore:
         self._manifests: dict[bytes, Manifest] = {}
         self._partials: dict[bytes, set[int]] = {}
         self._pins: set[bytes] = set()
+        self._held: set[bytes] = set()
         self.counters = {"evictions": 0, "evicted_bytes": 0, "puts": 0, "fetched": 0, "reads": 0}
         self._open()
 
@@ -205,13 +210,13 @@ class BlobStore:
         return data if len(data) == length else None
 
     def list(self) -> list[BlobInfo]:
-        return sorted((BlobInfo(blob_id=b, size=e.size, pinned=b in self._pins, last_used=e.last_used)
-                       for b, e in self._blobs.items()), key=lambda i: i.blob_id)
+        return sorted((BlobInfo(blob_id=b, size=e.size, pinned=b in self._pins, last_used=e.last_used,
+                                held=b in self._held) for b, e in self._blobs.items()), key=lambda i: i.blob_id)
 
     def info(self, blob_id: bytes) -> BlobInfo | None:
         e = self._blobs.get(blob_id)
         return None if e is None else BlobInfo(blob_id=blob_id, size=e.size, pinned=blob_id in self._pins,
-                                                last_used=e.last_used)
+                                                last_used=e.last_used, held=blob_id in self._held)
 
     @property
     def used_bytes(self) -> int:
@@ -223,6 +228,7 @@ class BlobStore:
             "blob_store_limit_bytes": float(self.max_bytes),
             "blob_store_blobs": float(len(self._blobs)),
             "blob_store_pinned": float(len(self._pins & set(self._blobs))),
+            "blob_store_held": float(len(self._held)),
             "blob_store_partial": float(len(self._partials)),
             "blob_store_evictions_total": float(self.counters["evictions"]),
             "blob_store_evicted_bytes_total": float(self.counters["evicted_bytes"]),
@@ -407,6 +413,17 @@ class BlobStore:
     def pinned(self, blob_id: bytes) -> bool:
         return blob_id in self._pins
 
+    def hold(self, blob_id: bytes) -> None:
+        """Never evict ``blob_id`` (held or still to come) until ``release``; not persisted."""
+        self._held.add(blob_id)
+
+    def release(self, blob_id: bytes) -> None:
+        """``blob_id`` is an ordinary cache entry again (unless pinned)."""
+        self._held.discard(blob_id)
+
+    def held(self, blob_id: bytes) -> bool:
+        return blob_id in self._held
+
     def _save_pins(self) -> None:
         atomic_write(self.root / "pins", "".join(f"{_hex(b)}\n" for b in sorted(self._pins)), what="blob pins")
 
@@ -423,8 +440,9 @@ class BlobStore:
         return entry.size
 
     def gc(self, *, keep: Iterable[bytes] = ()) -> int:
-        """Drop every unpinned blob and every partial fetch not in ``keep``; the bytes freed."""
-        keep = set(keep)
+        """Drop every blob neither pinned nor held and every partial fetch not in ``keep``; the
+        bytes freed."""
+        keep = set(keep) | self._held
         freed = 0
         for blob_id in [b for b in self._blobs if b not in self._pins and b not in keep]:
             freed += self.remove(blob_id)
@@ -441,7 +459,8 @@ class BlobStore:
         used = self.used_bytes + reserved
         if used + size <= self.max_bytes:
             return
-        victims = sorted((e.last_used, b) for b, e in self._blobs.items() if b not in self._pins and b not in keep)
+        victims = sorted((e.last_used, b) for b, e in self._blobs.items()
+                         if b not in self._pins and b not in self._held and b not in keep)
         for _, blob_id in victims:
             size_freed = self.remove(blob_id)
             self.counters["evictions"] += 1

@@ -12,6 +12,10 @@ Who sends what:
   streams a blob to the node in pieces; ``BlobGet`` has the node fetch a blob and returns
   it piece by piece (``BlobData``); ``BlobList`` (``BlobListReply``); ``BlobPin`` and ``BlobGc``
   (``BlobReply``, also the answer to the last piece of a put and to every refusal).
+* Copies on purpose (tags 128-132): a member asks another on **CONTROL** to fetch a blob and
+  hold it under a lease it renews (``BlobLease`` -> ``BlobLeaseReply``; ``BlobRelease`` ends
+  it at once); a client asks its node for k such copies (``BlobReplicate`` ->
+  ``BlobReplicas``, the members that confirmed one).
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ MAX_BITMAP_BYTES = MAX_CHUNKS // 8
 MAX_PROVIDE = 256
 MAX_PROVIDERS = 32
 MAX_LIST = 1024
+#: Most leased copies one ``BlobReplicate`` may ask for; most hints in one ``BlobLease``.
+MAX_COPIES = 16
+MAX_HINTS = 16
+#: Longest lease one ``BlobLease`` may ask for (seconds).
+MAX_LEASE_S = 3600.0
 BITMAP = Bytes(MAX_BITMAP_BYTES)
 
 
@@ -60,6 +69,19 @@ class ChunkStatus(enum.IntEnum):
     """The sender does not hold this chunk (or the blob)."""
     BUSY = 2
     """The sender holds it but is serving too many uploads: ask again later or elsewhere."""
+
+
+class LeaseStatus(enum.IntEnum):
+    """How a member answered ``BlobLease`` (``BlobLeaseReply.status``)."""
+
+    HELD = 0
+    """It holds the whole blob, kept from eviction until ``lease_s`` from now."""
+    FETCHING = 1
+    """Leased and being fetched: ask again to confirm (the lease runs from each ask)."""
+    REFUSED = 2
+    """No lease: it grants too many already, or the blob cannot fit."""
+    FAILED = 3
+    """Leased, but no member could serve the blob to it."""
 
 
 class BlobErrorCode(enum.IntEnum):
@@ -83,6 +105,8 @@ class BlobEntry(Struct):
     pinned: bool = spec(Bool())
     last_used: float = spec(Float(0.0))
     """Unix time of the last read or write."""
+    held: bool = spec(Bool(), default=False)
+    """Kept from eviction for another member's lease (``BlobLease``)."""
 
 
 # ---- member <-> member --------------------------------------------------------------
@@ -257,3 +281,61 @@ class BlobReply(Message):
     """A put's last piece: the blob's id."""
     freed: int = spec(UInt(64), default=0)
     """GC: bytes freed."""
+
+
+# ---- leased copies (128-132) --------------------------------------------------------
+
+
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobLease(Message):
+    TAG: ClassVar[MsgType] = MsgType.BLOB_LEASE
+    req: int = spec(REQ)
+    blob_id: bytes = spec(BLOB_ID)
+    lease_s: float = spec(Float(1.0, MAX_LEASE_S))
+    """Keep the blob (fetching it first) and never evict it for this long from now."""
+    hints: tuple[bytes, ...] = spec(ListOf(NODE_ID, max_len=MAX_HINTS), default=())
+    """Members known to hold it (the sender, usually)."""
+
+
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobLeaseReply(Message):
+    TAG: ClassVar[MsgType] = MsgType.BLOB_LEASE_REPLY
+    req: int = spec(REQ)
+    blob_id: bytes = spec(BLOB_ID)
+    status: LeaseStatus = spec(EnumOf(LeaseStatus))
+    lease_s: float = spec(Float(0.0, MAX_LEASE_S), default=0.0)
+    """The lease granted (HELD, FETCHING): at most what was asked."""
+    message: str = spec(Str(1000), default="")
+
+
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobRelease(Message):
+    TAG: ClassVar[MsgType] = MsgType.BLOB_RELEASE
+    blob_id: bytes = spec(BLOB_ID)
+
+
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobReplicate(Message):
+    TAG: ClassVar[MsgType] = MsgType.BLOB_REPLICATE
+    req: int = spec(REQ)
+    blob_id: bytes = spec(BLOB_ID)
+    copies: int = spec(UInt(8))
+    """Leased copies wanted on other members (at most ``MAX_COPIES``); 0: release them all."""
+    wait_s: float = spec(Float(0.0, 30.0), default=10.0)
+    """Answer once ``copies`` are confirmed or after this long."""
+
+
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobReplicas(Message):
+    TAG: ClassVar[MsgType] = MsgType.BLOB_REPLICAS
+    req: int = spec(REQ)
+    blob_id: bytes = spec(BLOB_ID)
+    copies: int = spec(UInt(8))
+    """The copies wanted."""
+    holders: tuple[bytes, ...] = spec(ListOf(NODE_ID, max_len=MAX_COPIES), default=())
+    """The members that confirmed a copy so far."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 from protocol.messages import blobs
-from protocol.messages.blobs import BlobChunk, BlobErrorCode, ChunkStatus
+from protocol.messages.blobs import BlobChunk, BlobErrorCode, ChunkStatus, LeaseStatus
 from protocol.schema import REGISTRY, decode_body, encode_body
 from protocol.tags import MsgType
 
@@ -38,14 +38,14 @@ def test_blob_message_tables_are_the_code() -> None:
     claims = _claims()
     section = _section()
     tables = claims._message_tables(section)
-    tags = [t for t in MsgType if 112 <= t <= 127]
-    assert len(tags) == 16 and set(tables) == {t.name for t in tags}
+    tags = [t for t in MsgType if 112 <= t <= 135]
+    assert len(tags) == 21 and set(tables) == {t.name for t in tags}
     for tag in tags:
         claims._check_rows(REGISTRY[tag], tables[tag.name])
     structs = claims._struct_tables(section)
     assert set(structs) == {"BlobEntry"}
     claims._check_rows(blobs.BlobEntry, structs["BlobEntry"])
-    for enum_cls in (ChunkStatus, BlobErrorCode):
+    for enum_cls in (ChunkStatus, BlobErrorCode, LeaseStatus):
         row = next(line for line in section.splitlines() if line.startswith(f"| `{enum_cls.__name__}` |"))
         assert re.findall(r"(\d+) `([A-Z_]+)`", row) == [(str(int(v)), v.name) for v in enum_cls]
 

@@ -53,3 +53,37 @@ async def test_put_get_and_get_again_after_the_first_holder_is_gone(tmp_path: Pa
             served = blobs[c].counters
             assert 0 < served["uploaded_bytes"] < served["uploaded_raw_bytes"]  # zstd where it shrank
             assert blobs[d].store.has(blob_id) and not blobs[b].store.has(blob_id)
+
+
+async def _until(check: object, timeout: float = 20.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("not within the timeout")
+
+
+async def test_replicate_keeps_two_leased_copies_replaces_a_lost_one_and_releases(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    async with Node(_config(tmp_path, "a")) as a:
+        seed = (parse_address(a.address),)
+        async with Node(_config(tmp_path, "b", seed)) as b, Node(_config(tmp_path, "c", seed)) as c, \
+                Node(_config(tmp_path, "d", seed)) as d:
+            nodes = {n.node_id: n for n in (b, c, d)}
+            await _wait_members([a, b, c, d], 4)
+            blob_id = await a.blobs.put(data)
+            holders = await asyncio.wait_for(a.blobs.replicate(blob_id, copies=2, timeout=30), 40)
+            assert len(holders) == 2 and set(holders) <= set(nodes)
+            for node_id in holders:
+                store = nodes[node_id].blobs.store
+                assert store.held(blob_id) and store.path(blob_id) is not None
+                assert store.path(blob_id).read_bytes() == data  # type: ignore[union-attr]
+            assert a.blobs.stats()["blob_replica_copies"] == 2.0
+            lost = nodes.pop(holders[0])
+            await lost.__aexit__(None, None, None)  # a copy's member leaves: another takes its place
+            await _until(lambda: len(a.blobs.replicas(blob_id)) == 2 and holders[0] not in a.blobs.replicas(blob_id))
+            now = a.blobs.replicas(blob_id)
+            assert set(now) == set(nodes)
+            a.blobs.release(blob_id)
+            await _until(lambda: not any(n.blobs.store.held(blob_id) for n in nodes.values()))
+            assert a.blobs.replicas(blob_id) == []

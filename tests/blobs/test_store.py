@@ -169,3 +169,19 @@ def test_a_partial_fetch_reserves_its_room(tmp_path: Path) -> None:
     store.put_bytes(_data(MiB, seed=23))
     assert os.path.isdir(tmp_path / "blobs" / "partial" / m.digest.hex())
     assert MiB == CHUNK_BYTES
+
+
+def test_a_held_blob_is_not_evicted_until_released_and_not_held_after_a_restart(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs", max_bytes=2 * MiB)
+    held = store.put_bytes(_data(MiB, seed=1))
+    store.hold(held)
+    other = store.put_bytes(_data(MiB, seed=2))
+    store._blobs[held].last_used -= 100  # the held one is the least recently used
+    store.put_bytes(_data(MiB, seed=3))
+    assert store.has(held) and not store.has(other)
+    assert store.info(held) is not None and store.info(held).held  # type: ignore[union-attr]
+    assert store.gc() == MiB and store.has(held)
+    store.release(held)
+    assert not store.held(held) and store.gc() == MiB
+    store.hold(other)
+    assert not BlobStore(tmp_path / "blobs", max_bytes=2 * MiB).held(other)  # leases do not persist

@@ -86,7 +86,7 @@ def _channel_table() -> dict[Channel, set[MsgType]]:
 #: Replies a node sends on CLIENT links and never receives there (a client matches them by ``req``).
 CLIENT_REPLIES = {MsgType.STATUS_REPLY, MsgType.TASK_ACCEPTED, MsgType.TASK_ERROR,
                   MsgType.TASK_QUERY_REPLY, MsgType.TASK_CANCELLED, MsgType.SUBMITTERS_REPLY,
-                  MsgType.BLOB_DATA, MsgType.BLOB_LIST_REPLY, MsgType.BLOB_REPLY}
+                  MsgType.BLOB_DATA, MsgType.BLOB_LIST_REPLY, MsgType.BLOB_REPLY, MsgType.BLOB_REPLICAS}
 
 
 def _services() -> list[Any]:
