@@ -5,8 +5,11 @@ assumed), which stores it verified and pinned and serves it to the mesh; it prin
 (64 hex digits: the content id of ``node.bundles.manifest``). ``blob get ID --out PATH`` asks the
 node for the blob: the node fetches it from whoever holds it (verified chunk by chunk) and
 streams it back; a progress bar shows on a terminal; the file is written whole or not at all.
-``blob ls`` lists what the node holds, ``pin``/``unpin`` keep a blob from eviction or release
-it, ``gc`` drops what is unpinned. Each takes ``--connect``, ``--data-dir``,
+``blob put PATH --copies K`` also has the node keep K leased copies on other members
+(``replicate``; renewed by the node until the blob is unpinned there) and waits, up to
+``--copies-timeout``, until they are confirmed, printing their node ids. ``blob ls`` lists
+what the node holds, ``pin``/``unpin`` keep a blob from eviction or release it (and its
+copies elsewhere), ``gc`` drops what is unpinned. The requests are ``node.blob_client``'s. Each takes ``--connect``, ``--data-dir``,
 ``--mesh-key-file``, ``--timeout`` like ``status``. Exit codes: 0 ok, 1 failed, 2 bad usage.
 """
 
@@ -16,22 +19,20 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from node.blob_client import REPLIES, AsyncBlobClient, BlobId, BlobRefused, ReplicationTimeout
 from node.config import ClientConfig
-from protocol.errors import ConfigError, StarmeshError, TransportError
+from protocol.errors import ConfigError, StarmeshError
+
+if TYPE_CHECKING:
+    from node.client_link import ClientLink
 
 ACTIONS = ("put", "get", "ls", "pin", "unpin", "gc")
-PIECE_BYTES = 1024 * 1024
-_REPLIES = ("BLOB_REPLY", "BLOB_DATA", "BLOB_LIST_REPLY")
-
-
-class BlobRefused(StarmeshError):
-    """The node answered a blob request with an error code."""
+__all__ = ["ACTIONS", "BlobRefused", "build_parser", "main", "parse_blob_id"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     put = action("put", "store a file on the node (pinned) and print its blob id")
     put.add_argument("path", metavar="PATH", type=Path)
     put.add_argument("--no-pin", action="store_true", help="let the cache evict it when it needs room")
-    put.add_argument("--json", action="store_true", help='print {"id": ..., "size": ...}')
+    put.add_argument("--json", action="store_true", help='print {"id": ..., "size": ...} (and "copies": [...])')
+    put.add_argument("--copies", type=int, default=0, metavar="K",
+                     help="also keep K leased copies on other members (renewed by the node until unpin); "
+                          "waits until they are confirmed and prints their node ids")
+    put.add_argument("--copies-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="how long to wait for the copies (default 60; exit 1 if fewer were confirmed)")
     get = action("get", "fetch a blob from whoever holds it, verify it, write it")
     get.add_argument("blob_id", metavar="ID")
     get.add_argument("--out", metavar="PATH", type=Path, required=True)
@@ -64,158 +70,90 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_blob_id(text: str) -> bytes:
     try:
-        raw = bytes.fromhex(text.strip())
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise ConfigError(f"{text!r} is not a blob id (64 hex digits, as blob put prints)")
-    return raw
+        return BlobId(text).raw
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-async def _session(client: ClientConfig, body: Any) -> int:
-    from node.client_link import ClientLink
+async def _session(client: ClientConfig, body: Callable[[AsyncBlobClient], Awaitable[int]]) -> int:
+    from node.client_link import with_client
     from node.identity import load_mesh_key
-    from protocol.tags import MsgType
 
     try:
         secret = load_mesh_key(client.mesh_key_path)
     except ConfigError as exc:
         raise ConfigError(f"{exc}\nblob needs the mesh key of the node it asks: pass --mesh-key-file PATH "
                           "or --data-dir DIR") from None
-    tasks: set[asyncio.Task[None]] = set()
 
-    def spawn(coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+    async def run(link: ClientLink) -> int:
+        return await body(AsyncBlobClient(link, timeout=client.timeout))
 
-    link = await ClientLink.connect(client.connect, mesh_secret=secret, spawn=spawn,
-                                    replies=[MsgType[name] for name in _REPLIES], timeout=client.timeout)
-    try:
-        result: int = await body(link)
-        return result
-    finally:
-        link.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    return await with_client(client.connect, mesh_secret=secret, replies=REPLIES, timeout=client.timeout, body=run)
 
 
-def _check(reply: Any) -> Any:
-    from protocol.messages.blobs import BlobErrorCode, BlobReply
-
-    if isinstance(reply, BlobReply) and reply.code is not BlobErrorCode.OK:
-        raise BlobRefused(f"{reply.code.name}: {reply.message}")
-    return reply
-
-
-async def _put(link: Any, args: argparse.Namespace, timeout: float) -> int:
-    from protocol.messages.blobs import BlobPut, BlobReply
-
+async def _put(blobs: AsyncBlobClient, args: argparse.Namespace) -> int:
     path: Path = args.path.expanduser()
     try:
-        f = open(path, "rb")  # noqa: SIM115
-    except OSError as exc:
+        size = path.stat().st_size
+        blob_id = await blobs.put(path, pin=not args.no_pin)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise ConfigError(f"{path}: {exc.strerror or exc}") from None
-    upload = int.from_bytes(os.urandom(8), "big")
-    offset = 0
-    with f:
-        piece = f.read(PIECE_BYTES)
-        while True:
-            following = f.read(PIECE_BYTES) if piece else b""
-            last = not following
-            message = BlobPut(req=0, upload=upload, offset=offset, last=last, pin=not args.no_pin, data=piece)
-            reply = _check(await link.request(lambda req, m=message: _with_req(m, req), timeout=timeout))
-            offset += len(piece)
-            if last:
-                break
-            piece = following
-    if not isinstance(reply, BlobReply) or reply.blob_id is None:
-        raise TransportError("the node did not say the blob's id")
+    holders: list[str] = []
+    short = False
+    if args.copies:
+        try:
+            holders = await blobs.replicate(blob_id, args.copies, timeout=args.copies_timeout)
+        except ReplicationTimeout as exc:
+            holders, short = exc.holders, True
     if args.json:
-        print(json.dumps({"id": reply.blob_id.hex(), "size": offset}))
+        out: dict[str, object] = {"id": str(blob_id), "size": size}
+        if args.copies:
+            out.update(copies=holders, wanted=args.copies)
+        print(json.dumps(out))
     else:
-        print(reply.blob_id.hex())
+        print(blob_id)
+        if args.copies:
+            print(f"copies: {len(holders)} of {args.copies} confirmed")
+            for holder in holders:
+                print(f"  {holder}")
+    if short:
+        print(f"error: only {len(holders)} of {args.copies} copies confirmed within {args.copies_timeout}s; "
+              "the node keeps trying", file=sys.stderr)
+        return 1
     return 0
 
 
-def _with_req(message: Any, req: int) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(message, req=req)
-
-
-async def _get(link: Any, args: argparse.Namespace, timeout: float) -> int:
-    from protocol.messages.blobs import BlobData, BlobGet
-
+async def _get(blobs: AsyncBlobClient, args: argparse.Namespace) -> int:
     blob_id = parse_blob_id(args.blob_id)
     out: Path = args.out.expanduser()
-    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
-    bar = _Bar(enabled=not args.no_progress)
-    offset = 0
-    try:
-        with open(tmp, "wb") as f, bar:
-            while True:
-                request = BlobGet(req=0, blob_id=blob_id, offset=offset, wait_s=min(10.0, timeout / 2))
-                reply = _check(await link.request(lambda req, m=request: _with_req(m, req), timeout=timeout))
-                if not isinstance(reply, BlobData):
-                    raise TransportError(f"unexpected reply {type(reply).__name__}")
-                if not reply.ready:
-                    bar.update(reply.held, reply.size, "fetching")
-                    continue
-                f.write(reply.data)
-                offset += len(reply.data)
-                bar.update(offset, reply.size, "receiving")
-                if offset >= reply.size or not reply.data:
-                    break
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    print(f"wrote {offset} bytes to {out}", file=sys.stderr)
+    with _Bar(enabled=not args.no_progress) as bar:
+        await blobs.get(blob_id, out, on_progress=bar.update)
+    print(f"wrote {out.stat().st_size} bytes to {out}", file=sys.stderr)
     return 0
 
 
-async def _ls(link: Any, args: argparse.Namespace, timeout: float) -> int:
-    from protocol.messages.blobs import BlobList, BlobListReply
-
-    entries: list[dict[str, Any]] = []
-    after: bytes | None = None
-    while True:
-        request = BlobList(req=0, after=after)
-        reply = _check(await link.request(lambda req, m=request: _with_req(m, req), timeout=timeout))
-        assert isinstance(reply, BlobListReply)
-        entries.extend({"id": b.blob_id.hex(), "size": b.size, "pinned": b.pinned, "last_used": b.last_used}
-                       for b in reply.blobs)
-        if reply.next_after is None:
-            break
-        after = reply.next_after
+async def _ls(blobs: AsyncBlobClient, args: argparse.Namespace) -> int:
+    entries: list[dict[str, Any]] = [{"id": str(b.id), "size": b.size, "pinned": b.pinned, "held": b.held, "last_used": b.last_used}
+               for b in await blobs.ls()]
     if args.json:
         print(json.dumps(entries))
         return 0
     for e in entries:
         when = datetime.datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M:%S") if e["last_used"] else "-"
-        print(f"{e['id']}  {e['size']:>12}  {'pinned' if e['pinned'] else '      '}  {when}")
+        kept = "pinned" if e["pinned"] else "leased" if e["held"] else ""
+        print(f"{e['id']}  {e['size']:>12}  {kept:6}  {when}")
     return 0
 
 
-async def _pin(link: Any, args: argparse.Namespace, timeout: float) -> int:
-    from protocol.messages.blobs import BlobPin
-
-    request = BlobPin(req=0, blob_id=parse_blob_id(args.blob_id), pin=args.action == "pin")
-    _check(await link.request(lambda req, m=request: _with_req(m, req), timeout=timeout))
+async def _pin(blobs: AsyncBlobClient, args: argparse.Namespace) -> int:
+    blob_id = parse_blob_id(args.blob_id)
+    await (blobs.pin(blob_id) if args.action == "pin" else blobs.unpin(blob_id))
     print(f"{args.action}ned {args.blob_id}", file=sys.stderr)
     return 0
 
 
-async def _gc(link: Any, args: argparse.Namespace, timeout: float) -> int:
-    from protocol.messages.blobs import BlobGc, BlobReply
-
-    reply = _check(await link.request(lambda req: BlobGc(req=req), timeout=timeout))
-    assert isinstance(reply, BlobReply)
-    print(f"freed {reply.freed} bytes")
+async def _gc(blobs: AsyncBlobClient, args: argparse.Namespace) -> int:
+    print(f"freed {await blobs.gc()} bytes")
     return 0
 
 
@@ -260,8 +198,11 @@ def main(argv: Sequence[str]) -> int:
     client = ClientOptions("blob", default=ClientConfig(timeout=30.0)).resolve(args)
     action = {"put": _put, "get": _get, "ls": _ls, "pin": _pin, "unpin": _pin, "gc": _gc}[args.action]
 
-    async def body(link: Any) -> int:
-        return await action(link, args, client.timeout)
+    if args.action == "put" and not 0 <= args.copies <= 16:
+        raise ConfigError(f"--copies {args.copies}: expected 0..16")
+
+    async def body(blobs: AsyncBlobClient) -> int:
+        return await action(blobs, args)
 
     try:
         return asyncio.run(_session(client, body))

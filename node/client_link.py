@@ -7,6 +7,9 @@ returns the reply that carries the same ``req`` (any of the ``replies`` tags), w
 ``timeout``. Several requests may be in flight at once (at most ``MAX_IN_FLIGHT``); a reply
 nobody waits for (late, after a timeout) is dropped. When the link closes every waiter gets
 the link's error.
+
+``LinkTasks`` owns the tasks a client's links spawn (their readers and handlers); ``with_client``
+is the one "dial, run a body, close, end the tasks" wrapper every one-shot client tool uses.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -28,6 +33,49 @@ from protocol.tags import MsgType
 
 #: Most requests one client link has in flight.
 MAX_IN_FLIGHT = 256
+T = TypeVar("T")
+log = logging.getLogger("starmesh.client")
+
+
+class LinkTasks:
+    """The tasks a client's links spawn, owned by the client: ``spawn`` (what ``ClientLink.connect``
+    takes), then ``aclose()`` cancels what is left and waits for it."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("client link task failed", exc_info=task.exception())
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def with_client(address: Address, *, mesh_secret: bytes, replies: Iterable[MsgType], timeout: float,
+                      body: Callable[[ClientLink], Awaitable[T]], identity: Ed25519PrivateKey | None = None) -> T:
+    """Dial a CLIENT link to ``address``, return ``await body(link)``, then close the link and end
+    its tasks (whatever ``body`` raised, or the dial: ``TransportError``, ``TimeoutError``,
+    ``RemoteProtocolError``, propagates)."""
+    tasks = LinkTasks()
+    try:
+        link = await ClientLink.connect(address, mesh_secret=mesh_secret, spawn=tasks.spawn, replies=replies,
+                                        timeout=timeout, identity=identity)
+        try:
+            return await body(link)
+        finally:
+            link.close()
+    finally:
+        await tasks.aclose()
 
 
 class ClientLink:

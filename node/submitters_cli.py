@@ -26,13 +26,13 @@ import datetime
 import json
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.client_link import ClientLink
+from node.client_link import ClientLink, with_client
 from node.config import Address, ClientConfig
 from node.identity import create_mesh_key, load_mesh_key, load_mesh_owner, set_mesh_owner
 from node.submitters.keys import parse_public_key, public_key_of, public_key_to_text
@@ -120,26 +120,9 @@ def build_mesh_key_parser() -> argparse.ArgumentParser:
 
 
 async def _with_client(address: Address, secret: bytes, timeout: float, body: Any) -> Any:
-    """Run ``await body(client)`` on a fresh CLIENT link; errors are re-raised after the group."""
-    outcome: Any = TransportError("no answer")
-    failed = False
-    async with asyncio.TaskGroup() as tasks:
-
-        def spawn(coro: Coroutine[Any, Any, None]) -> None:
-            tasks.create_task(coro)
-
-        try:
-            client = await ClientLink.connect(address, mesh_secret=secret, spawn=spawn,
-                                              replies=(MsgType.SUBMITTERS_REPLY,), timeout=timeout)
-            try:
-                outcome = await body(client)
-            finally:
-                client.close()
-        except StarmeshError as exc:  # raised after the group: 3.11 would wrap it in a group
-            outcome, failed = exc, True
-    if failed:
-        raise outcome
-    return outcome
+    """Run ``await body(client)`` on a fresh CLIENT link (``node.client_link.with_client``)."""
+    return await with_client(address, mesh_secret=secret, replies=(MsgType.SUBMITTERS_REPLY,), timeout=timeout,
+                             body=body)
 
 
 async def fetch_log(client: ClientLink, *, timeout: float) -> SubmitterLog:

@@ -12,6 +12,8 @@
         values = [r.value for r in task.results()]               # all of them, in input order
         task.status(); task.cancel()
         again = client.task(task.id)                             # re-attach later, from any node
+        with client.blobs() as blobs:                            # node.blob_client: move bytes
+            blob_id = blobs.put("weights.bin"); blobs.replicate(blob_id, copies=2)
 
 ``AsyncMeshClient`` / ``AsyncTask`` are the same on asyncio; ``MeshClient`` runs one on a
 thread of its own. A submission is signed with the person's submitter key
@@ -34,16 +36,16 @@ import functools
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.bundles.store import pack_dir
-from node.client_link import ClientLink
+from node.client_link import ClientLink, LinkTasks
 from node.config import DEFAULT_PORT, Address, parse_address
 from node.status import fetch_status
 from node.submitters.keys import public_key_of
@@ -76,6 +78,9 @@ from protocol.messages.tasks import (
 )
 from protocol.schema import Message
 from protocol.tags import MsgType
+
+if TYPE_CHECKING:
+    from node.blob_client import AsyncBlobClient, BlobClient
 
 T = TypeVar("T")
 
@@ -172,7 +177,7 @@ class AsyncMeshClient:
         self.key = key
         self.timeout = timeout
         self._link: ClientLink | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._link_tasks = LinkTasks()
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -203,13 +208,8 @@ class AsyncMeshClient:
                 known.add(m.address)
         del self.addresses[64:]
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _dial(self, address: Address) -> ClientLink:
-        link = await ClientLink.connect(address, mesh_secret=self._secret, spawn=self._spawn, replies=_REPLIES,
+        link = await ClientLink.connect(address, mesh_secret=self._secret, spawn=self._link_tasks.spawn, replies=_REPLIES,
                                         timeout=self.timeout)
         if self._link is not None:
             self._link.close()
@@ -279,12 +279,17 @@ class AsyncMeshClient:
                 return out
             after = reply.next_after
 
+    async def blobs(self) -> AsyncBlobClient:
+        """A blob client (``node.blob_client``) of the node this client talks to; close it when done."""
+        from node.blob_client import AsyncBlobClient
+
+        return await AsyncBlobClient.connect(self.addresses[0], mesh_secret=self._secret,
+                                             timeout=max(self.timeout, 30.0))
+
     async def close(self) -> None:
         if self._link is not None:
             self._link.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._link_tasks.aclose()
 
     async def __aenter__(self) -> AsyncMeshClient:
         return self
@@ -448,6 +453,12 @@ class MeshClient:
 
     def tasks(self) -> list[TaskSummary]:
         return self._runner.run(self.inner.tasks())
+
+    def blobs(self) -> BlobClient:
+        """``AsyncMeshClient.blobs``, blocking: put, get, replicate... on the node this client talks to."""
+        from node.blob_client import BlobClient
+
+        return BlobClient(self._runner, self._runner.run(self.inner.blobs()), owns_runner=False)
 
     def run(self, coro: Awaitable[T]) -> T:
         return self._runner.run(coro)

@@ -67,3 +67,45 @@ def test_put_get_kill_get_and_the_cache_commands(tmp_path: Path) -> None:
         assert bad.returncode == 2
     finally:
         mesh.close()
+
+
+def test_put_with_copies_through_the_cli_and_the_python_api(tmp_path: Path) -> None:
+    from node.blob_client import BlobClient, BlobId
+
+    mesh = LocalMesh(tmp_path / "mesh")
+    try:
+        first = mesh.add()
+        mesh.wait_ready([first])
+        others = [mesh.add(seeds=[first.address]) for _ in range(2)]
+        mesh.wait_ready(others)
+        wait_for(lambda: all(v is not None and sum(m["state"] == "alive" for m in v["members"]) == 3
+                             for v in mesh.views(mesh.nodes).values()), 30, what="3 nodes to see each other")
+        data = os.urandom(3 << 20)
+        source = tmp_path / "a.bin"
+        source.write_bytes(data)
+        put = blob(mesh, first, "put", str(source), "--copies", "2", "--json")
+        assert put.returncode == 0, put.stderr
+        out = json.loads(put.stdout)
+        assert out["wanted"] == 2 and len(out["copies"]) == 2 and len(set(out["copies"])) == 2
+        plain = blob(mesh, first, "put", str(source), "--copies", "2")  # the same blob: the same copies
+        assert plain.returncode == 0, plain.stderr
+        lines = plain.stdout.splitlines()
+        assert lines[0] == out["id"] and lines[1] == "copies: 2 of 2 confirmed"
+        assert {line.strip() for line in lines[2:]} == set(out["copies"])
+        for node in others:  # each other member holds it under the lease
+            (entry,) = [e for e in json.loads(blob(mesh, node, "ls", "--json").stdout) if e["id"] == out["id"]]
+            assert entry["held"] and not entry["pinned"] and entry["size"] == len(data)
+
+        with BlobClient.connect(others[0].address, mesh_key_file=mesh.mesh_key, timeout=30) as api:
+            small = api.put(b"hello blobs")
+            assert isinstance(small, BlobId) and len(small) == 64
+            holders = api.replicate(small, copies=2, timeout=30)
+            assert len(holders) == 2 and others[0].node_id not in holders
+            got = api.get(out["id"], tmp_path / "via-api.bin")
+            assert got.read_bytes() == data
+            api.unpin(small)  # also ends its copies
+            assert not any(b.id == small and b.pinned for b in api.ls())
+        too_many = blob(mesh, first, "put", str(source), "--copies", "3", "--copies-timeout", "2")
+        assert too_many.returncode == 1 and "copies: 2 of 3 confirmed" in too_many.stdout
+    finally:
+        mesh.close()
