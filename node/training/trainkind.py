@@ -1,0 +1,399 @@
+"""The "train" kind of task: one model trained data-parallel by a group of workers.
+
+Theory of operation
+-------------------
+A training job is a task (``node.tasks.coordinator.TaskRecord`` does the ballots, the
+replicated log, leases and takeover); this module is what its work is. The job's steps are cut
+into *segments* of ``JobSpec.seg`` consecutive steps (DiLoCo: one outer step of H inner steps).
+A segment is trained by one *group*: the coordinator commits the group when it dispatches the
+segment (every ``Seat`` carries it, in rank order), and every round of the segment all-reduces
+over exactly that group with a key derived from (job, epoch, plan, step). A worker that dies
+mid-segment is dropped from the rounds in flight by the all-reduce itself (the survivors get
+the exact mean of who remained); the group changes only at segment boundaries.
+
+Per segment the coordinator
+
+1. *plans* (``plan``): once at least ``workers_min`` able members are live, it picks up to
+   ``workers_max`` of them, the previous group first (they hold the state in memory), then the
+   others in rendezvous order of (job, node); it assigns the ``shards`` virtual data shards
+   round-robin over the ranks (shard k to rank k mod W), each continuing from its committed
+   cursor;
+2. hands each member its seat (``take``), which starts from the *state blob* committed at the
+   end of the previous segment (model + optimizer as safetensors, identical on every worker);
+3. *closes* the segment when every seat has reported or been lost: the reports that agree on
+   the end state make a ``SegmentRecord`` (the mean loss per step, every shard's next
+   position, the state blob, the group that finished) which is the job's log entry. Only a
+   committed record moves the job: ``apply`` advances the step, the cursors and the state. A
+   successor coordinator replans the segment in flight from the last committed record.
+
+A segment with no usable report (every seat failed or was lost) is tried again, from the same
+committed state, after a backoff; after ``Submission.retries`` such failures in a row the job
+fails for good with the last failure. Data accounting: a shard's cursor only advances with a
+committed record, so a segment that is replayed re-reads the same batches, never new ones, and
+no batch is skipped.
+
+Soft state (not replicated): the plan in flight and the workers' latest ``SeatProgress``
+(from heartbeats), for the live view of ``jobs`` and ``train``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from node.placement import rank
+from protocol.errors import RemoteProtocolError
+from protocol.messages.tasks import (
+    Failure,
+    Outcome,
+    Submission,
+    SubtaskReport,
+    SubtaskState,
+    WorkItem,
+    decode_struct,
+    encode_struct,
+)
+from protocol.messages.training import (
+    MAX_GROUP,
+    JobProgress,
+    JobSpec,
+    Seat,
+    SeatProgress,
+    SeatReport,
+    SegmentRecord,
+    ShardCursor,
+)
+
+#: A log entry's first byte (after the coordinator's own kind byte).
+SEGMENT_ENTRY = 0x01
+FAILED_ENTRY = 0x02
+#: First retry delay of a failed segment; doubles per failure.
+BASE_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 10.0
+#: Most workers remembered in ``workers_seen``.
+MAX_SEEN = 4 * MAX_GROUP
+
+
+def decode_spec(inputs: Sequence[bytes]) -> JobSpec:
+    """The job's spec from its task inputs (``RemoteProtocolError`` unless exactly one valid)."""
+    if len(inputs) != 1:
+        raise RemoteProtocolError(f"a train task has one input (its JobSpec), got {len(inputs)}")
+    return decode_struct(JobSpec, inputs[0], what="JobSpec")
+
+
+@dataclass(slots=True)
+class _Plan:
+    """The segment in flight (coordinator only)."""
+
+    number: int
+    """Plans made by this coordinator (part of the round keys: a retry never meets a stale try)."""
+    segment: int
+    start: int
+    end: int
+    group: tuple[bytes, ...]
+    seats: dict[int, Seat]
+    started: float
+    handed: set[int] = field(default_factory=set)
+    reports: dict[int, SeatReport] = field(default_factory=dict)
+    failed: dict[int, Failure] = field(default_factory=dict)
+    lost: set[int] = field(default_factory=set)
+
+    def resolved(self) -> bool:
+        return len(self.reports) + len(self.failed) + len(self.lost) >= len(self.group)
+
+
+@dataclass(slots=True)
+class TrainKind:
+    """A training job's state (module docstring)."""
+
+    submission: Submission
+    inputs: Sequence[bytes]
+    spec: JobSpec = field(init=False)
+    records: list[SegmentRecord] = field(default_factory=list)
+    step: int = 0
+    state: bytes | None = None
+    cursors: dict[int, int] = field(default_factory=dict)
+    checkpoint: bytes | None = None
+    checkpoint_step: int = 0
+    seen: dict[bytes, None] = field(default_factory=dict)
+    failure: Failure | None = None
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+    retried: int = 0
+    retried_recorded: int = 0
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    epoch: int = 0
+    _plan: _Plan | None = None
+    _plans: int = 0
+    _held: bool = False  # a record of the plan is being replicated
+    _failures: int = 0  # segment tries failed in a row
+    _retry_at: float = 0.0
+    _closed: list[bytes] = field(default_factory=list)  # entries made by a loss, not yet taken
+    _progress: dict[bytes, SeatProgress] = field(default_factory=dict)
+    waiting: str = ""
+
+    def __post_init__(self) -> None:
+        self.spec = decode_spec(self.inputs)
+        self.step = self.spec.resume_step
+        self.state = self.spec.resume_state
+        self.cursors = {c.shard: c.position for c in self.spec.resume_cursors if c.shard < self.spec.shards}
+
+    # ---- what the coordinator asks ---------------------------------------------------
+
+    @property
+    def total(self) -> int:
+        """Segments of the whole job."""
+        return max(1, math.ceil((self.spec.steps - self.spec.resume_step) / self.spec.seg))
+
+    def finished(self) -> bool:
+        return self.failed > 0 or self.step >= self.spec.steps
+
+    def batch_size(self, worker_slots: int) -> int:
+        return 1
+
+    def next_ready(self) -> float | None:
+        if self.finished() or self._held:
+            return None
+        if self._plan is None:
+            return self._retry_at
+        return 0.0 if len(self._plan.handed) < len(self._plan.group) else None
+
+    def plan(self, able: Sequence[bytes], *, task_id: bytes, epoch: int, now: float) -> str:
+        """Plan the next segment if none is in flight; the reason it waits ("" when not)."""
+        self.epoch = epoch
+        if self._plan is not None or self._held or self.finished() or now < self._retry_at:
+            return ""
+        s = self.spec
+        previous = self.records[-1].finished if self.records else ()
+        live = set(able)
+        order = [n for n in previous if n in live]
+        order += [n for n in rank(task_id, [n for n in able if n not in set(order)])]
+        group = tuple(order[: s.workers_max])
+        if len(group) < s.workers_min:
+            self.waiting = (f"waiting for {s.workers_min} workers with {self.submission.resources.gpus} "
+                            f"gpus ({len(group)} live)")
+            return self.waiting
+        self.waiting = ""
+        segment = len(self.records)
+        start = self.step
+        end = min(s.steps, start + s.seg)
+        holders = tuple(previous[:MAX_GROUP])
+        final = end >= s.steps
+        checkpoint = final or (end // s.checkpoint_every > start // s.checkpoint_every)
+        evaluate = final or (end // s.eval_every > start // s.eval_every)
+        self._plans += 1
+        seats = {}
+        for r in range(len(group)):
+            cursors = tuple(ShardCursor(shard=k, position=self.cursors.get(k, 0))
+                            for k in range(r, s.shards, len(group)))
+            seats[r] = Seat(job=task_id, epoch=epoch, segment=segment, plan=self._plans, start=start,
+                            end=end, group=group, rank=r, state=self.state, holders=holders,
+                            cursors=cursors, evaluate=evaluate and r == 0, checkpoint=checkpoint,
+                            final=final)
+        self._plan = _Plan(self._plans, segment, start, end, group, seats, now)
+        self._progress.clear()
+        return ""
+
+    def take(self, n: int, *, worker: bytes, now: float, others: bool = False) -> list[WorkItem]:
+        p = self._plan
+        if p is None or worker not in p.group:
+            return []
+        r = p.group.index(worker)
+        if r in p.handed:
+            return []
+        p.handed.add(r)
+        self.running += 1
+        return [WorkItem(index=self._index(p, r), input=encode_struct(p.seats[r]))]
+
+    @staticmethod
+    def _index(p: _Plan, r: int) -> int:
+        return (p.number % (1 << 23)) * MAX_GROUP + r
+
+    def _seat_of(self, index: int, worker: bytes) -> int | None:
+        """The rank of the current plan's seat ``index`` if ``worker`` holds it, unresolved."""
+        p = self._plan
+        if p is None or index // MAX_GROUP != p.number % (1 << 23):
+            return None
+        r = index % MAX_GROUP
+        if r >= len(p.group) or p.group[r] != worker or r not in p.handed:
+            return None
+        if r in p.reports or r in p.failed or r in p.lost:
+            return None
+        return r
+
+    def on_outcomes(self, outcomes: Iterable[Outcome], *, worker: bytes, now: float) -> list[bytes]:
+        p = self._plan
+        for outcome in outcomes:
+            r = self._seat_of(outcome.index, worker)
+            if p is None or r is None:
+                continue
+            self.running -= 1
+            if outcome.ok:
+                try:
+                    report = decode_struct(SeatReport, outcome.value, what="SeatReport")
+                except RemoteProtocolError as exc:
+                    p.failed[r] = Failure(type="BadReport", message=str(exc)[:4096])
+                    continue
+                if report.end != p.end or len(report.losses) != p.end - p.start:
+                    p.failed[r] = Failure(type="BadReport", message=(
+                        f"report covers steps to {report.end} with {len(report.losses)} losses, "
+                        f"the seat was {p.start}..{p.end}"))
+                    continue
+                p.reports[r] = report
+            else:
+                p.failed[r] = outcome.failure or Failure(type="Error", message="seat failed")
+        return self._maybe_close(now)
+
+    def on_lost(self, indices: Iterable[int], *, worker: bytes, reason: str, now: float) -> None:
+        p = self._plan
+        for index in indices:
+            r = self._seat_of(index, worker)
+            if p is None or r is None:
+                continue
+            self.running -= 1
+            p.lost.add(r)
+        self._closed.extend(self._maybe_close(now))
+
+    def take_lost_entries(self) -> list[bytes]:
+        entries, self._closed = self._closed, []
+        return entries
+
+    def _maybe_close(self, now: float) -> list[bytes]:
+        """The segment's log entry once every seat is resolved (module docstring, step 3)."""
+        p = self._plan
+        if p is None or not p.resolved():
+            return []
+        by_state: dict[bytes, list[int]] = {}
+        for r, report in p.reports.items():
+            by_state.setdefault(report.state, []).append(r)
+        if not by_state:
+            self._plan = None
+            self._failures += 1
+            self.retried += 1
+            last = next(iter(p.failed.values()), None) or Failure(
+                type="WorkerLost", message="every worker of the segment was lost")
+            if self._failures > self.submission.retries:
+                self._held = True
+                return [bytes([FAILED_ENTRY]) + encode_struct(last)]
+            self._retry_at = now + min(MAX_BACKOFF_S, BASE_BACKOFF_S * 2 ** (self._failures - 1))
+            self.failure = last
+            return []
+        # The reports that agree with the most others (with rank 0 first among equals).
+        ranks = max(by_state.values(), key=lambda rs: (len(rs), -min(rs)))
+        reports = [p.reports[r] for r in sorted(ranks)]
+        steps = p.end - p.start
+        losses = tuple(sum(rep.losses[i] for rep in reports) / len(reports) for i in range(steps))
+        cursors = dict(self.cursors)
+        for rep in reports:
+            cursors.update((c.shard, c.position) for c in rep.cursors)
+        val = next((rep.val_loss for rep in reports if rep.val_loss is not None), None)
+        export = next((rep.export for rep in reports if rep.export is not None), None)
+        seat0 = p.seats[0]
+        record = SegmentRecord(
+            segment=p.segment, start=p.start, end=p.end, group=p.group,
+            finished=tuple(p.group[r] for r in sorted(ranks)), losses=losses,
+            cursors=tuple(ShardCursor(shard=k, position=v) for k, v in sorted(cursors.items())),
+            state=reports[0].state, val_loss=val, tokens=sum(rep.tokens for rep in reports),
+            bytes_sent=sum(rep.bytes_sent for rep in reports), wall_s=max(0.0, now - p.started),
+            compute_s=sum(rep.compute_s for rep in reports) / len(reports),
+            comm_s=sum(rep.comm_s for rep in reports) / len(reports),
+            checkpoint=seat0.checkpoint, export=export)
+        self._held = True
+        self._failures = 0
+        self.failure = None
+        return [bytes([SEGMENT_ENTRY]) + encode_struct(record)]
+
+    def on_progress(self, worker: bytes, data: bytes) -> bool:
+        """A worker's heartbeat progress; whether it was taken (soft state)."""
+        p = self._plan
+        if p is None or worker not in p.group or not data:
+            return False
+        try:
+            prog = decode_struct(SeatProgress, data, what="SeatProgress")
+        except RemoteProtocolError:
+            return False
+        if prog.segment != p.segment:
+            return False
+        self._progress[worker] = prog
+        return True
+
+    def requeue_running(self, *, now: float) -> None:
+        """After a takeover: the segment in flight is planned again from the committed record."""
+        self._plan = None
+        self._held = False
+        self.running = 0
+        self._progress.clear()
+
+    def cancel(self) -> None:
+        self._plan = None
+        self.running = 0
+
+    # ---- the log ----------------------------------------------------------------------
+
+    def apply(self, entry: bytes) -> bool:
+        if not entry:
+            return False
+        try:
+            if entry[0] == FAILED_ENTRY:
+                if self.failed:
+                    return False
+                self.failure = decode_struct(Failure, entry[1:], what="Failure")
+                self.failed = 1
+                self._plan, self._held = None, False
+                return True
+            if entry[0] != SEGMENT_ENTRY:
+                return False
+            record = decode_struct(SegmentRecord, entry[1:], what="SegmentRecord")
+        except RemoteProtocolError:
+            return False
+        if record.start != self.step or record.end <= self.step:
+            return False  # a replay of a record already applied
+        index = len(self.records)
+        self.records.append(record)
+        self.step = record.end
+        self.state = record.state
+        self.cursors.update((c.shard, c.position) for c in record.cursors)
+        if record.checkpoint:
+            self.checkpoint, self.checkpoint_step = record.state, record.end
+        for node in record.group:
+            self.seen[node] = None
+        while len(self.seen) > MAX_SEEN:
+            del self.seen[next(iter(self.seen))]
+        self.done = len(self.records)
+        self.outcomes[index] = Outcome(index=index, ok=True, value=entry[1:])
+        if self._plan is not None and self._plan.segment <= record.segment:
+            self._plan = None
+        self._held = False
+        return True
+
+    # ---- reports ----------------------------------------------------------------------
+
+    def report(self, index: int) -> SubtaskReport:
+        if index < len(self.records):
+            return SubtaskReport(index=index, state=SubtaskState.DONE, attempts=1)
+        state = SubtaskState.RUNNING if self._plan is not None and index == self._plan.segment \
+            else SubtaskState.PENDING
+        if self.failed and index == len(self.records):
+            return SubtaskReport(index=index, state=SubtaskState.FAILED, attempts=1, failure=self.failure)
+        return SubtaskReport(index=index, state=state, attempts=1)
+
+    def progress(self) -> JobProgress:
+        """The job for ``jobs`` and ``train``'s live view (committed state plus live steps)."""
+        last = self.records[-1] if self.records else None
+        live = list(self._progress.values())
+        loss = (sum(p.loss for p in live) / len(live)) if live else (last.losses[-1] if last and last.losses else None)
+        val = next((r.val_loss for r in reversed(self.records) if r.val_loss is not None), None)
+        window = self.records[-5:]
+        wall = sum(r.wall_s for r in window)
+        tokens_s = sum(p.tokens_s for p in live) if live else (
+            sum(r.tokens for r in window) / wall if wall > 0 else 0.0)
+        group = self._plan.group if self._plan is not None else (last.finished if last else ())
+        return JobProgress(
+            function=self.submission.function, mode=self.spec.mode, step=self.step, steps=self.spec.steps,
+            live_step=max([self.step, *(p.step for p in live)]), loss=loss, val_loss=val,
+            workers=tuple(group), workers_seen=tuple(self.seen), tokens_s=tokens_s,
+            bytes_sent=sum(r.bytes_sent for r in self.records) + sum(p.bytes_sent for p in live),
+            state=self.state, checkpoint=self.checkpoint, checkpoint_step=self.checkpoint_step,
+            waiting=self.waiting[:300], export=last.export if last else None, segments=len(self.records))

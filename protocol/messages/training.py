@@ -1,0 +1,263 @@
+"""The structs of a training job: what a task of kind ``"train"`` carries in its opaque bytes.
+
+A training job is a task (``protocol.messages.tasks``) whose submission has ``kind="train"``
+and one input, an encoded ``JobSpec``. Everything else of the job travels inside the task
+layer's opaque fields, always as ``encode_struct`` bytes of one struct below:
+
+* a ``WorkItem.input`` of a train task is a ``Seat``: one worker's part of one *segment*
+  (a run of consecutive steps trained by one group);
+* an ``Outcome.value`` of a seat is a ``SeatReport``;
+* a log entry of the job (replicated to the task's replicas) is a ``SegmentRecord``: the
+  segment's group, losses, shard cursors and the state blob at its end;
+* a worker's live ``SeatProgress`` and a holder's ``JobProgress`` are to ride on heartbeats and
+  task summaries (fields still to add to ``protocol.messages.tasks``).
+
+PROTOCOL.md will specify them once the kind is registered (it is not yet: no node accepts a
+``"train"`` task until a runner serves its seats).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from protocol.errors import LocalProtocolError
+from protocol.messages.gossip import NODE_ID
+from protocol.messages.tasks import DIGEST, FUNCTION, MAX_VALUE_BYTES, TASK_ID
+from protocol.schema import (
+    Bool,
+    Bytes,
+    EnumOf,
+    Float,
+    ListOf,
+    Optional,
+    Str,
+    Struct,
+    StructOf,
+    UInt,
+    spec,
+)
+
+#: Most workers in one job's group.
+MAX_GROUP = 256
+#: Most virtual data shards of a job.
+MAX_SHARDS = 4096
+#: Most steps one segment spans (and so losses one report carries).
+MAX_SEGMENT_STEPS = 10_000
+#: Most ``--job-arg`` options.
+MAX_OPTIONS = 64
+CODEC = Str(64, pattern=r"[a-z0-9+_-]+")
+MODE = Str(16, pattern=r"sync|diloco")
+
+
+class ExportQuantize(enum.IntEnum):
+    NONE = 0
+    INT8 = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Option(Struct):
+    """One ``--job-arg KEY=VALUE`` (passed to the job's function as strings)."""
+
+    key: str = spec(Str(64, pattern=r"[A-Za-z_][A-Za-z0-9_.-]*"))
+    value: str = spec(Str(1024))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardCursor(Struct):
+    """The next batch position of one virtual data shard."""
+
+    shard: int = spec(UInt(32))
+    position: int = spec(UInt(64))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec(Struct):
+    """What ``python -m node train`` submits (the task's one input)."""
+
+    options: tuple[Option, ...] = spec(ListOf(StructOf(Option), max_len=MAX_OPTIONS), default=())
+    steps: int = spec(UInt(32))
+    """Optimizer steps of the whole job (DiLoCo: inner steps, counted per worker)."""
+    workers_min: int = spec(UInt(16), default=1)
+    workers_max: int = spec(UInt(16), default=MAX_GROUP)
+    mode: str = spec(MODE, default="sync")
+    inner_steps: int = spec(UInt(32), default=50)
+    """DiLoCo's H: inner steps between outer steps (one segment)."""
+    outer_lr: float = spec(Float(0.0, 100.0), default=0.7)
+    outer_momentum: float = spec(Float(0.0, 1.0), default=0.9)
+    codec: str = spec(CODEC, default="int8+zstd")
+    segment_steps: int = spec(UInt(32), default=20)
+    """Sync mode: steps per segment (a group change or a resume happens at segment ends)."""
+    checkpoint_every: int = spec(UInt(32), default=100)
+    """Steps between checkpoints kept pinned with copies on two nodes."""
+    eval_every: int = spec(UInt(32), default=100)
+    shards: int = spec(UInt(32), default=64)
+    seed: int = spec(UInt(32), default=0)
+    gpus_per_worker: int = spec(UInt(8), default=0)
+    threads: int = spec(UInt(16), default=0)
+    """Torch threads per worker (0: the worker's CPU slots)."""
+    prune: float = spec(Float(0.0, 0.99), default=0.0)
+    quantize: ExportQuantize = spec(EnumOf(ExportQuantize), default=ExportQuantize.NONE)
+    resume_state: bytes | None = spec(Optional(DIGEST), default=None)
+    """Start from this shared state blob (``--resume``) at ``resume_step``."""
+    resume_step: int = spec(UInt(32), default=0)
+    resume_cursors: tuple[ShardCursor, ...] = spec(ListOf(StructOf(ShardCursor), max_len=MAX_SHARDS),
+                                                   default=())
+    resume_from: bytes | None = spec(Optional(TASK_ID), default=None)
+    """The job a ``--resume`` continues (shown by ``jobs``)."""
+
+    def __post_init__(self) -> None:
+        Struct.__post_init__(self)
+        problems = []
+        if self.steps < 1:
+            problems.append("steps must be at least 1")
+        if not 1 <= self.workers_min <= self.workers_max <= MAX_GROUP:
+            problems.append(f"workers must satisfy 1 <= min <= max <= {MAX_GROUP}")
+        if self.mode == "diloco" and not 1 <= self.inner_steps <= MAX_SEGMENT_STEPS:
+            problems.append(f"inner_steps must be 1..{MAX_SEGMENT_STEPS}")
+        if not 1 <= self.segment_steps <= MAX_SEGMENT_STEPS:
+            problems.append(f"segment_steps must be 1..{MAX_SEGMENT_STEPS}")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            problems.append(f"shards must be 1..{MAX_SHARDS}")
+        if self.resume_step > self.steps:
+            problems.append("resume_step is past the job's steps")
+        if problems:
+            raise LocalProtocolError("JobSpec: " + "; ".join(problems))
+
+    @property
+    def seg(self) -> int:
+        """Steps per segment: H in DiLoCo (one outer step), ``segment_steps`` in sync mode."""
+        return self.inner_steps if self.mode == "diloco" else self.segment_steps
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Seat(Struct):
+    """One worker's part of one segment (a ``WorkItem.input``)."""
+
+    job: bytes = spec(TASK_ID)
+    epoch: int = spec(UInt(32))
+    """The coordinator's ballot epoch: round keys include it, so a successor's rounds never mix
+    with a deposed coordinator's."""
+    segment: int = spec(UInt(32))
+    plan: int = spec(UInt(32))
+    """The coordinator's count of segment plans: a retried segment's rounds never meet a stale try's."""
+    start: int = spec(UInt(32))
+    end: int = spec(UInt(32))
+    group: tuple[bytes, ...] = spec(ListOf(NODE_ID, max_len=MAX_GROUP))
+    """The committed group of every round of this segment, in rank order."""
+    rank: int = spec(UInt(16))
+    state: bytes | None = spec(Optional(DIGEST), default=None)
+    """The shared state blob at ``start`` (None: build fresh from the seed)."""
+    holders: tuple[bytes, ...] = spec(ListOf(NODE_ID, max_len=MAX_GROUP), default=())
+    """Members known to hold ``state`` (the last segment's group)."""
+    cursors: tuple[ShardCursor, ...] = spec(ListOf(StructOf(ShardCursor), max_len=MAX_SHARDS))
+    """This worker's shards and where each continues."""
+    evaluate: bool = spec(Bool(), default=False)
+    """Compute the validation loss at ``end`` (rank 0)."""
+    checkpoint: bool = spec(Bool(), default=False)
+    """``end`` is a checkpoint: pin the state and keep copies on two nodes."""
+    final: bool = spec(Bool(), default=False)
+    """The job's last segment: rank 0 also exports the model."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Export(Struct):
+    """What the job's last segment exported (rank 0)."""
+
+    model: bytes = spec(DIGEST)
+    """The exported model (safetensors) as a blob."""
+    sample: str = spec(Str(4096), default="")
+    params: int = spec(UInt(64), default=0)
+    nonzeros: int = spec(UInt(64), default=0)
+    file_bytes: int = spec(UInt(64), default=0)
+    report: bytes = spec(Bytes(16384), default=b"")
+    """Before/after figures of pruning and quantization (a packed map)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeatReport(Struct):
+    """A seat's outcome value."""
+
+    end: int = spec(UInt(32))
+    losses: tuple[float, ...] = spec(ListOf(Float(), max_len=MAX_SEGMENT_STEPS))
+    """This worker's training loss at each step of the segment."""
+    cursors: tuple[ShardCursor, ...] = spec(ListOf(StructOf(ShardCursor), max_len=MAX_SHARDS))
+    state: bytes = spec(DIGEST)
+    """The shared state blob at ``end`` (identical on every worker of the group)."""
+    val_loss: float | None = spec(Optional(Float()), default=None)
+    tokens: int = spec(UInt(64), default=0)
+    bytes_sent: int = spec(UInt(64), default=0)
+    compute_s: float = spec(Float(0.0), default=0.0)
+    comm_s: float = spec(Float(0.0), default=0.0)
+    rounds: int = spec(UInt(32), default=0)
+    contributors_min: int = spec(UInt(16), default=0)
+    """The fewest contributors any round of the segment averaged."""
+    export: Export | None = spec(Optional(StructOf(Export)), default=None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SegmentRecord(Struct):
+    """A committed segment: a log entry of the job."""
+
+    segment: int = spec(UInt(32))
+    start: int = spec(UInt(32))
+    end: int = spec(UInt(32))
+    group: tuple[bytes, ...] = spec(ListOf(NODE_ID, max_len=MAX_GROUP))
+    finished: tuple[bytes, ...] = spec(ListOf(NODE_ID, max_len=MAX_GROUP))
+    """The group members whose seat reported (the others died or were dropped)."""
+    losses: tuple[float, ...] = spec(ListOf(Float(), max_len=MAX_SEGMENT_STEPS))
+    """The mean over ``finished`` of each step's training loss."""
+    cursors: tuple[ShardCursor, ...] = spec(ListOf(StructOf(ShardCursor), max_len=MAX_SHARDS))
+    """Every shard's next position after the segment."""
+    state: bytes = spec(DIGEST)
+    val_loss: float | None = spec(Optional(Float()), default=None)
+    tokens: int = spec(UInt(64), default=0)
+    bytes_sent: int = spec(UInt(64), default=0)
+    wall_s: float = spec(Float(0.0), default=0.0)
+    """Coordinator's seconds from dispatching the segment to its last report."""
+    compute_s: float = spec(Float(0.0), default=0.0)
+    comm_s: float = spec(Float(0.0), default=0.0)
+    checkpoint: bool = spec(Bool(), default=False)
+    export: Export | None = spec(Optional(StructOf(Export)), default=None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeatProgress(Struct):
+    """A worker's latest step of its seat (on heartbeats; soft state)."""
+
+    segment: int = spec(UInt(32))
+    step: int = spec(UInt(32))
+    loss: float = spec(Float())
+    tokens_s: float = spec(Float(0.0), default=0.0)
+    bytes_sent: int = spec(UInt(64), default=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobProgress(Struct):
+    """A training job as its holders report it (``TaskSummary.progress``)."""
+
+    function: str = spec(FUNCTION)
+    mode: str = spec(MODE)
+    step: int = spec(UInt(32))
+    """Committed steps (``live_step``: the furthest a worker reported)."""
+    steps: int = spec(UInt(32))
+    live_step: int = spec(UInt(32), default=0)
+    loss: float | None = spec(Optional(Float()), default=None)
+    val_loss: float | None = spec(Optional(Float()), default=None)
+    workers: tuple[bytes, ...] = spec(ListOf(NODE_ID, max_len=MAX_GROUP), default=())
+    """The current (or last) group."""
+    workers_seen: tuple[bytes, ...] = spec(ListOf(NODE_ID, max_len=4 * MAX_GROUP), default=())
+    tokens_s: float = spec(Float(0.0), default=0.0)
+    bytes_sent: int = spec(UInt(64), default=0)
+    state: bytes | None = spec(Optional(DIGEST), default=None)
+    checkpoint: bytes | None = spec(Optional(DIGEST), default=None)
+    """The newest checkpoint's state blob (what ``--resume`` starts from)."""
+    checkpoint_step: int = spec(UInt(32), default=0)
+    waiting: str = spec(Str(300), default="")
+    export: Export | None = spec(Optional(StructOf(Export)), default=None)
+    segments: int = spec(UInt(32), default=0)
+    """Committed segments (each is one ``results`` outcome: its ``SegmentRecord``)."""
+
+
+#: Sizes the seat reports and records must fit in (an ``Outcome.value``, a log entry).
+MAX_REPORT_BYTES = MAX_VALUE_BYTES
