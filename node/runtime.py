@@ -54,6 +54,7 @@ from node.status_service import StatusService
 from node.submitters.service import SubmitterService
 from node.supervisor import Supervisor
 from node.tasks.service import TASK_SLOTS_TAG, TaskService
+from node.training.service import TrainingService
 from node.transport import Handler, Link, LinkSettings, Traffic
 from protocol import crypto
 from protocol.connection import Channel
@@ -81,6 +82,7 @@ class Node:
     submitters: SubmitterService
     tasks: TaskService
     blobs: BlobService
+    training: TrainingService
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -161,7 +163,10 @@ class Node:
         self.tasks = TaskService(ctx, config=config.tasks, authority=self.submitters)
         self.blobs = BlobService(ctx, store=BlobStore(config.data_dir / "blobs", max_bytes=config.blobs.cache_bytes),
                                  config=config.blobs)
-        for service in (self.status, self.allreduce, self.submitters, self.tasks, self.blobs):
+        self.training = TrainingService(ctx, tasks=self.tasks, allreduce=self.allreduce, blobs=self.blobs,
+                                        slots=self.tasks.slots)
+        self.tasks.runners["train"] = self.training
+        for service in (self.status, self.allreduce, self.submitters, self.tasks, self.blobs, self.training):
             await self._add_service(service)
         await pool.start_serving()
         membership.join(self._files.seeds(own_address=self.address))

@@ -172,6 +172,11 @@ class AllReduceService:
 
     # ---- queries --------------------------------------------------------------------
 
+    @property
+    def sent_bytes(self) -> int:
+        """Tensor payload bytes this node has sent in all rounds so far."""
+        return self._tensor_bytes["sent"]
+
     def has_round(self, round_id: bytes) -> bool:
         """Whether the round ``round_id`` is running on this node now."""
         return self._table.has_round(round_id)

@@ -210,6 +210,10 @@ class BlobService:
         (the copies are still sought), ``ReplicaLimit``, ``BlobUnavailable``."""
         return await self.copies.replicate(blob_id, copies, timeout=timeout)
 
+    def unpin(self, blob_id: bytes) -> None:
+        """Let ``blob_id`` be evicted again (leases it is held under still keep it)."""
+        self.store.unpin(blob_id)
+
     def release(self, blob_id: bytes) -> None:
         """Stop keeping copies of ``blob_id`` elsewhere (their leases end now)."""
         self.copies.release(blob_id)

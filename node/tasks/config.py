@@ -13,6 +13,8 @@ from protocol.messages.tasks import MAX_REPLICAS
 
 #: Installed modules every node lets tasks run: the project's built-in task functions.
 BUILTIN_MODULES = ("node.tasks.builtins",)
+#: Installed modules tasks of one kind may also run: the built-in training jobs.
+KIND_MODULES = {"train": ("node.training.runner.charlm",)}
 
 _PATTERN = re.compile(r"[A-Za-z_*?\[\]][A-Za-z0-9_.*?\[\]]*")
 

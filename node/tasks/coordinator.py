@@ -279,8 +279,11 @@ class TaskRecord:
                 self._end_attempt(att)
         self._append(entries, now)
 
-    def on_heartbeat(self, worker: bytes, attempts: Iterable[int], *, now: float) -> None:
+    def on_heartbeat(self, worker: bytes, attempts: Iterable[int], *, now: float,
+                     progress: bytes = b"") -> None:
         self._silent.pop(worker, None)
+        if progress and self.is_coordinator:
+            self.kind.on_progress(worker, progress)
         for attempt in attempts:
             att = self.attempts.get(attempt)
             if att is not None and att.worker == worker:
@@ -328,11 +331,16 @@ class TaskRecord:
         reason = "" if able else (f"no live member offers {self.submission.resources.cpus:g} cpus, "
                                   f"{self.submission.resources.gpus} gpus, "
                                   f"{self.submission.resources.memory_mb} MB")
+        if able:
+            reason = self.kind.plan([w.node_id for w in able], task_id=self.task_id,
+                                    epoch=self.ballot.epoch, now=now)
+            if closed := self.kind.take_lost_entries():
+                self._log([bytes([KIND_ENTRY]) + e for e in closed], now)
         if reason != self.waiting_reason:
             self.waiting_reason = reason
             self._touch(now)
         capacity = self._capacity * self.settings.pipeline
-        if not able or len(self.attempts) >= capacity:
+        if reason or len(self.attempts) >= capacity:
             return
         batch = self.kind.batch_size(self._capacity)
         progress = True
@@ -356,7 +364,7 @@ class TaskRecord:
                 self._outbox.append(Send(dest=w.node_id, channel=Channel.CONTROL, message=TaskAssign(
                     task_id=self.task_id, ballot=self.ballot, attempt=attempt, function=s.function,
                     bundle=s.bundle, timeout_s=s.timeout_s, lease_s=self.settings.lease_s,
-                    resources=s.resources, items=tuple(items))))
+                    resources=s.resources, items=tuple(items), kind=s.kind)))
         ready = self.kind.next_ready()
         self._wake_at = ready if ready is not None and ready > now else None
         if self.attempts:
@@ -444,7 +452,8 @@ class TaskRecord:
             coordinator=self.coordinator, epoch=self.ballot.epoch, state=self.state, total=k.total,
             done=k.done, failed=k.failed, running=k.running, retried=max(k.retried, k.retried_recorded),
             created=self.created, updated=max(0.0, self.updated + wall_offset),
-            version=self.version, waiting_reason=self.waiting_reason[:300])
+            version=self.version, waiting_reason=self.waiting_reason[:300], kind=self.submission.kind,
+            progress=k.summary_progress())
 
     # ---- inside -----------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from protocol.connection import Channel
 from protocol.errors import RemoteProtocolError
 from protocol.messages.tasks import (
     MAX_BATCH,
+    MAX_HEARTBEAT_PROGRESS,
     MAX_REPLICAS,
     TERMINAL_STATES,
     Ballot,
@@ -64,6 +65,9 @@ from protocol.messages.tasks import (
     decode_struct,
 )
 from protocol.schema import Message
+
+#: A running attempt's live figures reach its coordinator within this many seconds.
+PROGRESS_S = 1.0
 
 __all__ = ["AbortAttempts", "Attempt", "RunAttempt", "TaskChanged", "TaskEngine", "TaskSettings"]
 
@@ -144,6 +148,7 @@ class TaskEngine:
         self._finished_bytes: dict[bytes, int] = {}
         self._retained = 0
         self._live: set[bytes] = set()  # records that may act (see _settle)
+        self._progress: dict[bytes, bytes] = {}  # task -> figures for its next heartbeat
         self.counters = {"tasks_created": 0, "takeovers": 0, "deposed": 0, "attempts_run": 0,
                          "attempts_refused": 0, "results_sent": 0}
 
@@ -263,7 +268,7 @@ class TaskEngine:
         elif isinstance(msg, TaskHeartbeat):
             rec = self.records.get(msg.task_id)
             if rec is not None and rec.is_coordinator:
-                rec.on_heartbeat(sender, msg.attempts, now=now)
+                rec.on_heartbeat(sender, msg.attempts, now=now, progress=msg.progress)
         elif isinstance(msg, TaskResult):
             rec = self.records.get(msg.task_id)
             if rec is not None and rec.is_coordinator:
@@ -355,6 +360,7 @@ class TaskEngine:
                      now: float) -> None:
         """The adapter ran an attempt (all its items' outcomes): report to its coordinator."""
         run = self._running.pop((task_id, attempt), None)
+        self._progress.pop(task_id, None)
         if run is None:
             return  # aborted
         dest = self._ballots.get(task_id, run.ballot)
@@ -368,8 +374,19 @@ class TaskEngine:
         keys = [k for k in self._running if k[0] == msg.task_id and (not msg.attempts or k[1] in msg.attempts)]
         for key in keys:
             del self._running[key]
+        self._progress.pop(msg.task_id, None)
         if keys:
             self._events.append(AbortAttempts(task_id=msg.task_id, attempts=tuple(k[1] for k in keys)))
+
+    def set_progress(self, task_id: bytes, data: bytes, *, now: float) -> None:
+        """A running attempt's live figures: they ride on its next heartbeat, sent within
+        ``PROGRESS_S`` (sooner than the lease needs)."""
+        runs = [run for (t, _), run in self._running.items() if t == task_id]
+        if not runs or len(data) > MAX_HEARTBEAT_PROGRESS:
+            return
+        self._progress[task_id] = data
+        for run in runs:
+            run.beat_at = min(run.beat_at, now + PROGRESS_S)
 
     @property
     def running_attempts(self) -> int:
@@ -439,9 +456,12 @@ class TaskEngine:
                 run.beat_at = now + run.lease_s / 3
                 due.setdefault((task_id, self._ballots.get(task_id, run.ballot)), []).append(attempt)
         for (task_id, ballot), attempts in due.items():
+            progress = self._progress.pop(task_id, b"")
             for start in range(0, len(attempts), MAX_BATCH):
                 self._send(ballot.node, TaskHeartbeat(task_id=task_id, ballot=ballot,
-                                                      attempts=tuple(attempts[start:start + MAX_BATCH])))
+                                                      attempts=tuple(attempts[start:start + MAX_BATCH]),
+                                                      progress=progress))
+                progress = b""
 
     def _step(self, now: float) -> None:
         """After any input: dispatch work, collect the records' output, deliver our own

@@ -4,9 +4,10 @@ The coordinator (``node.tasks.coordinator.TaskRecord``) owns everything every ki
 ballots, the replicated log and its commit point, leases renewed by heartbeats, workers and
 their load. A *kind* owns what its work is: how it splits into units, which are ready, what an
 outcome means, and what goes into the log (opaque bytes to the coordinator, replayed by
-``apply`` on a successor). The "map" kind (``node.tasks.mapkind``) is independent subtasks; a
-training job will be another kind on the same coordinator (long-lived workers scheduled
-together, per-round commits), registered in ``KINDS``.
+``apply`` on a successor). The "map" kind (``node.tasks.mapkind``) is independent subtasks;
+the "train" kind (``node.training.trainkind``) is a training job: segments of steps, each
+trained by a group the coordinator commits (``plan``) and whose workers report live figures
+on their heartbeats (``on_progress``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from node.tasks.mapkind import MapKind
+from node.training.trainkind import TrainKind
 from protocol.messages.tasks import Outcome, Submission, SubtaskReport, WorkItem
 
 
@@ -53,6 +55,19 @@ class Kind(Protocol):
 
     def report(self, index: int) -> SubtaskReport: ...
 
+    def plan(self, able: Sequence[bytes], *, task_id: bytes, epoch: int, now: float) -> str:
+        """Before handing out work: ``able`` are the members that may take it. Returns why the
+        kind waits ("" when it does not)."""
+        ...
+
+    def on_progress(self, worker: bytes, data: bytes) -> bool:
+        """A worker's heartbeat figures (soft state); whether they were taken."""
+        ...
+
+    def summary_progress(self) -> bytes:
+        """The live figures for ``TaskSummary.progress`` (at most ``MAX_PROGRESS_BYTES``)."""
+        ...
+
 
 #: Kind name (``Submission.kind``) -> how to build its state from the signed submission and inputs.
-KINDS: dict[str, Callable[[Submission, Sequence[bytes]], Kind]] = {"map": MapKind}
+KINDS: dict[str, Callable[[Submission, Sequence[bytes]], Kind]] = {"map": MapKind, "train": TrainKind}

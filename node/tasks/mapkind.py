@@ -243,6 +243,15 @@ class MapKind:
         self._held.clear()
         self._made.clear()
 
+    def plan(self, able: Sequence[bytes], *, task_id: bytes, epoch: int, now: float) -> str:
+        return ""  # independent subtasks: any able worker takes any ready one
+
+    def on_progress(self, worker: bytes, data: bytes) -> bool:
+        return False
+
+    def summary_progress(self) -> bytes:
+        return b""
+
     def report(self, index: int) -> SubtaskReport:
         sub = self.subtasks[index]
         return SubtaskReport(index=index, state=sub.state, attempts=min(sub.attempts, 0xFFFF),

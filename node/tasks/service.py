@@ -46,7 +46,7 @@ from node.core import Stats
 from node.driver import Driver
 from node.membership import LIVE
 from node.process_pool import ProcessPool
-from node.tasks.config import TaskConfig
+from node.tasks.config import KIND_MODULES, TaskConfig
 from node.tasks.coordinator import Worker
 from node.tasks.engine import AbortAttempts, RunAttempt, TaskChanged, TaskEngine, outcome_size
 from node.tasks.kinds import KINDS
@@ -75,6 +75,7 @@ from protocol.messages.tasks import (
     Submission,
     SubtaskReport,
     TaskAccepted,
+    TaskAssign,
     TaskCancel,
     TaskCancelled,
     TaskError,
@@ -187,6 +188,15 @@ class _Outbound:
         return sum(map(len, self._queues.values()))
 
 
+class KindRunner(Protocol):
+    """Runs the attempts of one kind of task on this node (not in the map process pool)."""
+
+    async def run(self, task_id: bytes, assign: TaskAssign, *, bundle_path: Path | None,
+                  attempt_id: int) -> list[Outcome]: ...
+
+    def cancel(self, attempt_id: int) -> None: ...
+
+
 class TaskService:
     """Serves tasks (module docstring)."""
 
@@ -214,7 +224,14 @@ class TaskService:
         self._bundle_dirs: dict[bytes, Path] = {}  # unpacked bundles already looked up
         self._chunks: dict[tuple[bytes, int], asyncio.Future[BundleChunk]] = {}
         self._refused_keys: set[bytes] = set()
+        self.runners: dict[str, KindRunner] = {}
+        """Who runs the attempts of kinds other than "map" (the node wires ``"train"``)."""
         self.counters = {"submissions": 0, "refused": 0, "queries": 0, "relayed": 0, "bundle_fetches": 0}
+
+    @property
+    def slots(self) -> float:
+        """CPUs this node offers to work."""
+        return self._slots
 
     # ---- Service --------------------------------------------------------------------
 
@@ -292,6 +309,8 @@ class TaskService:
                     running = self._attempt_ids.get((event.task_id, attempt))
                     if running is not None:
                         self.pool.cancel(running)
+                        for runner in self.runners.values():
+                            runner.cancel(running)
             elif isinstance(event, TaskChanged):
                 changed = self._changed.pop(event.task_id, None)
                 if changed is not None:
@@ -302,13 +321,25 @@ class TaskService:
         self.engine.on_message(link.peer.node_id, message, now=self._ctx.now())
         self._driver.step()
 
+    def set_progress(self, task_id: bytes, data: bytes) -> None:
+        """A kind runner's live figures for its running attempt of ``task_id`` (heartbeats)."""
+        self.engine.set_progress(task_id, data, now=self._ctx.now())
+        self._driver.step()
+
     async def _run_attempt(self, event: RunAttempt, pool_id: int) -> None:
         assign = event.assign
         try:
             path = None if assign.bundle is None else await self._bundle_path(assign.bundle, event.coordinator)
-            outcomes = await self.pool.run(attempt=pool_id, function=assign.function, bundle_path=path,
-                                           items=[(i.index, i.input) for i in assign.items],
-                                           timeout_s=assign.timeout_s, resources=assign.resources)
+            runner = self.runners.get(assign.kind)
+            if assign.kind != "map" and runner is None:
+                failure = Failure(type="KindUnavailable", message=f"this node runs no {assign.kind!r} tasks")
+                outcomes = [Outcome(index=i.index, ok=False, failure=failure) for i in assign.items]
+            elif runner is not None:
+                outcomes = await runner.run(event.task_id, assign, bundle_path=path, attempt_id=pool_id)
+            else:
+                outcomes = await self.pool.run(attempt=pool_id, function=assign.function, bundle_path=path,
+                                               items=[(i.index, i.input) for i in assign.items],
+                                               timeout_s=assign.timeout_s, resources=assign.resources)
         except (StarmeshError, OSError) as exc:
             failure = Failure(type="BundleUnavailable", message=f"cannot get the task's bundle: {exc}"[:4096])
             outcomes = [Outcome(index=i.index, ok=False, failure=failure) for i in assign.items]
@@ -475,6 +506,12 @@ class TaskService:
                            f"{MAX_INPUTS_BYTES} per task")
         if submission.count != len(seed.inputs) or inputs_digest(seed.inputs) != submission.inputs_digest:
             raise _Refused(TaskErrorCode.BAD_SUBMISSION, "the inputs do not match the signed inputs digest")
+        if submission.kind != "map":  # a map task's inputs are opaque; others' are the kind's
+            try:
+                KINDS[submission.kind](submission, seed.inputs)
+            except RemoteProtocolError as exc:
+                raise _Refused(TaskErrorCode.BAD_SUBMISSION, f"bad {submission.kind} task: {exc}") from None
+        allowed = self.config.allowed + KIND_MODULES.get(submission.kind, ())
         module = submission.function.split(":", 1)[0]
         if submission.bundle is not None:
             if not seed.bundle or content_id(seed.bundle) != submission.bundle:
@@ -485,16 +522,16 @@ class TaskService:
                 raise _Refused(TaskErrorCode.BAD_SUBMISSION, f"bad bundle: {exc}") from None
             top = module.split(".")[0]
             if not any(p in (f"{top}.py", f"{top}/__init__.py") for p in paths) and \
-                    not module_allowed(module, self.config.allowed):
+                    not module_allowed(module, allowed):
                 raise _Refused(TaskErrorCode.NOT_ALLOWED,
                                f"module {module} is not in the bundle (it has {', '.join(paths[:8])}) "
                                "and not allowed on this node (--allow-module)")
         elif seed.bundle:
             raise _Refused(TaskErrorCode.BAD_SUBMISSION, "a bundle was sent but the submission names none")
-        elif not module_allowed(module, self.config.allowed):
+        elif not module_allowed(module, allowed):
             raise _Refused(TaskErrorCode.NOT_ALLOWED,
                            f"module {module} is not allowed without a bundle on this node "
-                           f"(allowed: {', '.join(self.config.allowed)}; an operator adds more with "
+                           f"(allowed: {', '.join(allowed)}; an operator adds more with "
                            "--allow-module PATTERN)")
         return submission, task_id_of(seed.body)
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from node.placement import rank
 from protocol.errors import RemoteProtocolError
@@ -56,6 +56,7 @@ from protocol.messages.tasks import (
 )
 from protocol.messages.training import (
     MAX_GROUP,
+    SUMMARY_WORKERS,
     JobProgress,
     JobSpec,
     Seat,
@@ -163,14 +164,22 @@ class TrainKind:
     def plan(self, able: Sequence[bytes], *, task_id: bytes, epoch: int, now: float) -> str:
         """Plan the next segment if none is in flight; the reason it waits ("" when not)."""
         self.epoch = epoch
-        if self._plan is not None or self._held or self.finished() or now < self._retry_at:
+        live = set(able)
+        p = self._plan
+        if p is not None:  # a member that left before its seat was handed out is lost too
+            gone = [r for r in range(len(p.group)) if r not in p.handed and p.group[r] not in live]
+            if gone:
+                p.handed.update(gone)
+                p.lost.update(gone)
+                self._closed.extend(self._maybe_close(now))
+            return ""
+        if self._held or self.finished() or now < self._retry_at:
             return ""
         s = self.spec
         previous = self.records[-1].finished if self.records else ()
-        live = set(able)
         order = [n for n in previous if n in live]
         order += [n for n in rank(task_id, [n for n in able if n not in set(order)])]
-        group = tuple(order[: s.workers_max])
+        group = tuple(order[: min(s.workers_max, s.shards)])
         if len(group) < s.workers_min:
             self.waiting = (f"waiting for {s.workers_min} workers with {self.submission.resources.gpus} "
                             f"gpus ({len(group)} live)")
@@ -191,7 +200,7 @@ class TrainKind:
             seats[r] = Seat(job=task_id, epoch=epoch, segment=segment, plan=self._plans, start=start,
                             end=end, group=group, rank=r, state=self.state, holders=holders,
                             cursors=cursors, evaluate=evaluate and r == 0, checkpoint=checkpoint,
-                            final=final)
+                            final=final, job_spec=s)
         self._plan = _Plan(self._plans, segment, start, end, group, seats, now)
         self._progress.clear()
         return ""
@@ -396,4 +405,13 @@ class TrainKind:
             workers=tuple(group), workers_seen=tuple(self.seen), tokens_s=tokens_s,
             bytes_sent=sum(r.bytes_sent for r in self.records) + sum(p.bytes_sent for p in live),
             state=self.state, checkpoint=self.checkpoint, checkpoint_step=self.checkpoint_step,
-            waiting=self.waiting[:300], export=last.export if last else None, segments=len(self.records))
+            waiting=self.waiting[:300], export=last.export if last else None, segments=len(self.records),
+            group_size=len(group), seen=len(self.seen))
+
+    def summary_progress(self) -> bytes:
+        """``progress()`` cut to fit a ``TaskSummary`` (lists shortened, the export's sample and
+        report left out: the whole export is in the last ``SegmentRecord``)."""
+        p = self.progress()
+        export = p.export and replace(p.export, sample="", report=b"")
+        return encode_struct(replace(p, workers=p.workers[:SUMMARY_WORKERS],
+                                     workers_seen=p.workers_seen[-SUMMARY_WORKERS:], export=export))

@@ -61,6 +61,8 @@ DIGEST = Bytes(32, min_len=32)
 PUBLIC_KEY = Bytes(32, min_len=32)
 SIGNATURE = Bytes(64, min_len=64)
 #: ``module:function``; ``module`` a dotted Python module name.
+#: A task's kind (``node.tasks.kinds.KINDS``): "map", "train".
+KIND = Str(32, pattern=r"[a-z][a-z0-9_]*")
 FUNCTION = Str(200, pattern=r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 REQ = UInt(32)
 
@@ -84,6 +86,9 @@ MAX_LOG_BATCH = 4096
 MAX_LOG_ENTRY_BYTES = MAX_VALUE_BYTES + 16 * 1024
 #: Most replicas of a task (coordinator not counted).
 MAX_REPLICAS = 8
+#: Bytes of a kind's live figures in a ``TaskSummary`` / a ``TaskHeartbeat``.
+MAX_PROGRESS_BYTES = 4096
+MAX_HEARTBEAT_PROGRESS = 1024
 
 
 class TaskState(enum.IntEnum):
@@ -153,7 +158,7 @@ class Resources(Struct):
 class Submission(Struct):
     """What a submitter signs: everything that decides what runs and on what."""
 
-    kind: str = spec(Str(32, pattern=r"[a-z][a-z0-9_]*"), default="map")
+    kind: str = spec(KIND, default="map")
     function: str = spec(FUNCTION)
     bundle: bytes | None = spec(Optional(DIGEST), default=None)
     """The bundle's content id (``node.bundles``); None: the function is an installed module."""
@@ -249,6 +254,9 @@ class TaskSummary(Struct):
     version: int = spec(UInt(64))
     """Grows with every change of the summary (WAIT's cursor)."""
     waiting_reason: str = spec(Str(300), default="")
+    kind: str = spec(KIND, default="map")
+    progress: bytes = spec(Bytes(MAX_PROGRESS_BYTES), default=b"")
+    """The kind's live figures, opaque here (a ``"train"`` task: an encoded ``JobProgress``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -397,6 +405,8 @@ class TaskAssign(Message):
     """Renew the lease with a heartbeat at least this often, or the attempt is presumed lost."""
     resources: Resources = spec(StructOf(Resources), default=Resources())
     items: tuple[WorkItem, ...] = spec(ListOf(StructOf(WorkItem), max_len=MAX_BATCH))
+    kind: str = spec(KIND, default="map")
+    """The task's kind: which runner the worker hands the items to."""
 
 
 @register
@@ -406,6 +416,8 @@ class TaskHeartbeat(Message):
     task_id: bytes = spec(TASK_ID)
     ballot: Ballot = spec(StructOf(Ballot))
     attempts: tuple[int, ...] = spec(ListOf(UInt(64), max_len=MAX_BATCH))
+    progress: bytes = spec(Bytes(MAX_HEARTBEAT_PROGRESS), default=b"")
+    """The worker's live figures for the task, opaque here (``"train"``: a ``SeatProgress``)."""
 
 
 @register

@@ -44,6 +44,8 @@ MAX_GROUP = 256
 MAX_SHARDS = 4096
 #: Most steps one segment spans (and so losses one report carries).
 MAX_SEGMENT_STEPS = 10_000
+#: Most node ids of each list in a ``JobProgress`` carried by a ``TaskSummary``.
+SUMMARY_WORKERS = 32
 #: Most ``--job-arg`` options.
 MAX_OPTIONS = 64
 CODEC = Str(64, pattern=r"[a-z0-9+_-]+")
@@ -158,6 +160,8 @@ class Seat(Struct):
     """``end`` is a checkpoint: pin the state and keep copies on two nodes."""
     final: bool = spec(Bool(), default=False)
     """The job's last segment: rank 0 also exports the model."""
+    job_spec: JobSpec | None = spec(Optional(StructOf(JobSpec)), default=None)
+    """The job (a worker need not hold the task): options, mode, codec, exports."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -257,6 +261,10 @@ class JobProgress(Struct):
     export: Export | None = spec(Optional(StructOf(Export)), default=None)
     segments: int = spec(UInt(32), default=0)
     """Committed segments (each is one ``results`` outcome: its ``SegmentRecord``)."""
+    group_size: int = spec(UInt(16), default=0)
+    """Members of the current group (``workers`` lists at most ``SUMMARY_WORKERS`` of them)."""
+    seen: int = spec(UInt(32), default=0)
+    """Members ever in the group (``workers_seen`` lists at most ``SUMMARY_WORKERS``)."""
 
 
 #: Sizes the seat reports and records must fit in (an ``Outcome.value``, a log entry).

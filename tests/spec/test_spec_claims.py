@@ -362,3 +362,14 @@ def test_node_sends_no_capabilities() -> None:
     assert pair.responder.peer is not None
     assert pair.responder.peer.capabilities == ("some-future-feature", "x.y/z")
     assert pair.initiator.peer is not None and pair.initiator.peer.capabilities == ()
+
+
+def test_training_struct_tables_are_the_code() -> None:
+    from protocol.messages import training
+
+    text = PROTOCOL_MD.read_text(encoding="utf-8")
+    structs = _struct_tables(text[text.index("## 15. Training jobs"):])
+    assert set(structs) == {"Option", "ShardCursor", "JobSpec", "Seat", "Export", "SeatReport",
+                            "SegmentRecord", "SeatProgress", "JobProgress"}
+    for name, rows in structs.items():
+        _check_rows(getattr(training, name), rows)
