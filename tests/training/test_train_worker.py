@@ -32,7 +32,7 @@ import torch
 from node.tasks import worker_frames as frames
 from node.training import seat_frames as sf
 from node.training.runner import charlm, export, reference, state
-from node.training.runner.seat import NONFINITE_LOSS
+from node.training.runner.seat import NONFINITE_LOSS, clip_coefficient, reportable
 from protocol.messages.tasks import decode_struct, encode_struct
 from protocol.messages.training import Seat, SeatReport, ShardCursor
 
@@ -267,6 +267,19 @@ def close(*procs: Proc) -> None:
 # ------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize(("value", "want"), [(2.5, 2.5), (-1.0, -1.0), (math.nan, NONFINITE_LOSS),
+                                             (math.inf, NONFINITE_LOSS), (-math.inf, -NONFINITE_LOSS)])
+def test_reportable_losses_are_finite(value: float, want: float) -> None:
+    assert reportable(value) == want
+
+
+def test_clip_coefficient_is_torchs_formula_in_float64() -> None:
+    flat = torch.tensor([3.0, 4.0])
+    assert clip_coefficient(flat, 10.0) == 1.0
+    assert clip_coefficient(flat, 1.0) == 1.0 / (5.0 + 1e-6)
+    assert clip_coefficient(torch.tensor([math.nan]), 1.0) == 1.0
+
+
 def test_two_workers_in_sync_end_identical_through_a_nan(spawn: Any, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -370,16 +383,22 @@ def test_failures_are_reported_and_the_process_lives_on(spawn: Any, tmp_path: Pa
     (not_open,) = node.run([(p, seats(0, 2)[0], None)])
     assert isinstance(not_open, sf.Failed) and not_open.failure["type"] == "NotOpen"
 
-    opened(p, function="seatjobs:flaky", path=str(bundle), options=TINY | {"raise_at": "2:0"})
-    (raised,) = node.run([(p, seats(0, 4)[0], None)])  # step 2 reads shard 2 at 0
-    assert isinstance(raised, sf.Failed) and raised.failure["type"] == "ValueError"
-    assert "raised at 2:0" in raised.failure["message"] and node.rounds == [(0, 1), (1, 1)]
-    # Dirty now: a seat from a state it never held, without the file, fails clearly...
-    (missing_state,) = node.run([(p, seats(0, 4, state=b"s" * 32)[0], None)])
-    assert isinstance(missing_state, sf.Failed) and missing_state.failure["type"] == "StateMissing"
-    # ...and one from the seed rebuilds the job and trains (other batches than the bad one).
-    (ok,) = node.run([(p, seats(0, 4, positions={k: 1 for k in range(8)})[0], None)])
-    assert isinstance(ok, SeatReport) and len(ok.losses) == 4
+    opened(p, function="seatjobs:flaky", path=str(bundle), options=TINY | {"raise_at": "2:1"})
+    (good,) = node.run([(p, seats(0, 4)[0], None)])  # shards 0..3 at position 0
+    assert isinstance(good, SeatReport)
+    later = {k: 1 for k in range(4)}
+    (raised,) = node.run([(p, seats(4, 8, positions=later, state=good.state)[0], None)])
+    assert isinstance(raised, sf.Failed) and raised.failure["type"] == "ValueError"  # shard 2 at 1
+    assert "raised at 2:1" in raised.failure["message"] and [s for s, _ in node.rounds] == [0, 1, 2, 3, 4, 5]
+    # Dirty now: even the state it reported last is not in memory any more...
+    (dirty,) = node.run([(p, seats(4, 8, positions=later, state=good.state)[0], None)])
+    assert isinstance(dirty, sf.Failed) and dirty.failure["type"] == "StateMissing"
+    # ...so it loads the file (other batches than the bad one), or rebuilds from the seed.
+    elsewhere = {k: 5 for k in range(8)}
+    (loaded,) = node.run([(p, seats(4, 8, positions=elsewhere, state=good.state)[0],
+                           node.file(good.state, tmp_path))])
+    (seed,) = node.run([(p, seats(0, 2, positions=elsewhere)[0], None)])
+    assert isinstance(loaded, SeatReport) and isinstance(seed, SeatReport), (loaded, seed)
     p.send({"op": "bogus"})
     assert p.popen.wait(timeout=30) == 2
     assert "bad frame" in p.log.read_text()

@@ -42,7 +42,13 @@ seat.end`` and returns the ``SeatReport``. Its parts, in order:
 Non-finite losses: ``protocol.schema.Float`` refuses NaN and infinities, so a loss (or
 validation loss) that is not finite is reported as ``±NONFINITE_LOSS`` (NaN as ``+``): finite,
 unmistakable, and a mean over up to 256 workers of it stays finite. The step still exchanges:
-the all-reduce leaves this worker's non-finite contribution out and returns the others' mean.
+the all-reduce leaves this worker's non-finite contribution out and returns the others' mean
+(a round with no contributor fails the seat ``NoContributors``). In DiLoCo a non-finite inner
+loss also poisons the worker's AdamW moments: after the outer step puts the model back at the
+mean, the inner optimizer starts afresh.
+
+``exchange``'s ``examples`` (the weight the node may give this worker's part): 1 per sync step
+(one batch), the seat's batch count for a DiLoCo round.
 
 Timing: ``compute_s`` is the time outside ``exchange`` and ``put`` from the first step to the
 end of the last optimizer step; ``comm_s`` the time inside ``exchange``.
@@ -286,6 +292,10 @@ class Session:
         self.buffer.copy_(self.outer.pseudo_gradient(self.model))
         comm = self._exchange(seat.end - 1, float(seat.end - seat.start), tally, exchange)
         self.outer.step(self.model, self.buffer)
+        if not all(math.isfinite(x) for x in tally.losses):
+            # A non-finite inner step poisoned this worker's AdamW moments; the model is back
+            # at θ (the others' mean was applied), so only the inner state starts afresh.
+            self.optimizer = self.job.optimizer(self._params)
         tally.compute_s += time.perf_counter() - began - comm
 
     def _stepped(self, step: int, loss: float, spent: float, tally: _Tally,
@@ -299,6 +309,8 @@ class Session:
     def _exchange(self, step: int, examples: float, tally: _Tally, exchange: Exchange) -> float:
         began = time.perf_counter()
         contributors, sent = exchange(step, self.buffer, examples)
+        if contributors < 1:
+            raise SeatError("NoContributors", f"round of step {step}: no finite contribution")
         spent = time.perf_counter() - began
         tally.comm_s += spent
         tally.rounds += 1
