@@ -32,7 +32,7 @@ from node.config import (
 from node.options import Option, Override, add_options, options_of, resolve, section_docs
 from protocol.errors import ConfigError, ErrorCode, RemoteProtocolError, StarmeshError
 
-COMMANDS = ("run", "status", "mesh-key", "submit", "tasks", "task", "results", "cancel", "submitters", "blob")
+COMMANDS = ("run", "status", "mesh-key", "submit", "tasks", "task", "results", "cancel", "submitters", "blob", "train", "jobs")
 
 RUN_DESCRIPTION = """\
 Run a Starmesh node: gossip membership over an encrypted TCP protocol.
@@ -260,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from node.blobs_cli import main as blob_main
 
             return blob_main(rest)
+        if command in ("train", "jobs"):
+            from node import training_cli
+
+            return training_cli.main(command, rest)
         if command in ("submit", "tasks", "task", "results", "cancel"):
             from node import tasks_cli
 

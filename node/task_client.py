@@ -76,6 +76,7 @@ from protocol.messages.tasks import (
     signed_submission,
     unpack_value,
 )
+from protocol.messages.training import JobSpec
 from protocol.schema import Message
 from protocol.tags import MsgType
 
@@ -247,12 +248,29 @@ class AsyncMeshClient:
         """Run ``function`` (``module:name``) once per input; the task, running."""
         if self.key is None:
             raise TaskRefused(TaskErrorCode.UNAUTHORIZED, "no submitter key: pass key=")
-        packed = tuple(pack_value(x) for x in inputs)
+        return await self.submit("map", function, tuple(pack_value(x) for x in inputs), bundle=bundle,
+                                 retries=retries, timeout=timeout, resources=resources, batch=batch)
+
+    async def train(self, spec: JobSpec, *, function: str = "node.training.runner.charlm:make_job",
+                    bundle: str | Path | None = None, retries: int = 3, timeout: float = 3600.0,
+                    resources: Resources | dict[str, Any] | None = None) -> AsyncTask:
+        """Submit a training job (``protocol.messages.training.JobSpec``; ``function`` builds
+        the ``node.training.runner.job.Job`` on every worker); the task, running. ``timeout``:
+        seconds one segment may take; ``retries``: failed segments in a row before it fails."""
+        return await self.submit("train", function, (encode_struct(spec),), bundle=bundle, retries=retries,
+                                 timeout=timeout, resources=resources)
+
+    async def submit(self, kind: str, function: str, packed: tuple[bytes, ...], *,
+                     bundle: str | Path | None = None, retries: int = 3, timeout: float = 600.0,
+                     resources: Resources | dict[str, Any] | None = None, batch: int = 0) -> AsyncTask:
+        """Sign and submit a task of ``kind`` with these encoded inputs; the task, running."""
+        if self.key is None:
+            raise TaskRefused(TaskErrorCode.UNAUTHORIZED, "no submitter key: pass key=")
         if sum(map(len, packed)) > MAX_INPUTS_BYTES:
             raise TaskRefused(TaskErrorCode.TOO_LARGE, f"inputs take {sum(map(len, packed))} bytes encoded: "
                               f"at most {MAX_INPUTS_BYTES} per task (split the work into several tasks)")
         data, digest = (b"", None) if bundle is None else pack_dir(Path(bundle).expanduser())
-        submission = Submission(function=function, bundle=digest, inputs_digest=inputs_digest(packed),
+        submission = Submission(kind=kind, function=function, bundle=digest, inputs_digest=inputs_digest(packed),
                                 count=len(packed), retries=retries, timeout_s=float(timeout),
                                 resources=_resources(resources), batch=batch,
                                 submitter=public_key_of(self.key), created=time.time(), nonce=os.urandom(16))
@@ -348,6 +366,10 @@ class AsyncTask:
                 return summary
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"task {self.id} still {summary.state.name.lower()} after {timeout}s")
+
+    async def outcomes(self, start: int = 0) -> tuple[list[Outcome], TaskSummary]:
+        """The outcomes recorded so far from index ``start`` on (raw), and the summary."""
+        return await self._outcomes(start)
 
     async def _outcomes(self, start: int = 0) -> tuple[list[Outcome], TaskSummary]:
         out: list[Outcome] = []

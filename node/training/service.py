@@ -393,7 +393,8 @@ class TrainingService:
         p.send({"op": "open", "function": assign.function, "path": None if bundle is None else str(bundle),
                 "options": options, "mode": spec.mode, "outer_lr": spec.outer_lr,
                 "outer_momentum": spec.outer_momentum, "threads": threads, "cpus": cpus,
-                "prune": spec.prune, "quantize": spec.quantize.name.lower(), "work": str(p.work)})
+                "prune": spec.prune, "quantize": spec.quantize.name.lower(), "work": str(p.work),
+                "gpus": spec.gpus_per_worker})
         opened = await p.receive()
         if isinstance(opened, sf.Failed):
             f = opened.failure

@@ -1,0 +1,336 @@
+"""``python -m node train | jobs``: train a model on the mesh, and list the training jobs.
+
+``train`` builds a ``JobSpec`` from its flags, signs it with the person's submitter key and
+submits it through the node at ``--connect`` as a task of kind ``"train"``
+(``AsyncMeshClient.train``); the mesh elects the job's coordinator, which picks the workers.
+Then it follows the job: one progress line per change on stderr (step, loss, validation loss,
+tokens/s, workers, wire bytes, ETA), and at the end it fetches the job's history (its
+committed ``SegmentRecord`` s) and the exported model (a blob), writes ``--out DIR``
+(``node.training.store.write_out``: model.safetensors, config.json, metrics.jsonl, loss.png,
+sample.txt, summary.json), prints the summary and, with ``--json``, a final JSON line
+(``node.training.outputs.summary``). ``--reference`` also trains the same configuration in this
+process, at the job's global batch, and compares. ``--resume JOB`` starts a new job from the
+newest checkpoint of ``JOB`` (its state blob, step and shard cursors); pass the same flags.
+
+``jobs`` lists the training jobs a node knows: id, coordinator, mode, step/total, loss,
+workers, tokens/s (``--json``: one object per job with ``id``, ``coordinator``, ``mode``,
+``step``, ``steps``, ``loss``, ``val_loss``, ``workers``, ``tokens_s``, ``state``).
+
+Exit codes: 0 the job finished, 1 it failed (or the mesh refused / could not be reached), 2 bad
+usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.config import ClientConfig
+from protocol.errors import ConfigError, StarmeshError
+
+COMMANDS = ("train", "jobs")
+MODELS = {"charlm": "node.training.runner.charlm:make_job"}
+#: nanoGPT's baby GPT on tiny Shakespeare: validation loss after 2000 iterations.
+NANOGPT_VAL = 1.88
+_POLL_S = 1.0
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    from node.cli import ClientOptions
+
+    p = argparse.ArgumentParser(prog=f"python -m node {command}", description=(
+        "train a model on the mesh, data-parallel, and follow it" if command == "train"
+        else "list the training jobs a node knows"))
+    ClientOptions(command, default=ClientConfig(timeout=15.0)).add_to(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    if command == "jobs":
+        return p
+    p.add_argument("--key", metavar="PATH", type=Path, default=None,
+                   help="your submitter key (default: $STARMESH_SUBMITTER_KEY or "
+                        "~/.config/starmesh/submitter.key, made on first use)")
+    p.add_argument("--model", choices=sorted(MODELS), default="charlm",
+                   help="a built-in job (default charlm: nanoGPT's baby GPT, 804k parameters)")
+    p.add_argument("--data", default="shakespeare",
+                   help="the built-in job's text: shakespeare (built in)")
+    p.add_argument("--bundle", metavar="DIR", type=Path, default=None,
+                   help="a directory with your job's Python files (with --job)")
+    p.add_argument("--job", metavar="MODULE:FUNCTION", default=None,
+                   help="the function that returns your Job (node.training.runner.job)")
+    p.add_argument("--job-arg", metavar="KEY=VALUE", action="append", default=[],
+                   help="an option for the job function (repeat); for charlm e.g. batch_size=12")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (DiLoCo: inner steps) (2000)")
+    p.add_argument("--workers", default="1", metavar="MIN[-MAX]",
+                   help="workers: at least MIN before it starts and in every round, at most MAX (default 1)")
+    p.add_argument("--mode", choices=("sync", "diloco"), default="sync",
+                   help="sync: average gradients every step; diloco: every --inner-steps (sync)")
+    p.add_argument("--inner-steps", type=int, default=50, help="DiLoCo's H (50)")
+    p.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer learning rate (0.7)")
+    p.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo's outer momentum (0.9)")
+    p.add_argument("--codec", default="int8+zstd", help="all-reduce codec (int8+zstd)")
+    p.add_argument("--segment-steps", type=int, default=20,
+                   help="sync mode: steps per segment (group changes happen between segments) (20)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (100)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (100)")
+    p.add_argument("--shards", type=int, default=64, help="virtual data shards (64)")
+    p.add_argument("--seed", type=int, default=1337, help="the job's seed (1337)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: its task slots)")
+    p.add_argument("--gpus-per-worker", type=int, default=0, help="GPUs each worker needs (0)")
+    p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY",
+                   help="export: global magnitude pruning to this sparsity, then a short fine-tune")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="export: dynamic int8 quantization of the Linear layers")
+    p.add_argument("--segment-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="a segment running longer fails and runs again (3600)")
+    p.add_argument("--retries", type=int, default=3, help="failed segments in a row before the job fails (3)")
+    p.add_argument("--resume", metavar="JOB", default=None,
+                   help="start from the newest checkpoint of this job (32 hex digits)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=None,
+                   help="write model.safetensors, config.json, metrics.jsonl, loss.png, sample.txt here")
+    p.add_argument("--reference", action="store_true",
+                   help="also train the same config in this process (same global batch) and compare")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    return p
+
+
+def parse_workers(text: str) -> tuple[int, int]:
+    """``"3"`` -> (3, 3); ``"2-8"`` -> (2, 8) (``ConfigError`` otherwise)."""
+    lo, _, hi = text.partition("-")
+    try:
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError(f"--workers {text!r}: expected MIN or MIN-MAX") from None
+    if not 1 <= a <= b:
+        raise ConfigError(f"--workers {text!r}: expected 1 <= MIN <= MAX")
+    return a, b
+
+
+def parse_job_args(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--job-arg {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def job_spec(args: argparse.Namespace, *, resume: Any = None) -> Any:
+    """The ``JobSpec`` the flags describe (``resume``: (state, step, cursors, job) to start from)."""
+    from protocol.messages.training import ExportQuantize, JobSpec, Option
+
+    if args.data != "shakespeare":
+        raise ConfigError(f"--data {args.data!r}: only the built-in 'shakespeare' text is supported; "
+                          "a job of your own reads its data in its bundle (--bundle/--job)")
+    lo, hi = parse_workers(args.workers)
+    options = parse_job_args(args.job_arg)
+    fields: dict[str, Any] = {}
+    if resume is not None:
+        state, step, cursors, job = resume
+        fields = {"resume_state": state, "resume_step": step, "resume_cursors": cursors, "resume_from": job}
+    try:
+        return JobSpec(
+            options=tuple(Option(key=k, value=v) for k, v in sorted(options.items())), steps=args.steps,
+            workers_min=lo, workers_max=hi, mode=args.mode, inner_steps=args.inner_steps,
+            outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, codec=args.codec,
+            segment_steps=args.segment_steps, checkpoint_every=args.checkpoint_every,
+            eval_every=args.eval_every, shards=args.shards, seed=args.seed, gpus_per_worker=args.gpus_per_worker,
+            threads=args.threads, prune=args.prune,
+            quantize=ExportQuantize.INT8 if args.quantize == "int8" else ExportQuantize.NONE, **fields)
+    except StarmeshError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+async def _client(client: ClientConfig, key_path: Path | None, *, need_key: bool) -> Any:
+    from node.tasks_cli import _client as connect
+
+    return await connect(client, key_path, need_key=need_key)
+
+
+async def _records(task: Any) -> list[Any]:
+    from protocol.messages.tasks import decode_struct
+    from protocol.messages.training import SegmentRecord
+
+    outcomes, _ = await task.outcomes()
+    return [decode_struct(SegmentRecord, o.value, what="SegmentRecord") for o in outcomes if o.ok and o.value]
+
+
+def _progress(summary: Any) -> Any:
+    from protocol.messages.tasks import decode_struct
+    from protocol.messages.training import JobProgress
+
+    if not summary.progress:
+        return None
+    try:
+        return decode_struct(JobProgress, summary.progress, what="JobProgress")
+    except StarmeshError:
+        return None
+
+
+async def _resume_point(mesh: Any, job_hex: str) -> tuple[Any, int, tuple[Any, ...], bytes]:
+    from protocol.messages.training import ShardCursor
+
+    task = mesh.task(job_hex)
+    records = await _records(task)
+    cursors: dict[int, int] = {}
+    best = None
+    for r in sorted(records, key=lambda r: r.end):
+        cursors.update((c.shard, c.position) for c in r.cursors)
+        if r.checkpoint:
+            best = (r.state, r.end, dict(cursors))
+    if best is None:
+        raise ConfigError(f"--resume {job_hex}: the job has no checkpoint yet")
+    state, step, at = best
+    return state, step, tuple(ShardCursor(shard=k, position=v) for k, v in sorted(at.items())), task.task_id
+
+
+async def _train(args: argparse.Namespace, client: ClientConfig) -> int:
+    from node.training import outputs, store
+    from protocol.messages.tasks import TaskState
+
+    if (args.bundle is None) != (args.job is None) and args.job is None:
+        raise ConfigError("--bundle needs --job MODULE:FUNCTION")
+    function = args.job or MODELS[args.model]
+    started = time.monotonic()
+    mesh = await _client(client, args.key, need_key=True)
+    try:
+        resume = await _resume_point(mesh, args.resume) if args.resume else None
+        spec = job_spec(args, resume=resume)
+        task = await mesh.train(spec, function=function, bundle=args.bundle, retries=args.retries,
+                                timeout=args.segment_timeout,
+                                resources={"cpus": 1.0, "gpus": args.gpus_per_worker})
+        print(f"job {task.id} submitted: {function}, {spec.steps} steps, mode {spec.mode}, workers "
+              f"{spec.workers_min}-{spec.workers_max}; coordinator "
+              f"{task.coordinator.hex()[:16] if task.coordinator else '?'}", file=sys.stderr)
+        summary = await _follow(task, started=started, start_step=spec.resume_step, quiet=args.no_progress)
+        records = await _records(task)
+        progress = _progress(summary)
+        export = next((r.export for r in sorted(records, key=lambda r: r.end, reverse=True) if r.export), None)
+        model_bytes = None
+        if export is not None and args.out is not None:
+            blobs = await mesh.blobs()
+            try:
+                path = await blobs.get(export.model)
+                model_bytes = Path(path).read_bytes()
+            finally:
+                await blobs.close()
+    finally:
+        await mesh.close()
+    wall = time.monotonic() - started
+    result = outputs.summary(job=task.task_id, spec=spec, records=records, progress=progress, export=export,
+                             out=str(args.out) if args.out else None, wall_s=wall)
+    reference = {f"nanoGPT ({2000} steps)": NANOGPT_VAL}
+    if args.reference and args.model == "charlm" and args.job is None:
+        ref = _reference(spec, len(records[-1].finished) if records else spec.workers_min)
+        result["reference_val_loss"] = ref
+        reference = {"one process": ref, **reference}
+    if args.out is not None:
+        store.write_out(args.out, spec=spec, records=records, model_bytes=model_bytes, export=export,
+                        summary=result, job_config=None, title=f"{function} on the mesh",
+                        reference=reference)
+    failed = summary.state is not TaskState.DONE
+    print(outputs.format_summary(result, reference), file=sys.stderr)
+    if failed:
+        print(f"job {task.id} ended {summary.state.name.lower()}", file=sys.stderr)
+    if args.json:
+        result["state"] = summary.state.name.lower()
+        print(outputs.dumps(result), flush=True)
+    return 1 if failed else 0
+
+
+async def _follow(task: Any, *, started: float, start_step: int, quiet: bool) -> Any:
+    """Poll the job until it ends, printing a progress line when it changes."""
+    from node.training import outputs
+    from protocol.messages.tasks import TERMINAL_STATES
+
+    last = ""
+    while True:
+        try:
+            summary = await task.status()
+        except StarmeshError as exc:  # the node we ask may be busy or gone for a moment
+            print(f"(status: {exc}; retrying)", file=sys.stderr)
+            await asyncio.sleep(_POLL_S)
+            continue
+        p = _progress(summary)
+        if p is not None and not quiet:
+            line = outputs.progress_line(p, started=started, now=time.monotonic(), start_step=start_step)
+            if line != last:
+                print(line, file=sys.stderr, flush=True)
+                last = line
+        if summary.state in TERMINAL_STATES:
+            return summary
+        await asyncio.sleep(_POLL_S)
+
+
+def _reference(spec: Any, workers: int) -> float:
+    """The same config trained in this process at the job's global batch (``workers`` x batch)."""
+    import torch
+
+    from node.training.runner import charlm, reference
+
+    options = {o.key: o.value for o in spec.options}
+    options.setdefault("seed", str(spec.seed))
+    batch = int(options.get("batch_size", charlm.CharConfig().batch_size))
+    options["batch_size"] = str(batch * max(1, workers))
+    torch.set_num_threads(1)
+    print(f"reference: {spec.steps} steps in this process at batch {options['batch_size']} ...",
+          file=sys.stderr, flush=True)
+    return reference.train_reference(charlm.make_job(options), spec.steps).val_loss
+
+
+async def _jobs(args: argparse.Namespace, client: ClientConfig) -> int:
+    mesh = await _client(client, None, need_key=False)
+    try:
+        tasks = [t for t in await mesh.tasks() if t.kind == "train"]
+    finally:
+        await mesh.close()
+    rows = []
+    for t in tasks:
+        p = _progress(t)
+        rows.append({
+            "id": t.task_id.hex(), "coordinator": t.coordinator.hex(), "state": t.state.name.lower(),
+            "function": t.function, "mode": p.mode if p else None, "step": p.step if p else 0,
+            "steps": p.steps if p else None, "loss": p.loss if p else None,
+            "val_loss": p.val_loss if p else None,
+            "workers": [w.hex() for w in p.workers] if p else [], "tokens_s": p.tokens_s if p else 0.0,
+            "waiting": p.waiting if p else t.waiting_reason})
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    if not rows:
+        print("no training jobs")
+        return 0
+    print(f"{'job':<34} {'coordinator':<18} {'mode':<7} {'step':>11} {'loss':>7} {'workers':>7} "
+          f"{'tokens/s':>9}  state")
+    for r in rows:
+        loss = f"{r['loss']:.3f}" if r["loss"] is not None else "-"
+        print(f"{r['id']:<34} {r['coordinator'][:16]:<18} {r['mode'] or '-':<7} "
+              f"{r['step']:>5}/{r['steps'] or '?':<5} {loss:>7} {len(r['workers']):>7} "
+              f"{r['tokens_s']:>9.0f}  {r['state']}{' (' + r['waiting'] + ')' if r['waiting'] else ''}")
+    return 0
+
+
+def main(command: str, argv: Sequence[str]) -> int:
+    """Run ``train`` or ``jobs``; the exit code (0 ok, 1 failed, 2 bad usage)."""
+    from node.cli import ClientOptions, parse_args
+    from node.task_client import TaskRefused
+
+    args = parse_args(build_parser(command), argv)
+    client = ClientOptions(command, default=ClientConfig(timeout=15.0)).resolve(args)
+    run = _train if command == "train" else _jobs
+    try:
+        return asyncio.run(run(args, client))
+    except TaskRefused as exc:
+        print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
+        return 1
+    except (StarmeshError, OSError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        print(f"error: {command} via {client.connect}: {exc}", file=sys.stderr)
+        return 1
