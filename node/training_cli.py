@@ -65,8 +65,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--job-arg", metavar="KEY=VALUE", action="append", default=[],
                    help="an option for the job function (repeat); for charlm e.g. batch_size=12")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (DiLoCo: inner steps) (2000)")
-    p.add_argument("--workers", default="1", metavar="MIN[-MAX]",
-                   help="workers: at least MIN before it starts and in every round, at most MAX (default 1)")
+    p.add_argument("--workers", default=None, metavar="MIN[-MAX]",
+                   help="workers: at least MIN before it starts and in every round, at most MAX "
+                        "(default 1, or N with --local N)")
+    p.add_argument("--local", type=int, default=0, metavar="N",
+                   help="start a throwaway mesh of N nodes on this machine, train on it, stop it")
     p.add_argument("--mode", choices=("sync", "diloco"), default="sync",
                    help="sync: average gradients every step; diloco: every --inner-steps (sync)")
     p.add_argument("--inner-steps", type=int, default=50, help="DiLoCo's H (50)")
@@ -127,7 +130,7 @@ def job_spec(args: argparse.Namespace, *, resume: Any = None) -> Any:
     if args.data != "shakespeare":
         raise ConfigError(f"--data {args.data!r}: only the built-in 'shakespeare' text is supported; "
                           "a job of your own reads its data in its bundle (--bundle/--job)")
-    lo, hi = parse_workers(args.workers)
+    lo, hi = parse_workers(args.workers or str(args.local or 1))
     options = parse_job_args(args.job_arg)
     fields: dict[str, Any] = {}
     if resume is not None:
@@ -243,6 +246,21 @@ async def _train(args: argparse.Namespace, client: ClientConfig) -> int:
     return 1 if failed else 0
 
 
+async def _train_local(args: argparse.Namespace, client: ClientConfig) -> int:
+    import os
+
+    from node.local_mesh import LocalMesh
+
+    if not args.threads:  # the nodes share this machine's CPUs
+        args.threads = max(1, (os.cpu_count() or 1) // args.local)
+    print(f"starting a local mesh of {args.local} nodes ...", file=sys.stderr, flush=True)
+    threads = ("--task-slots", str(args.threads)) if args.threads else ()
+    async with LocalMesh(args.local, extra=threads) as mesh:
+        print(f"local mesh up: {args.local} nodes on 127.0.0.1:{','.join(map(str, mesh.ports))}",
+              file=sys.stderr, flush=True)
+        return await _train(args, mesh.client(client.timeout))
+
+
 async def _follow(task: Any, *, started: float, start_step: int, quiet: bool) -> Any:
     """Poll the job until it ends, printing a progress line when it changes."""
     from node.training import outputs
@@ -323,9 +341,12 @@ def main(command: str, argv: Sequence[str]) -> int:
 
     args = parse_args(build_parser(command), argv)
     client = ClientOptions(command, default=ClientConfig(timeout=15.0)).resolve(args)
-    run = _train if command == "train" else _jobs
     try:
-        return asyncio.run(run(args, client))
+        if command == "jobs":
+            return asyncio.run(_jobs(args, client))
+        if args.local:
+            return asyncio.run(_train_local(args, client))
+        return asyncio.run(_train(args, client))
     except TaskRefused as exc:
         print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
         return 1
