@@ -213,6 +213,9 @@ async def _train(args: argparse.Namespace, client: ClientConfig) -> int:
         summary = await _follow(task, started=started, start_step=spec.resume_step, quiet=args.no_progress)
         records = await _records(task)
         progress = _progress(summary)
+        failure = None
+        if summary.state is not TaskState.DONE:
+            failure = next((r.failure for r in await task.subtasks() if r.failure is not None), None)
         export = next((r.export for r in sorted(records, key=lambda r: r.end, reverse=True) if r.export), None)
         model_bytes = None
         if export is not None and args.out is not None:
@@ -227,8 +230,9 @@ async def _train(args: argparse.Namespace, client: ClientConfig) -> int:
     wall = time.monotonic() - started
     result = outputs.summary(job=task.task_id, spec=spec, records=records, progress=progress, export=export,
                              out=str(args.out) if args.out else None, wall_s=wall)
-    reference = {f"nanoGPT ({2000} steps)": NANOGPT_VAL}
-    if args.reference and args.model == "charlm" and args.job is None:
+    builtin = args.job is None and args.model == "charlm"
+    reference = {"nanoGPT (2000 steps)": NANOGPT_VAL} if builtin else {}
+    if args.reference and builtin:
         ref = _reference(spec, len(records[-1].finished) if records else spec.workers_min)
         result["reference_val_loss"] = ref
         reference = {"one process": ref, **reference}
@@ -239,7 +243,10 @@ async def _train(args: argparse.Namespace, client: ClientConfig) -> int:
     failed = summary.state is not TaskState.DONE
     print(outputs.format_summary(result, reference), file=sys.stderr)
     if failed:
-        print(f"job {task.id} ended {summary.state.name.lower()}", file=sys.stderr)
+        why = f": {failure.type}: {failure.message}" if failure is not None else ""
+        print(f"job {task.id} ended {summary.state.name.lower()}{why}", file=sys.stderr)
+        if failure is not None:
+            result["error"] = {"type": failure.type, "message": failure.message}
     if args.json:
         result["state"] = summary.state.name.lower()
         print(outputs.dumps(result), flush=True)

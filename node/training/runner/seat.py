@@ -210,6 +210,10 @@ class Session:
             raise SeatError("BadSeat", f"seat covers no steps ({seat.start}..{seat.end})")
         if not seat.cursors:
             raise SeatError("BadSeat", "seat has no data shards (more workers than shards?)")
+        wide = [c.shard for c in seat.cursors if c.shard >= self.job.shards]
+        if wide:
+            raise SeatError("BadJob", f"the job has {self.job.shards} data shards (Job.shards) but the "
+                            f"seat reads shard {wide[0]}: submit it with --shards {self.job.shards}")
         self._start_from(seat, state_file)
         self.fresh, self.dirty = False, True
         positions = {c.shard: c.position for c in seat.cursors}
