@@ -12,7 +12,8 @@ expired leases: a granted lease holds the blob in the store (``BlobStore.hold``)
 fetch if it is not here; the answer is ``HELD`` once the whole blob is, ``FETCHING`` before,
 ``FAILED`` (once) when the fetch failed, ``REFUSED`` past the bounds. When the last lease on a
 blob ends it is an ordinary cache entry again. A lease is granted for at most
-``MAX_GRANT_S``, so a requester that died pins nothing for longer than that.
+``max_grant_s`` (``--blob-max-lease-s``, ``MAX_GRANT_S`` by default), so a requester that
+died pins nothing for longer than that.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ class BlobCopies:
     """Both ends of leased copies for ``blobs`` (module docstring)."""
 
     def __init__(self, blobs: BlobService, *, settings: ReplicaSettings | None = None,
-                 max_leases: int = MAX_LEASES, max_leases_per_requester: int = MAX_LEASES_PER_REQUESTER) -> None:
+                 max_leases: int = MAX_LEASES, max_leases_per_requester: int = MAX_LEASES_PER_REQUESTER,
+                 max_grant_s: float = MAX_GRANT_S) -> None:
         self._blobs = blobs
+        self._max_grant_s = max_grant_s
         self.replicator = Replicator(node_id=blobs.ctx.node_id, settings=settings)
         self.leases = Leases(max_total=max_leases, max_per_requester=max_leases_per_requester)
         self._waiters: dict[bytes, list[tuple[int, asyncio.Future[None]]]] = {}
@@ -165,7 +168,7 @@ class BlobCopies:
     async def _on_lease(self, link: Link, message: Message) -> None:
         assert isinstance(message, BlobLease) and link.peer is not None
         blobs, requester, blob_id = self._blobs, link.peer.node_id, message.blob_id
-        lease_s = min(message.lease_s, MAX_GRANT_S)
+        lease_s = min(message.lease_s, self._max_grant_s)
 
         def answer(status: LeaseStatus, text: str = "", granted: float = 0.0) -> BlobLeaseReply:
             return BlobLeaseReply(req=message.req, blob_id=blob_id, status=status, lease_s=granted, message=text)

@@ -1,5 +1,6 @@
 """Serving members, for ``node.blobs.service.BlobService``: manifests (``BLOB_WANT``), the
-chunks that arrive to the members that asked (``BLOB_HAVE``), the provider directory this node
+chunks that arrive to the members that asked (``BLOB_HAVE``; who asked is an ``Interest``
+core: records expire unless the asker asks again, bounded, swept), the provider directory this node
 keeps for others (``BLOB_PROVIDE`` / ``BLOB_FIND``: a ``ProviderDirectory`` core whose timer
 sweeps expired records) and the one it feeds (every blob held is provided to its directory
 members on a change and every ``PROVIDE_EVERY_S``), and chunks (``BLOB_CHUNK_GET`` on BULK).
@@ -19,12 +20,13 @@ import builtins
 import collections
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
 import zstandard
 
 from node.blobs.directory import DIRECTORY_SIZE, ProviderDirectory
+from node.blobs.interest import Interest
 from node.blobs.manifest import bitmap
 from node.bundles.manifest import CHUNK_BYTES
 from node.driver import Driver
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
 MAX_UPLOADS_PER_PEER = 4
 MAX_WAITING_PER_PEER = 64
 MAX_INTERESTED = 64
+MAX_INTERESTED_BLOBS = 1024
+INTEREST_TTL_S = 30.0
 PROVIDE_TTL_S = 60.0
 PROVIDE_EVERY_S = 20.0
 #: What ``BlobServer.dispatch`` takes, on which channel.
@@ -94,11 +98,12 @@ class BlobServer:
         self._serving: collections.Counter[bytes] = collections.Counter()
         self._slots: dict[bytes, asyncio.Semaphore] = {}
         self._zstd = threading.local()
-        self._interested: dict[bytes, set[bytes]] = {}
-        self._have_sent: dict[bytes, float] = {}
+        self.interest = Interest(now=blobs.ctx.now(), ttl_s=INTEREST_TTL_S, max_blobs=MAX_INTERESTED_BLOBS,
+                                 max_peers=MAX_INTERESTED)
         self.provide_now = asyncio.Event()
         self.directory = ProviderDirectory(now=blobs.ctx.now())
         self._sweeper: Driver | None = None
+        self._interest_sweeper: Driver | None = None
         self._table: dict[MsgType, Handler] = {
             MsgType.BLOB_WANT: self._on_want, MsgType.BLOB_PROVIDE: self._on_provide,
             MsgType.BLOB_FIND: self._on_find, MsgType.BLOB_CHUNK_GET: self.on_chunk_get,
@@ -110,11 +115,18 @@ class BlobServer:
 
     def start(self) -> None:
         self._sweeper = Driver(self.directory, drain=lambda: None)
+        self._interest_sweeper = Driver(self.interest, drain=lambda: None)
         self._ctx.spawn(self._provide_loop())
 
     def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.stop()
+        for driver in (self._sweeper, self._interest_sweeper):
+            if driver is not None:
+                driver.stop()
+
+    def keep_only(self, live: Container[bytes]) -> None:
+        """Forget the records (directory, interest) of members not in ``live``."""
+        self.directory.keep_only(live)
+        self.interest.keep_only(live)
 
     # ---- manifests, announcements, the directory --------------------------------------
 
@@ -124,28 +136,29 @@ class BlobServer:
         if manifest is None:
             await link.send(BlobManifest(req=message.req, blob_id=message.blob_id, found=False))
             return
-        peers = self._interested.setdefault(message.blob_id, set())
-        if len(peers) < MAX_INTERESTED:
-            peers.add(link.peer.node_id)
+        self.interest.add(message.blob_id, link.peer.node_id, now=self._ctx.now())
+        if self._interest_sweeper is not None:
+            self._interest_sweeper.step()  # the sweep timer, armed while there are records
         held = self._store.chunks_held(message.blob_id)
         await link.send(BlobManifest(req=message.req, blob_id=message.blob_id, found=True, complete=held is None,
                                      have=b"" if held is None else bitmap(held, len(manifest.chunks)),
                                      manifest=manifest.encode()))
 
     def announce(self, blob_id: bytes, *, force: bool = False) -> None:
-        """``BLOB_HAVE`` to the members that asked us for this blob (at most twice a second)."""
-        peers = self._interested.get(blob_id)
-        now = self._ctx.now()
-        if not peers or (not force and now - self._have_sent.get(blob_id, 0.0) < 0.5):
+        """``BLOB_HAVE`` to the members that asked us for this blob lately (at most twice a
+        second; ``force``: the blob is complete, after which they are forgotten)."""
+        peers = self.interest.to_announce(blob_id, now=self._ctx.now(), force=force)
+        if force:
+            self.interest.forget(blob_id)
+        if not peers:
             return
-        self._have_sent[blob_id] = now
         held = self._store.chunks_held(blob_id)
         manifest = self._store.manifest(blob_id)
         if manifest is None:
             return
         msg = BlobHave(blob_id=blob_id, complete=held is None,
                        have=b"" if held is None else bitmap(held, len(manifest.chunks)))
-        for peer in list(peers):
+        for peer in peers:
             self._ctx.spawn(self._blobs.send_quietly(peer, msg))
 
     async def _on_provide(self, link: Link, message: Message) -> None:

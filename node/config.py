@@ -315,7 +315,7 @@ class NodeConfig:
     """What this node runs for tasks, and what it keeps of them."""
 
     blobs: BlobConfig = field(default_factory=BlobConfig)
-    """The blob cache: its bound and this node's upload rate."""
+    """The blob cache: its bound, this node's upload rate and the leases of copies."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESET_NAMES:

@@ -15,6 +15,12 @@ Chunk states: *missing* -> *requested* (from one holder; two or more in the endg
   holder takes the first missing chunk of this fetch's shuffled chunk order that it has and
   that nobody is asked for, so different fetchers of one blob ask a seeder for different
   chunks first and can then trade them (swarming), and one fetch spreads over every holder.
+  A complete holder (a seeder) is asked first for a chunk no partial holder has (among the
+  next ``SEED_LOOKAHEAD`` free ones), and of those first for one in this fetch's *stripe*: the
+  chunks that rendezvous hashing of the chunk index gives to ``me`` among this fetch and the
+  partial holders it knows (``stripe_owner``). Fetchers that know each other agree on the
+  stripes, so they ask the seeder for disjoint chunks and its upload, the scarce one, carries
+  each chunk about once; the rest they trade.
 * **on_chunk**: the chunk's SHA-256 must equal the manifest's digest. A match is *verified*
   (``ChunkVerified`` carries the bytes, once per chunk; duplicates are counted and dropped).
   A mismatch **blames** the sender: it is never asked again, its requests move to others.
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import random
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -117,6 +124,9 @@ class FetchFailed:
     reason: str
 
 
+#: Free chunks a complete holder's next request looks through for one no partial holder has.
+SEED_LOOKAHEAD = 64
+
 FetchEvent = ChunkVerified | HolderBlamed | NeedHolders | FetchDone | FetchFailed
 
 
@@ -141,13 +151,21 @@ class _Holder:
         return self.have is None or index in self.have
 
 
+def stripe_owner(index: int, nodes: Iterable[bytes]) -> bytes | None:
+    """The node whose stripe chunk ``index`` is in, of ``nodes`` (rendezvous hashing)."""
+    key = index.to_bytes(8, "big")
+    return max(nodes, key=lambda n: hashlib.blake2b(key + n, digest_size=8).digest(), default=None)
+
+
 class BlobFetch:
     """One blob's fetch from many holders (module docstring)."""
 
     def __init__(self, *, blob_id: bytes, manifest: Manifest, holders: Iterable[bytes] = (),
                  have: Iterable[int] = (), now: float, rng: random.Random,
-                 settings: FetchSettings | None = None) -> None:
+                 settings: FetchSettings | None = None, me: bytes | None = None) -> None:
         self.blob_id = blob_id
+        self.me = me
+        """This node (its stripe of the chunks is asked of seeders first); None: no stripes."""
         self.manifest = manifest
         self.settings = settings or FetchSettings()
         self._rng = rng
@@ -287,6 +305,11 @@ class BlobFetch:
     def avoided(self) -> frozenset[bytes]:
         return frozenset(self._avoid)
 
+    @property
+    def dropped(self) -> frozenset[bytes]:
+        """Holders dropped for timing out (not asked again by this fetch)."""
+        return frozenset(self._dropped)
+
     def has(self, index: int) -> bool:
         return 0 <= index < len(self._verified) and self._verified[index]
 
@@ -377,7 +400,7 @@ class BlobFetch:
 
     def _assign(self, holder: _Holder, now: float) -> bool:
         if holder.have is None:
-            index = next(iter(self._free), None)
+            index = self._for_seeder()
         else:
             index = next((i for i in self._free if i in holder.have), None)
         if index is not None:
@@ -391,6 +414,22 @@ class BlobFetch:
                 self._request(holder, index, now)
                 return True
         return False
+
+    def _for_seeder(self) -> int | None:
+        """Among the next ``SEED_LOOKAHEAD`` free chunks, the first in this fetch's stripe that
+        no partial holder has, else the first no partial holder has; else the first free one."""
+        partial = {h.node: h.have for h in self._holders.values() if h.have is not None}
+        if partial:
+            fresh = [i for i in itertools.islice(self._free, SEED_LOOKAHEAD)
+                     if not any(i in have for have in partial.values())]
+            if self.me is not None:
+                swarm = [self.me, *partial]
+                mine = next((i for i in fresh if stripe_owner(i, swarm) == self.me), None)
+                if mine is not None:
+                    return mine
+            if fresh:
+                return fresh[0]
+        return next(iter(self._free), None)
 
     def _request(self, holder: _Holder, index: int, now: float) -> None:
         holder.inflight[index] = now + self.settings.request_timeout_s

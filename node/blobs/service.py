@@ -10,10 +10,14 @@ copies=k) -> [node ids]`` and ``release(id)``.
 A fetch: ask the directory members of the id (the first ``DIRECTORY_SIZE`` live members in
 rendezvous order) who holds it, ask those holders (and any hints) for the manifest, then run
 one ``BlobFetch`` core with a ``Driver``; every verified chunk goes to the store at once and is
-served to others from then on (swarming); holders that are partial are asked again for what
-they have every ``POLL_S``; when the core runs out of holders (``NeedHolders``) the directory
-is asked again, at most once at a time per fetch. Disk work runs in the io executor, zstd in
-the codec executor.
+served to others from then on (swarming). The fetch records itself with the directory as a
+(partial) holder as soon as it has the manifest; holders that are partial are asked again for
+what they have every ``POLL_S``; and the directory is asked again while the fetch runs, so
+fetches that started together find each other (``node.blobs.lookups.HolderLookups``: every
+``POLL_S``, backing off to ``MAX_LOOKUP_EVERY_S`` while nobody new turns up, at once when the
+core runs out of holders (``NeedHolders``), at most one lookup in flight per fetch; random
+members are asked only when the directory knows nobody, ``MAX_FALLBACK`` at most once per
+``FALLBACK_EVERY_S``). Disk work runs in the io executor, zstd in the codec executor.
 """
 
 from __future__ import annotations
@@ -48,9 +52,11 @@ from node.blobs.fetch import (
     HolderBlamed,
     NeedHolders,
 )
+from node.blobs.lookups import HolderLookups
 from node.blobs.manifest import BlobError, decode_manifest, from_bitmap
 from node.blobs.replicas import ReplicaSettings
 from node.blobs.store import BlobStore
+from node.bundles.manifest import Manifest
 from node.context import Handlers, NodeContext
 from node.core import Stats
 from node.driver import Driver
@@ -76,23 +82,36 @@ from protocol.tags import MsgType
 log = logging.getLogger("starmesh.blobs")
 
 POLL_S = 1.0
+MAX_LOOKUP_EVERY_S = 8.0
 REQUEST_TIMEOUT_S = 10.0
 MAX_FALLBACK = 8
+FALLBACK_EVERY_S = 10.0
 
 
 class BlobUnavailable(BlobError):
     """No live member holds the blob, or none could serve it."""
 
 
+def lookups(*, now: float) -> HolderLookups:
+    """The holder lookups of one fetch, as this service paces them."""
+    return HolderLookups(now=now, every_s=POLL_S, max_every_s=MAX_LOOKUP_EVERY_S,
+                         fallback_every_s=FALLBACK_EVERY_S, fallback_members=MAX_FALLBACK)
+
+
 class _Fetch:
-    def __init__(self, core: BlobFetch, driver: Driver | None, done: asyncio.Future[Path]) -> None:
+    def __init__(self, core: BlobFetch, driver: Driver | None, done: asyncio.Future[Path],
+                 lookups: HolderLookups) -> None:
         self.core = core
         self.driver = driver
         self.done = done
+        self.lookups = lookups
+        """When the directory is asked again for holders (at most one lookup in flight)."""
         self.writes: set[asyncio.Future[None]] = set()
         self.partial: set[bytes] = set()
-        self.rediscovering = False
-        """A directory lookup for more holders is in flight (at most one per fetch)."""
+
+    def known(self) -> set[bytes]:
+        """Members this fetch need not ask for the manifest again."""
+        return {*self.core.holders, *self.core.avoided, *self.core.dropped, *self.partial}
 
 
 class BlobService:
@@ -115,7 +134,8 @@ class BlobService:
         self.counters = collections.Counter[str]()
         self.server = BlobServer(self)
         self.clients = BlobClients(self)
-        self.copies = BlobCopies(self, settings=replicas)
+        self.copies = BlobCopies(self, settings=replicas or ReplicaSettings(lease_s=self.config.lease_s),
+                                 max_grant_s=self.config.max_lease_s)
 
     # ---- Service --------------------------------------------------------------------
 
@@ -143,8 +163,9 @@ class BlobService:
 
     def on_member_event(self, event: MemberEvent) -> None:
         live = {m.node_id for m in self.ctx.members() if m.status in LIVE}
-        self.server.directory.keep_only(live)
+        self.server.keep_only(live)
         for fetch in self._fetches.values():
+            fetch.partial &= live
             for node in fetch.core.holders:
                 if node not in live:
                     fetch.core.remove_holder(node, now=self.ctx.now())
@@ -174,6 +195,7 @@ class BlobService:
         out.update({f"blob_{k}_total": float(v) for k, v in self.counters.items()})
         out["blob_fetches_active"] = float(len(self._fetches))
         out.update(self.server.directory.stats())
+        out.update(self.server.interest.stats())
         out.update(self.copies.stats())
         return out
 
@@ -264,14 +286,15 @@ class BlobService:
                 found.extend(answer.providers)
         return [n for n in dict.fromkeys(found) if n != self.ctx.node_id and self.ctx.is_live(n)]
 
-    async def _find(self, blob_id: bytes, hints: tuple[bytes, ...]) -> list[bytes]:
-        """Members that may hold ``blob_id``: hints, then the directory; else a few at random."""
+    async def _find(self, blob_id: bytes, hints: tuple[bytes, ...], lookups: HolderLookups) -> list[bytes]:
+        """Members that may hold ``blob_id``: hints, then the directory; else a few at random,
+        as often as ``lookups`` allows."""
         found = [n for n in dict.fromkeys([*hints, *await self.directory_holders(blob_id)])
                  if n != self.ctx.node_id and self.ctx.is_live(n)]
         if not found:
             others = self.live()
             self._rng.shuffle(others)
-            found = others[:MAX_FALLBACK]
+            found = others[:lookups.fallback(now=self.ctx.now())]
         return found
 
     async def _manifests(self, blob_id: bytes, nodes: list[bytes]) -> list[tuple[bytes, BlobManifest]]:
@@ -293,25 +316,33 @@ class BlobService:
             if self._results.get(blob_id) is result:  # the next get starts afresh
                 del self._results[blob_id]
 
+    async def _first_lookup(self, blob_id: bytes, hints: tuple[bytes, ...],
+                            pacing: HolderLookups) -> tuple[Manifest, list[tuple[bytes, BlobManifest]]]:
+        """The blob's manifest and the holders' answers (``BlobUnavailable``: nobody has it)."""
+        pacing.begin(now=self.ctx.now())
+        try:
+            answers = await self._manifests(blob_id, await self._find(blob_id, hints, pacing))
+        finally:
+            pacing.end(found_new=True)
+        for _, answer in answers:
+            try:
+                return decode_manifest(blob_id, answer.manifest), answers
+            except BlobError:
+                self.counters["bad_manifests"] += 1
+        raise self.unavailable(blob_id)
+
     async def _fetch(self, blob_id: bytes, hints: tuple[bytes, ...]) -> Path:
         self.counters["fetches"] += 1
         loop, io = asyncio.get_running_loop(), self.ctx.executors.io
-        answers = await self._manifests(blob_id, await self._find(blob_id, hints))
-        manifest = None
-        for _, answer in answers:
-            try:
-                manifest = decode_manifest(blob_id, answer.manifest)
-                break
-            except BlobError:
-                self.counters["bad_manifests"] += 1
-        if manifest is None:
-            raise BlobUnavailable(f"no live member holds blob {blob_id.hex()[:16]}...")
+        pacing = lookups(now=self.ctx.now())
+        manifest, answers = await self._first_lookup(blob_id, hints, pacing)
         have = await loop.run_in_executor(io, self.store.begin, blob_id, manifest)
         self.server.provide_now.set()
         done: asyncio.Future[Path] = loop.create_future()
         core = BlobFetch(blob_id=blob_id, manifest=manifest, have=have, now=self.ctx.now(),
-                         rng=random.Random(self._rng.getrandbits(64)), settings=self._fetch_settings)
-        fetch = _Fetch(core, None, done)
+                         rng=random.Random(self._rng.getrandbits(64)), settings=self._fetch_settings,
+                         me=self.ctx.node_id)
+        fetch = _Fetch(core, None, done, pacing)
         self._fetches[blob_id] = fetch
         fetch.driver = Driver(core, drain=lambda: self._drain(fetch))
         try:
@@ -321,6 +352,7 @@ class BlobService:
                 with contextlib.suppress(builtins.TimeoutError):
                     async with asyncio.timeout(POLL_S):
                         await asyncio.shield(done)
+                self._look_up(fetch)
                 if fetch.partial and not done.done():
                     self._add_holders(fetch, await self._manifests(blob_id, sorted(fetch.partial)))
                     fetch.driver.step()
@@ -357,21 +389,32 @@ class BlobService:
                 self.counters["blamed"] += 1
                 log.warning("blobs: %s sent a bad chunk %d of %s: avoided", short_id(event.holder), event.index,
                             core.blob_id.hex()[:16])
-            elif isinstance(event, NeedHolders) and not fetch.rediscovering:
-                fetch.rediscovering = True  # one lookup at a time, however often the core asks
-                self.ctx.spawn(self._rediscover(fetch))
+            elif isinstance(event, NeedHolders):
+                fetch.lookups.urgent()  # one lookup at a time, however often the core asks
+                self._look_up(fetch)
             elif isinstance(event, FetchDone):
                 self.ctx.spawn(self._complete(fetch))
             elif isinstance(event, FetchFailed) and not fetch.done.done():
                 fetch.done.set_exception(BlobUnavailable(f"blob {core.blob_id.hex()[:16]}...: {event.reason}"))
 
+    def _look_up(self, fetch: _Fetch) -> None:
+        """Ask the directory for more holders if one lookup is due and none is in flight."""
+        if fetch.core.state is FetchState.RUNNING and fetch.lookups.due(now=self.ctx.now()):
+            fetch.lookups.begin(now=self.ctx.now())
+            self.counters["lookups"] += 1
+            self.ctx.spawn(self._rediscover(fetch))
+
     async def _rediscover(self, fetch: _Fetch) -> None:
         blob_id = fetch.core.blob_id
+        answers: list[tuple[bytes, BlobManifest]] = []
         try:
-            answers = await self._manifests(blob_id, await self._find(blob_id, ()))
+            found = await self._find(blob_id, (), fetch.lookups)
+            known = fetch.known()
+            answers = await self._manifests(blob_id, [n for n in found if n not in known])
         finally:
-            fetch.rediscovering = False
-        if fetch.core.state is FetchState.RUNNING:
+            fetch.lookups.end(found_new=bool(answers))
+        if answers and fetch.core.state is FetchState.RUNNING:
+            self.counters["holders_found"] += len(answers)
             self._add_holders(fetch, answers)
         if fetch.driver is not None:
             fetch.driver.step()

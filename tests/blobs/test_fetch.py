@@ -20,6 +20,7 @@ from node.blobs.fetch import (
     FetchState,
     HolderBlamed,
     NeedHolders,
+    stripe_owner,
 )
 from node.bundles.manifest import Manifest
 from protocol.connection import Channel
@@ -275,3 +276,35 @@ def test_settings_are_checked() -> None:
         FetchSettings(window=0)
     with pytest.raises(ValueError):
         FetchSettings(request_timeout_s=0)
+
+
+def test_a_seeder_is_asked_first_for_what_no_partial_holder_has() -> None:
+    data, manifest = _blob(16)
+    seeder, peer = _node(1), _node(2)
+    fetch = _fetch(manifest, [], window=4)
+    h = Harness(fetch, data, delay={seeder: 1.0, peer: 1.0})
+    fetch.add_holder(peer, now=0.0, have=range(8))
+    fetch.add_holder(seeder, now=0.0)
+    h.pump()
+    asked: dict[bytes, set[int]] = {seeder: set(), peer: set()}
+    for _, dest, index in h.pending:
+        asked[dest].add(index)
+    assert len(asked[peer]) == 4 and asked[peer] <= set(range(8))
+    assert len(asked[seeder]) == 4 and not asked[seeder] & set(range(8))  # the peer can give those
+    h.run()
+    assert h.events[-1] == FetchDone() and h.served[seeder] == 8  # the seeder sent only what the peer lacks
+
+
+def test_fetchers_that_know_each_other_ask_a_seeder_for_disjoint_stripes() -> None:
+    _, manifest = _blob(64)
+    seeder, a, b = _node(1), _node(2), _node(3)
+    asked: dict[bytes, set[int]] = {}
+    for me, other, seed in ((a, b, 1), (b, a, 2)):
+        fetch = BlobFetch(blob_id=BLOB_ID, manifest=manifest, now=0.0, rng=random.Random(seed),
+                          settings=FetchSettings(window=8), me=me)
+        fetch.add_holder(other, now=0.0, have=())  # it has nothing yet
+        fetch.add_holder(seeder, now=0.0)
+        asked[me] = {s.message.index for s in fetch.messages_to_send() if s.dest == seeder}
+        assert len(asked[me]) == 8 and all(stripe_owner(i, [a, b]) == me for i in asked[me])
+    assert not asked[a] & asked[b]
+    assert stripe_owner(5, [a, b]) == stripe_owner(5, [b, a]) and stripe_owner(5, []) is None

@@ -94,9 +94,16 @@ _BENCH = "a benchmark or a large simulation (30 s to minutes), over this file's 
 _SUBMITTERS = ("a placeholder key (ed25519:Xy...) and a mesh of several nodes: "
                "tests/submitters/test_submitters_net.py runs key, add, revoke and list across 3-4 real nodes")
 EXEMPT_COMMANDS: Mapping[str, str] = {
-    "bash scripts/setup.sh && .venv/bin/python -m simulations demo": (
-        f"{_SETUP}; the demo takes ~25 s: its mesh part runs in tests/node/test_node_mesh.py, its "
-        "training in tests/train/test_train_demo.py"),
+    "bash scripts/setup.sh && .venv/bin/python -m node train --local 3 --steps 200 --reference --out train-out": (
+        f"{_SETUP}; the run takes minutes: test_train_example_bundle_on_a_local_mesh runs train "
+        "--local here, tests/training/test_train_cli.py trains the char GPT on 3 real nodes"),
+    **{command: _BENCH + "a long training run on a mesh of several nodes; tests/training/test_train_cli.py "
+       "runs train and jobs through the CLI on 3 real nodes (a small config)" for command in (
+        "python -m node train --model charlm --steps 2000 --workers 3 --out run1",
+        "python -m node train --workers 2-8 --mode diloco --inner-steps 50 --codec int8+zstd --steps 2000",
+        "python -m node jobs", "python -m node train --resume JOB_ID --steps 2000")},
+    "python -m node train --bundle examples/trainjob --job sinejob:make_job --steps 200 --workers 2 --job-arg hidden=64": (
+        "needs a mesh of 2 nodes: test_train_example_bundle_on_a_local_mesh runs it with --local 2"),
     "bash scripts/test.sh": "the test command itself: it runs this suite",
     "bash scripts/setup.sh && source .venv/bin/activate": (
         f"{_SETUP}; activating it puts its bin first on PATH, which the scenarios here do"),
@@ -522,3 +529,18 @@ def test_run_work_on_the_mesh(seed: tuple[Machine, str], tmp_path: Path) -> None
     assert "mymod:work" in out and "done" in out, out
     (out,) = _run_workers(seed, tmp_path / "script", TASKS[3:])
     assert f"squares: {[i * i for i in range(20)]}" in out and "done: 20/20 done, 0 failed" in out, out
+
+
+@pytest.mark.integration
+def test_train_example_bundle_on_a_local_mesh(tmp_path: Path) -> None:
+    """examples/trainjob as its docstring says to run it, on a local mesh of 2 real nodes."""
+    cmd = [sys.executable, "-m", "node", "train", "--local", "2", "--bundle", str(EXAMPLES / "trainjob"),
+           "--job", "sinejob:make_job", "--steps", "200", "--workers", "2", "--job-arg", "hidden=64",
+           "--json", "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["state"] == "done" and summary["steps"] == 200 and len(summary["workers_seen"]) == 2, summary
+    assert summary["val_loss"] < 0.2, summary  # sin(3x) from an MSE near 0.5 at the start
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size > 0
