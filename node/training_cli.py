@@ -219,10 +219,13 @@ async def _train(args: argparse.Namespace, client: ClientConfig) -> int:
         export = next((r.export for r in sorted(records, key=lambda r: r.end, reverse=True) if r.export), None)
         model_bytes = None
         if export is not None and args.out is not None:
+            import tempfile
+
             blobs = await mesh.blobs()
             try:
-                path = await blobs.get(export.model)
-                model_bytes = Path(path).read_bytes()
+                with tempfile.TemporaryDirectory(prefix="starmesh-model-") as tmp:
+                    path = await blobs.get(export.model, out=Path(tmp) / "model.safetensors")
+                    model_bytes = Path(path).read_bytes()
             finally:
                 await blobs.close()
     finally:
