@@ -200,6 +200,7 @@ async def _train(args: argparse.Namespace, client: ClientConfig) -> int:
         raise ConfigError("--bundle needs --job MODULE:FUNCTION")
     function = args.job or MODELS[args.model]
     started = time.monotonic()
+    job_spec(args)  # bad flags exit 2 before any connection
     mesh = await _client(client, args.key, need_key=True)
     try:
         resume = await _resume_point(mesh, args.resume) if args.resume else None
@@ -296,19 +297,21 @@ async def _follow(task: Any, *, started: float, start_step: int, quiet: bool) ->
 
 
 def _reference(spec: Any, workers: int) -> float:
-    """The same config trained in this process at the job's global batch (``workers`` x batch)."""
-    import torch
-
-    from node.training.runner import charlm, reference
+    """The same config trained in one process at the job's global batch (``workers`` x batch),
+    in a child process (``node.training.runner.reference``: this one never imports torch)."""
+    import subprocess
 
     options = {o.key: o.value for o in spec.options}
     options.setdefault("seed", str(spec.seed))
-    batch = int(options.get("batch_size", charlm.CharConfig().batch_size))
-    options["batch_size"] = str(batch * max(1, workers))
-    torch.set_num_threads(1)
-    print(f"reference: {spec.steps} steps in this process at batch {options['batch_size']} ...",
+    options["batch_size"] = str(int(options.get("batch_size", "12")) * max(1, workers))
+    print(f"reference: {spec.steps} steps in one process at batch {options['batch_size']} ...",
           file=sys.stderr, flush=True)
-    return reference.train_reference(charlm.make_job(options), spec.steps).val_loss
+    done = subprocess.run([sys.executable, "-m", "node.training.runner.reference", "--options",
+                           json.dumps(options), "--steps", str(spec.steps)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise StarmeshError(f"the one-process reference failed: {done.stderr.strip()[-2000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["val_loss"])
 
 
 async def _jobs(args: argparse.Namespace, client: ClientConfig) -> int:

@@ -169,3 +169,29 @@ def _outer_round(outer: diloco.OuterOptimizer, models: Sequence[nn.Module]) -> N
     outer.step(models[0], averaged)
     for model in models[1:]:
         diloco.unflatten_into(model, outer.params)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m node.training.runner.reference --options JSON --steps N [--threads T]``: the
+    built-in char GPT trained here with those options; one JSON line (``val_loss``, ``seconds``,
+    ``tokens_per_s``). What ``python -m node train --reference`` runs, in its own process (the
+    submitter itself never imports torch)."""
+    import argparse
+    import json
+
+    from node.training.runner import charlm
+
+    p = argparse.ArgumentParser(prog="python -m node.training.runner.reference")
+    p.add_argument("--options", default="{}", help="charlm options as a JSON object of strings")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    result = train_reference(charlm.make_job(json.loads(args.options)), args.steps)
+    print(json.dumps({"val_loss": result.val_loss, "seconds": result.seconds,
+                      "tokens_per_s": result.tokens_per_s}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
