@@ -40,6 +40,7 @@ BENCHES: dict[str, Entry] = {
     "wire": Entry("simulations.bench_wire", "in-process: encrypted 4 MiB frame throughput of two Connections vs raw AEAD"),
     "tasks": Entry("simulations.bench_tasks", "real processes: tiny-subtask throughput and round trip, worker and coordinator kill -9"),
     "blobs": Entry("simulations.bench_blobs", "real processes: k newcomers fetch one blob from one seeder vs S/B; kill -9 and a liar"),
+    "train": Entry("simulations.bench_train", "real processes: char GPT, 3 workers sync vs one process, DiLoCo vs sync, time per step"),
 }
 
 
