@@ -31,7 +31,7 @@ def _claims() -> ModuleType:
 
 def _section() -> str:
     text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
-    return text[text.index("## 14. Blobs"):]
+    return text[text.index("## 14. Blobs"):text.index("## 15. ")]
 
 
 def test_blob_message_tables_are_the_code() -> None:
