@@ -88,6 +88,45 @@ class _WritePipe(asyncio.Protocol):
     """The request pipe's protocol: nothing to receive; writes are buffered by the transport."""
 
 
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment of a child that runs project code: ``threads`` BLAS/OpenMP threads and
+    the project on its path."""
+    env = dict(os.environ)
+    for name in THREAD_ENV:
+        env[name] = str(threads)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + path if path else "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the bundle cache stays as unpacked
+    return env
+
+
+async def spawn_piped(command: Callable[[int, int], list[str]], *, env: dict[str, str], cwd: str | Path | None,
+                      stdout: int) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader,
+                                            asyncio.WriteTransport, asyncio.ReadTransport]:
+    """Start ``command(request_fd, reply_fd)`` with a request pipe (ours: write) and a reply pipe
+    (ours: read, frames of at most ``MAX_PIPE_FRAME``), stderr piped; the process, the reply
+    reader, the request transport and the reply transport."""
+    loop = asyncio.get_running_loop()
+    req_r, req_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command(req_r, rep_w), stdin=asyncio.subprocess.DEVNULL, stdout=stdout,
+            stderr=asyncio.subprocess.PIPE, pass_fds=(req_r, rep_w), env=env, cwd=cwd)
+    except BaseException:
+        for fd in (req_w, rep_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(req_r)
+        os.close(rep_w)
+    replies = asyncio.StreamReader(limit=frames.MAX_PIPE_FRAME + 64)
+    reply_transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(replies), os.fdopen(rep_r, "rb", buffering=0))
+    requests, _ = await loop.connect_write_pipe(_WritePipe, os.fdopen(req_w, "wb", buffering=0))
+    return proc, replies, requests, reply_transport
+
+
 @dataclass(eq=False)
 class _Worker:
     key: Key
@@ -450,38 +489,11 @@ class ProcessPool:
             cmd += ["--allow", pattern]
         return cmd
 
-    def _env(self, resources: Resources) -> dict[str, str]:
-        env = dict(os.environ)
-        threads = str(max(1, math.ceil(resources.cpus)))
-        for name in THREAD_ENV:
-            env[name] = threads
-        path = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + path if path else "")
-        env["PYTHONDONTWRITEBYTECODE"] = "1"  # the bundle cache stays as unpacked
-        return env
-
     async def _start(self, key: Key) -> _Worker:
-        loop = asyncio.get_running_loop()
-        req_r, req_w = os.pipe()
-        rep_r, rep_w = os.pipe()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._command(key, req_r, rep_w),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, pass_fds=(req_r, rep_w),
-                env=self._env(key[1]), cwd=key[0])
-        except BaseException:
-            for fd in (req_w, rep_r):
-                os.close(fd)
-            raise
-        finally:
-            os.close(req_r)
-            os.close(rep_w)
+        proc, replies, requests, reply_transport = await spawn_piped(
+            lambda req_r, rep_w: self._command(key, req_r, rep_w),
+            env=worker_env(max(1, math.ceil(key[1].cpus))), cwd=key[0], stdout=asyncio.subprocess.PIPE)
         self._started += 1
-        replies = asyncio.StreamReader(limit=frames.MAX_PIPE_FRAME + 64)
-        reply_transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(replies), os.fdopen(rep_r, "rb", buffering=0))
-        requests, _ = await loop.connect_write_pipe(_WritePipe, os.fdopen(req_w, "wb", buffering=0))
         w = _Worker(key=key, proc=proc, replies=replies, requests=requests,
                     reply_transport=reply_transport)
         self._live.add(w)

@@ -316,7 +316,9 @@ def _traceback(exc: BaseException) -> str:
     return text[-MAX_TRACEBACK_CHARS:]
 
 
-def _writer(fd: int) -> Callable[[bytes], None]:
+def pipe_writer(fd: int) -> Callable[[bytes], None]:
+    """Write whole frames to ``fd``; exit quietly once the node is gone."""
+
     def write(data: bytes) -> None:
         view = memoryview(data)
         while view:
@@ -354,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      name="request-reader", daemon=True).start()
     if args.memory_mb > 0:
         _limit_memory(args.memory_mb)
-    runner = Runner(allow=args.allow, write=_writer(args.reply_fd), stdout=stdout, stderr=stderr)
+    runner = Runner(allow=args.allow, write=pipe_writer(args.reply_fd), stdout=stdout, stderr=stderr)
     while True:
         try:
             runner.handle(requests.get())

@@ -44,8 +44,8 @@ import numpy as np
 from discovery.events import MemberEvent
 from node.context import Handlers, NodeContext
 from node.core import Stats
+from node.process_pool import spawn_piped, worker_env
 from node.tasks.worker_frames import (
-    MAX_PIPE_FRAME,
     PipeError,
     decode_body,
     describe_exit,
@@ -68,8 +68,6 @@ IDLE_S = 120.0
 OPEN_TIMEOUT_S = 180.0
 #: Bytes of a process's stderr kept for failure reports.
 TAIL_BYTES = 16384
-_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 class Tasks(Protocol):
@@ -351,35 +349,14 @@ class TrainingService:
         return p
 
     async def _start(self, job: bytes, spec: JobSpec) -> _Process:
-        loop = asyncio.get_running_loop()
         work = (self._ctx.data_dir / "training" / f"{job.hex()[:16]}-{secrets.token_hex(4)}").resolve()
         work.mkdir(parents=True, exist_ok=True)
-        threads = spec.threads or max(1, int(self._slots))
-        env = dict(os.environ)
-        for name in _THREAD_ENV:
-            env[name] = str(threads)
-        path = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + path if path else "")
-        req_r, req_w = os.pipe()
-        rep_r, rep_w = os.pipe()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "node.training.train_worker", "--requests", str(req_r),
-                "--replies", str(rep_w), "--parent-pid", str(os.getpid()),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, pass_fds=(req_r, rep_w), env=env, cwd=work)
-        except BaseException:
-            for fd in (req_w, rep_r):
-                os.close(fd)
-            raise
-        finally:
-            os.close(req_r)
-            os.close(rep_w)
+        proc, replies, requests, _ = await spawn_piped(
+            lambda req_r, rep_w: [sys.executable, "-m", "node.training.train_worker", "--requests", str(req_r),
+                                  "--replies", str(rep_w), "--parent-pid", str(os.getpid())],
+            env=worker_env(spec.threads or max(1, int(self._slots))), cwd=work,
+            stdout=asyncio.subprocess.DEVNULL)
         self.counters["processes_started"] += 1
-        replies = asyncio.StreamReader(limit=MAX_PIPE_FRAME + 64)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(replies),
-                                     os.fdopen(rep_r, "rb", buffering=0))
-        requests, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(req_w, "wb", buffering=0))
         p = _Process(job=job, spec=spec, proc=proc, replies=replies, requests=requests, work=work)
         self._ctx.spawn(self._drain_stderr(p))
         log.info("training: job %s: training process %d started", job.hex()[:12], proc.pid)

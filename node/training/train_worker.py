@@ -55,7 +55,7 @@ from typing import Any, TextIO, cast
 import torch
 
 from node.tasks import worker_frames as frames
-from node.tasks.task_worker import Runner, Tee, die_with_parent, read_requests
+from node.tasks.task_worker import Runner, Tee, die_with_parent, pipe_writer, read_requests
 from node.training.runner.job import Job
 from node.training.runner.local_group import local_devices, pin_threads
 from node.training.runner.seat import FINE_TUNE_STEPS, SeatError, Session, SessionConfig
@@ -87,20 +87,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--parent-pid", type=int, default=0, help="exit if the parent is not this pid")
     p.add_argument("--allow", action="append", default=[], help="fnmatch pattern of allowed modules")
     return p.parse_args(argv)
-
-
-def _writer(fd: int) -> Callable[[bytes], None]:
-    def write(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(fd, view)
-            except InterruptedError:
-                continue
-            except OSError:
-                os._exit(0)  # the node is gone
-            view = view[n:]
-    return write
 
 
 def _need(frame: dict[str, Any], key: str, *types: type) -> Any:
@@ -303,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests: SimpleQueue[Any] = SimpleQueue()
     threading.Thread(target=read_requests, args=(args.requests, requests),
                      name="request-reader", daemon=True).start()
-    process = TrainProcess(requests=requests, write=_writer(args.replies), allow=args.allow,
+    process = TrainProcess(requests=requests, write=pipe_writer(args.replies), allow=args.allow,
                            stdout=stdout, stderr=stderr)
     try:
         return process.serve()
