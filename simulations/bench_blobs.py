@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.identity import create_mesh_key
-from simulations.allreduce_procs import MESH_PORT, Worker, child_env
+from simulations.allreduce_procs import Worker
+from simulations.benchmesh import BenchMesh
 from simulations.netshape import ShapedNet, rate_bytes_per_s, unavailable
 from simulations.nodeprocs import wait_for
 
@@ -95,75 +94,21 @@ class Row:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-class Mesh:
+class Mesh(BenchMesh):
     """The node processes of one link setting: ``n0`` seeder, downloaders, holder, liar."""
 
     def __init__(self, root: Path, *, count: int, liar: int | None, net: ShapedNet | None,
                  args: argparse.Namespace) -> None:
-        self.root, self.net, self.args = root, net, args
-        self.key = root / "mesh.key"
-        root.mkdir(parents=True, exist_ok=True)
-        create_mesh_key(self.key)
-        self.env = child_env()
-        self.nodes: list[Worker] = []
-        self.addresses: list[str] = []
+        super().__init__(root, net=net)
+        self.args = args
         self.liar_acts = root / "liar.json"
         for i in range(count):
-            out = root / f"n{i}"
-            listen = f"{net.addresses[i]}:{MESH_PORT}" if net else "127.0.0.1:0"
-            module = "simulations.blob_liar_worker" if i == liar else "node"
-            argv = [sys.executable, "-m", module, "--listen", listen, "--data-dir", str(out / "data"),
-                    "--mesh-key-file", str(self.key), "--preset", args.preset,
-                    "--ready-file", str(out / "ready.json"), "--log-level", "WARNING"]
-            argv += ["--acts", str(self.liar_acts), "--seed", str(args.seed)] if i == liar else []
-            argv += ["--bulk-congestion", args.bulk_congestion] if args.bulk_congestion else []
+            extra = ["--acts", str(self.liar_acts), "--seed", str(args.seed)] if i == liar else []
+            extra += ["--bulk-congestion", args.bulk_congestion] if args.bulk_congestion else []
             if args.node_upload_rate and i != liar:
-                argv += ["--blob-upload-rate", f"{args.node_upload_rate:g}"]
-            if i > 0:
-                argv += ["--join", self.addresses[0]]
-            worker = Worker(i, out, self.wrap(i, argv))
-            worker.start(self.env)
-            self.nodes.append(worker)
-            self.addresses.append(listen if net else self._address(worker))
-
-    def _address(self, worker: Worker) -> str:
-        def ready() -> bool:
-            if worker.proc is not None and worker.proc.poll() is not None:
-                raise RuntimeError(f"node {worker.index} exited:\n{worker.log_text()}")
-            return worker.ready_file.exists()
-
-        wait_for(ready, 30.0, what=f"node {worker.index} to listen", detail=worker.log_text)
-        address: str = json.loads(worker.ready_file.read_text())["address"]
-        return address
-
-    def wrap(self, i: int, argv: list[str]) -> list[str]:
-        return self.net.wrap(i, argv) if self.net else argv
-
-    def cli(self, i: int, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
-        """``python -m node ARGS --connect node i`` next to node ``i``."""
-        argv = [sys.executable, "-m", "node", *args, "--connect", self.addresses[i], "--mesh-key-file", str(self.key)]
-        return subprocess.run(self.wrap(i, argv), capture_output=True, text=True, timeout=timeout, env=self.env)
-
-    def wait_converged(self, timeout: float = 60.0) -> None:
-        """Until every node's status lists every node alive."""
-        n = len(self.nodes)
-
-        def alive(i: int) -> int:
-            done = self.cli(i, "status", "--json", "--timeout", "5", timeout=30)
-            if done.returncode != 0:
-                return 0
-            return sum(m["state"] == "alive" for m in json.loads(done.stdout)["members"])
-
-        pending = set(range(n))
-
-        def all_see_all() -> bool:
-            for i in sorted(pending):
-                if alive(i) == n:
-                    pending.discard(i)
-            return not pending
-
-        wait_for(all_see_all, timeout, what=f"{n} nodes to see each other", interval=0.5,
-                 detail=lambda: "\n".join(f"--- n{w.index}\n{w.log_text()}" for w in self.nodes))
+                extra += ["--blob-upload-rate", f"{args.node_upload_rate:g}"]
+            self.start(preset=args.preset, module="simulations.blob_liar_worker" if i == liar else "node",
+                       extra=extra)
 
     def put(self, i: int, path: Path) -> str:
         done = self.cli(i, "blob", "put", str(path), "--json", "--timeout", "120")
@@ -171,10 +116,6 @@ class Mesh:
             raise RuntimeError(f"blob put on n{i} failed: {done.stderr.strip()}")
         blob_id: str = json.loads(done.stdout)["id"]
         return blob_id
-
-    def close(self) -> None:
-        for w in self.nodes:
-            w.kill()
 
 
 @dataclass

@@ -54,12 +54,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.identity import create_mesh_key
 from node.submitters.keys import public_key_of
 from node.submitters.store import load_or_create_submitter_key
-from simulations.allreduce_procs import MESH_PORT, Worker, child_env
+from simulations.benchmesh import BenchMesh
 from simulations.netshape import ShapedNet, rate_bytes_per_s, unavailable
-from simulations.nodeprocs import wait_for
 
 #: ``--model-size`` presets: charlm job args (``--job-arg`` overrides them).
 MODEL_SIZES: dict[str, dict[str, str]] = {
@@ -141,65 +139,16 @@ def job_options(args: argparse.Namespace) -> dict[str, str]:
     return options
 
 
-class Mesh:
+class Mesh(BenchMesh):
     """``n`` node processes with one mesh key owned by a submitter key made for this bench."""
 
     def __init__(self, root: Path, *, n: int, net: ShapedNet | None, preset: str) -> None:
-        self.root, self.net = root, net
         root.mkdir(parents=True, exist_ok=True)
         self.submitter = root / "submitter.key"
-        self.key = root / "mesh.key"
-        create_mesh_key(self.key, public_key_of(load_or_create_submitter_key(self.submitter)))
-        self.env = child_env()
-        self.nodes: list[Worker] = []
-        self.addresses: list[str] = []
-        for i in range(n):
-            out = root / f"n{i}"
-            listen = f"{net.addresses[i]}:{MESH_PORT}" if net else "127.0.0.1:0"
-            argv = [sys.executable, "-m", "node", "--listen", listen, "--data-dir", str(out / "data"),
-                    "--mesh-key-file", str(self.key), "--preset", preset,
-                    "--ready-file", str(out / "ready.json"), "--log-level", "WARNING"]
-            if i > 0:
-                argv += ["--join", self.addresses[0]]
-            worker = Worker(i, out, self.wrap(i, argv))
-            worker.start(self.env)
-            self.nodes.append(worker)
-            self.addresses.append(listen if net else self._address(worker))
+        super().__init__(root, net=net, owner=public_key_of(load_or_create_submitter_key(self.submitter)))
+        for _ in range(n):
+            self.start(preset=preset, ready_s=60.0)
 
-    def _address(self, worker: Worker) -> str:
-        def ready() -> bool:
-            if worker.proc is not None and worker.proc.poll() is not None:
-                raise RuntimeError(f"node {worker.index} exited:\n{worker.log_text()}")
-            return worker.ready_file.exists()
-
-        wait_for(ready, 60.0, what=f"node {worker.index} to listen", detail=worker.log_text)
-        address: str = json.loads(worker.ready_file.read_text())["address"]
-        return address
-
-    def wrap(self, i: int, argv: list[str]) -> list[str]:
-        return self.net.wrap(i, argv) if self.net else argv
-
-    def cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-        """``python -m node ARGS`` next to node 0, talking to it."""
-        argv = [sys.executable, "-m", "node", *args, "--connect", self.addresses[0],
-                "--mesh-key-file", str(self.key)]
-        return subprocess.run(self.wrap(0, argv), capture_output=True, text=True, timeout=timeout, env=self.env)
-
-    def wait_converged(self, timeout: float = 60.0) -> None:
-        """Until node 0 lists every node alive (the coordinator picks workers from its view)."""
-        n = len(self.nodes)
-
-        def all_alive() -> bool:
-            done = self.cli("status", "--json", "--timeout", "5", timeout=30)
-            return done.returncode == 0 and sum(
-                m["state"] == "alive" for m in json.loads(done.stdout)["members"]) == n
-
-        wait_for(all_alive, timeout, what=f"{n} nodes to see each other", interval=0.5,
-                 detail=lambda: "\n".join(f"--- n{w.index}\n{w.log_text()}" for w in self.nodes))
-
-    def close(self) -> None:
-        for w in self.nodes:
-            w.kill()
 
 
 @dataclass
@@ -283,7 +232,7 @@ def train_on_mesh(mesh: Mesh, work: Path, mode: str, args: argparse.Namespace,
     began = time.monotonic()
     result = RunResult(mode, mode)
     try:
-        done = mesh.cli(*flags, timeout=args.timeout)
+        done = mesh.cli(0, *flags, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         result.error = f"timed out after {args.timeout:.0f} s"
         return result
@@ -403,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
         if modes:
             mesh = Mesh(work / "mesh", n=args.workers, net=net, preset=args.preset)
             try:
-                mesh.wait_converged()
+                mesh.wait_converged(observers=[0])
                 print(f"  {args.workers} nodes up ({link.name})", file=sys.stderr, flush=True)
                 for mode in modes:
                     runs[mode] = train_on_mesh(mesh, work, mode, args, options)
