@@ -104,7 +104,7 @@ def _open_out(path: str) -> IO[str]:
         raise ConfigError(f"--out {path}: {exc.strerror or exc}") from None
 
 
-async def _client(client: ClientConfig, key_path: Path | None, *, need_key: bool) -> Any:
+async def connect_client(client: ClientConfig, key_path: Path | None, *, need_key: bool) -> Any:
     from node.identity import load_mesh_key
     from node.submitters.store import default_key_path, load_or_create_submitter_key
     from node.task_client import AsyncMeshClient
@@ -171,7 +171,7 @@ async def _submit(args: argparse.Namespace, client: ClientConfig) -> int:
 
     inputs = _read_inputs(args.inputs)
     started = time.monotonic()
-    mesh = await _client(client, args.key, need_key=True)
+    mesh = await connect_client(client, args.key, need_key=True)
     try:
         try:
             task = await mesh.map(args.function, inputs, bundle=args.bundle, retries=args.retries,
@@ -211,7 +211,7 @@ async def _submit(args: argparse.Namespace, client: ClientConfig) -> int:
 async def _tasks(args: argparse.Namespace, client: ClientConfig) -> int:
     from node.task_client import summary_to_json
 
-    mesh = await _client(client, None, need_key=False)
+    mesh = await connect_client(client, None, need_key=False)
     try:
         summaries = await mesh.tasks()
     finally:
@@ -235,7 +235,7 @@ async def _tasks(args: argparse.Namespace, client: ClientConfig) -> int:
 async def _task(args: argparse.Namespace, client: ClientConfig) -> int:
     from node.task_client import failure_to_json, summary_to_json
 
-    mesh = await _client(client, None, need_key=False)
+    mesh = await connect_client(client, None, need_key=False)
     try:
         task = mesh.task(args.task_id)
         summary = await task.status()
@@ -269,7 +269,7 @@ async def _results(args: argparse.Namespace, client: ClientConfig) -> int:
     from node.task_client import TaskRefused
     from protocol.messages.tasks import TERMINAL_STATES, TaskErrorCode
 
-    mesh = await _client(client, None, need_key=False)
+    mesh = await connect_client(client, None, need_key=False)
     try:
         task = mesh.task(args.task_id)
         summary = await task.status()
@@ -293,7 +293,7 @@ async def _results(args: argparse.Namespace, client: ClientConfig) -> int:
 async def _cancel(args: argparse.Namespace, client: ClientConfig) -> int:
     from node.task_client import summary_to_json
 
-    mesh = await _client(client, args.key, need_key=True)
+    mesh = await connect_client(client, args.key, need_key=True)
     try:
         summary = await mesh.task(args.task_id).cancel()
     finally:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import ClientConfig
+from node.tasks_cli import connect_client as _client
 from protocol.errors import ConfigError, StarmeshError
 
 COMMANDS = ("train", "jobs")
@@ -147,12 +148,6 @@ def job_spec(args: argparse.Namespace, *, resume: Any = None) -> Any:
             quantize=ExportQuantize.INT8 if args.quantize == "int8" else ExportQuantize.NONE, **fields)
     except StarmeshError as exc:
         raise ConfigError(str(exc)) from None
-
-
-async def _client(client: ClientConfig, key_path: Path | None, *, need_key: bool) -> Any:
-    from node.tasks_cli import _client as connect
-
-    return await connect(client, key_path, need_key=need_key)
 
 
 async def _records(task: Any) -> list[Any]:
