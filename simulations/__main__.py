@@ -41,6 +41,8 @@ BENCHES: dict[str, Entry] = {
     "tasks": Entry("simulations.bench_tasks", "real processes: tiny-subtask throughput and round trip, worker and coordinator kill -9"),
     "blobs": Entry("simulations.bench_blobs", "real processes: k newcomers fetch one blob from one seeder vs S/B; kill -9 and a liar"),
     "train": Entry("simulations.bench_train", "real processes: char GPT, 3 workers sync vs one process, DiLoCo vs sync, time per step"),
+    "elastic": Entry("simulations.bench_elastic", "real processes on emulated equal slow machines (CPU caps, tbf): "
+                     "time to a target loss with N workers vs one"),
 }
 
 

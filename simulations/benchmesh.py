@@ -43,7 +43,7 @@ class BenchMesh:
                 "--ready-file", str(out / "ready.json"), "--log-level", "WARNING", *extra]
         if i > 0:
             argv += ["--join", self.addresses[0]]
-        worker = Worker(i, out, self.wrap(i, argv))
+        worker = Worker(i, out, self.wrap_node(i, argv))
         worker.start(self.env)
         self.nodes.append(worker)
         self.addresses.append(listen if self.net else self._address(worker, ready_s))
@@ -60,7 +60,12 @@ class BenchMesh:
         return address
 
     def wrap(self, i: int, argv: list[str]) -> list[str]:
+        """``argv`` run where node ``i`` runs (its namespace): the node itself and ``cli``."""
         return self.net.wrap(i, argv) if self.net else argv
+
+    def wrap_node(self, i: int, argv: list[str]) -> list[str]:
+        """The node process ``i`` itself (a subclass may add to ``wrap``, e.g. a CPU cap)."""
+        return self.wrap(i, argv)
 
     def cli(self, i: int, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         """``python -m node ARGS --connect node i`` next to node ``i``."""
