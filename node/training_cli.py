@@ -11,6 +11,12 @@ sample.txt, summary.json), prints the summary and, with ``--json``, a final JSON
 (``node.training.outputs.summary``). ``--reference`` also trains the same configuration in this
 process, at the job's global batch, and compares. ``--resume JOB`` starts a new job from the
 newest checkpoint of ``JOB`` (its state blob, step and shard cursors); pass the same flags.
+``--data FILE|DIR`` trains on a text file or a directory of token arrays instead of the
+built-in text: checked and packed here (``node.training_data``; bad data exits 2 before
+anything is submitted), put pinned into the blob cache of the node at ``--connect`` with copies
+on up to two more members, and named in the ``JobSpec`` (``data``: the blob id); every worker's
+node fetches it before it opens the job. The summary's ``data`` names it (name, kind, bytes,
+sha256, blob id).
 
 ``jobs`` lists the training jobs a node knows: id, coordinator, mode, step/total, loss,
 workers, tokens/s (``--json``: one object per job with ``id``, ``coordinator``, ``mode``,
@@ -40,6 +46,8 @@ MODELS = {"charlm": "node.training.runner.charlm:make_job"}
 #: nanoGPT's baby GPT on tiny Shakespeare: validation loss after 2000 iterations.
 NANOGPT_VAL = 1.88
 _POLL_S = 1.0
+#: Group changes ``jobs`` shows under each job.
+RECENT_EVENTS = 4
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -57,8 +65,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                         "~/.config/starmesh/submitter.key, made on first use)")
     p.add_argument("--model", choices=sorted(MODELS), default="charlm",
                    help="a built-in job (default charlm: nanoGPT's baby GPT, 804k parameters)")
-    p.add_argument("--data", default="shakespeare",
-                   help="the built-in job's text: shakespeare (built in)")
+    p.add_argument("--data", default="shakespeare", metavar="shakespeare|FILE|DIR",
+                   help="the training data: shakespeare (built in), a text FILE, or a DIR of .npy / "
+                        ".safetensors 1-D integer token arrays (read in file-name order); a file or "
+                        "dir goes to the workers through the blob cache (job options data, data_kind)")
     p.add_argument("--bundle", metavar="DIR", type=Path, default=None,
                    help="a directory with your job's Python files (with --job)")
     p.add_argument("--job", metavar="MODULE:FUNCTION", default=None,
@@ -69,6 +79,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--workers", default=None, metavar="MIN[-MAX]",
                    help="workers: at least MIN before it starts and in every round, at most MAX "
                         "(default 1, or N with --local N)")
+    p.add_argument("--global-batch", type=int, default=None, metavar="G",
+                   help="micro-batches (each the job's batch) per optimizer step over the whole "
+                        "group, split over whoever is present (default: MAX of --workers)")
     p.add_argument("--local", type=int, default=0, metavar="N",
                    help="start a throwaway mesh of N nodes on this machine, train on it, stop it")
     p.add_argument("--mode", choices=("sync", "diloco"), default="sync",
@@ -124,19 +137,18 @@ def parse_job_args(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def job_spec(args: argparse.Namespace, *, resume: Any = None) -> Any:
-    """The ``JobSpec`` the flags describe (``resume``: (state, step, cursors, job) to start from)."""
+def job_spec(args: argparse.Namespace, *, resume: Any = None, data: dict[str, Any] | None = None) -> Any:
+    """The ``JobSpec`` the flags describe (``resume``: (state, step, cursors, job) to start from;
+    ``data``: the ``JobSpec.data*`` fields of a stored ``--data``, ``training_data.spec_fields``)."""
     from protocol.messages.training import ExportQuantize, JobSpec, Option
 
-    if args.data != "shakespeare":
-        raise ConfigError(f"--data {args.data!r}: only the built-in 'shakespeare' text is supported; "
-                          "a job of your own reads its data in its bundle (--bundle/--job)")
     lo, hi = parse_workers(args.workers or str(args.local or 1))
     options = parse_job_args(args.job_arg)
     fields: dict[str, Any] = {}
     if resume is not None:
         state, step, cursors, job = resume
         fields = {"resume_state": state, "resume_step": step, "resume_cursors": cursors, "resume_from": job}
+    fields.update(data or {})
     try:
         return JobSpec(
             options=tuple(Option(key=k, value=v) for k, v in sorted(options.items())), steps=args.steps,
@@ -144,10 +156,81 @@ def job_spec(args: argparse.Namespace, *, resume: Any = None) -> Any:
             outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, codec=args.codec,
             segment_steps=args.segment_steps, checkpoint_every=args.checkpoint_every,
             eval_every=args.eval_every, shards=args.shards, seed=args.seed, gpus_per_worker=args.gpus_per_worker,
-            threads=args.threads, prune=args.prune,
+            threads=args.threads, prune=args.prune, batch=hi if args.global_batch is None else args.global_batch,
             quantize=ExportQuantize.INT8 if args.quantize == "int8" else ExportQuantize.NONE, **fields)
     except StarmeshError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def pack_data(args: argparse.Namespace) -> Any:
+    """``--data``: None for the built-in text, else the checked, packed data
+    (``node.training_data.Packed``; ``ConfigError`` for bad data or flags that clash with it)."""
+    from node import training_data
+
+    if args.data == "shakespeare":
+        return None
+    options = parse_job_args(args.job_arg)
+    clash = sorted({"data", "data_kind", "text"} & set(options))
+    if clash:
+        raise ConfigError(f"--data {args.data}: --job-arg {', '.join(clash)} would name other data")
+    packed = training_data.pack(args.data)
+    try:
+        if args.job is None:  # the built-in char GPT: too little data shows here, not on a worker
+            problem = _charlm_fits(packed, options)
+            if problem:
+                raise training_data.DataError(f"--data {args.data}: {problem}")
+    except BaseException:
+        packed.close()
+        raise
+    return packed
+
+
+def _charlm_fits(packed: Any, options: dict[str, str]) -> str | None:
+    from node import training_data
+
+    try:
+        block = int(options.get("block_size", training_data.CHARLM_BLOCK))
+        shards = int(options.get("shards", 64))
+        vocab = int(options.get("vocab_size", 0))
+    except ValueError:
+        return None  # the job reports its own bad options
+    if vocab and packed.kind == "text":
+        return "vocab_size is for token data; a text's vocabulary is its characters"
+    if vocab and vocab < packed.vocab:
+        return f"vocab_size {vocab} is at most the largest token id {packed.vocab - 1}"
+    return training_data.charlm_fits(packed.tokens, block=max(1, block), shards=max(1, shards))
+
+
+async def _store_data(mesh: Any, packed: Any) -> dict[str, Any]:
+    """Put ``--data`` into the blob cache of the node we talk to, with copies on up to 2 more
+    members; the ``JobSpec`` fields that name it."""
+    from node import training_data
+
+    blobs = await mesh.blobs()
+    try:
+        stored = await training_data.store(packed, blobs, copies=min(2, max(0, len(mesh.addresses) - 1)))
+    finally:
+        await blobs.close()
+    print(f"data {training_data.describe(packed)}: blob {stored.blob.hex()}, on {len(stored.holders)} "
+          f"nodes{'; ' + stored.note if stored.note else ''}", file=sys.stderr, flush=True)
+    return training_data.spec_fields(packed, stored)
+
+
+def data_summary(packed: Any, spec: Any) -> dict[str, Any]:
+    """The summary's ``data``: which data the job trained on (name, kind, bytes, sha256, blob)."""
+    from node import training_data
+
+    if packed is None:
+        return dict(training_data.SHAKESPEARE) if spec.data is None else {"blob": spec.data.hex()}
+    return {**packed.fingerprint(), "blob": spec.data.hex() if spec.data else None,
+            "holders": [h.hex() for h in spec.data_holders]}
+
+
+def _data_line(data: dict[str, Any]) -> str:
+    sha = str(data.get("sha256") or "")[:16]
+    return (f"{data.get('name', '?')} ({data.get('kind', '?')}, {int(data.get('bytes') or 0):,} bytes"
+            + (f", sha256 {sha}" if sha else "") + (f", blob {str(data['blob'])[:16]}" if data.get("blob") else "")
+            + ")")
 
 
 async def _records(task: Any) -> list[Any]:
@@ -196,10 +279,17 @@ async def _train(args: argparse.Namespace, client: ClientConfig) -> int:
     function = args.job or MODELS[args.model]
     started = time.monotonic()
     job_spec(args)  # bad flags exit 2 before any connection
-    mesh = await _client(client, args.key, need_key=True)
+    packed = pack_data(args)  # and bad --data
+    try:
+        mesh = await _client(client, args.key, need_key=True)
+    except BaseException:
+        if packed is not None:
+            packed.close()
+        raise
     try:
         resume = await _resume_point(mesh, args.resume) if args.resume else None
-        spec = job_spec(args, resume=resume)
+        data = await _store_data(mesh, packed) if packed is not None else None
+        spec = job_spec(args, resume=resume, data=data)
         task = await mesh.train(spec, function=function, bundle=args.bundle, retries=args.retries,
                                 timeout=args.segment_timeout,
                                 resources={"cpus": 1.0, "gpus": args.gpus_per_worker})
@@ -226,13 +316,17 @@ async def _train(args: argparse.Namespace, client: ClientConfig) -> int:
                 await blobs.close()
     finally:
         await mesh.close()
+        if packed is not None:
+            packed.close()
     wall = time.monotonic() - started
     result = outputs.summary(job=task.task_id, spec=spec, records=records, progress=progress, export=export,
                              out=str(args.out) if args.out else None, wall_s=wall)
+    result["data"] = data_summary(packed, spec)
     builtin = args.job is None and args.model == "charlm"
-    reference = {"nanoGPT (2000 steps)": NANOGPT_VAL} if builtin else {}
+    reference = {"nanoGPT (2000 steps)": NANOGPT_VAL} if builtin and packed is None else {}
     if args.reference and builtin:
-        ref = _reference(spec, len(records[-1].finished) if records else spec.workers_min)
+        ref = _reference(spec, spec.batch or (len(records[-1].finished) if records else spec.workers_min),
+                         {"data": str(Path(args.data).expanduser().resolve()), "data_kind": packed.kind} if packed is not None else None)
         result["reference_val_loss"] = ref
         reference = {"one process": ref, **reference}
     if args.out is not None:
@@ -240,6 +334,7 @@ async def _train(args: argparse.Namespace, client: ClientConfig) -> int:
                         summary=result, job_config=None, title=f"{function} on the mesh",
                         reference=reference)
     failed = summary.state is not TaskState.DONE
+    print(f"data {_data_line(result['data'])}", file=sys.stderr)
     print(outputs.format_summary(result, reference), file=sys.stderr)
     if failed:
         why = f": {failure.type}: {failure.message}" if failure is not None else ""
@@ -273,6 +368,7 @@ async def _follow(task: Any, *, started: float, start_step: int, quiet: bool) ->
     from protocol.messages.tasks import TERMINAL_STATES
 
     last = ""
+    shown: set[tuple[int, bytes, int]] = set()
     while True:
         try:
             summary = await task.status()
@@ -286,18 +382,25 @@ async def _follow(task: Any, *, started: float, start_step: int, quiet: bool) ->
             if line != last:
                 print(line, file=sys.stderr, flush=True)
                 last = line
+            for e in p.events:  # joins, leaves, deaths, as the coordinator commits them
+                if (e.change, e.node, e.step) not in shown:
+                    shown.add((e.change, e.node, e.step))
+                    print(f"  {outputs.event_line(e)}", file=sys.stderr, flush=True)
         if summary.state in TERMINAL_STATES:
             return summary
         await asyncio.sleep(_POLL_S)
 
 
-def _reference(spec: Any, workers: int) -> float:
-    """The same config trained in one process at the job's global batch (``workers`` x batch),
-    in a child process (``node.training.runner.reference``: this one never imports torch)."""
+def _reference(spec: Any, workers: int, data: dict[str, str] | None = None) -> float:
+    """The same config trained in one process at the job's global batch (``workers``
+    micro-batches: the job's ``batch``, or one per worker),
+    in a child process (``node.training.runner.reference``: this one never imports torch);
+    ``data``: the job options that name ``--data`` here (the workers read their copy of its blob)."""
     import subprocess
 
     options = {o.key: o.value for o in spec.options}
     options.setdefault("seed", str(spec.seed))
+    options.update(data or {})
     options["batch_size"] = str(int(options.get("batch_size", "12")) * max(1, workers))
     print(f"reference: {spec.steps} steps in one process at batch {options['batch_size']} ...",
           file=sys.stderr, flush=True)
@@ -310,6 +413,8 @@ def _reference(spec: Any, workers: int) -> float:
 
 
 async def _jobs(args: argparse.Namespace, client: ClientConfig) -> int:
+    from node.training import outputs
+
     mesh = await _client(client, None, need_key=False)
     try:
         tasks = [t for t in await mesh.tasks() if t.kind == "train"]
@@ -324,6 +429,8 @@ async def _jobs(args: argparse.Namespace, client: ClientConfig) -> int:
             "steps": p.steps if p else None, "loss": p.loss if p else None,
             "val_loss": p.val_loss if p else None,
             "workers": [w.hex() for w in p.workers] if p else [], "tokens_s": p.tokens_s if p else 0.0,
+            "listeners": [w.hex() for w in p.listeners] if p else [], "batch": p.batch if p else 0,
+            "events": [outputs.event_json(e) for e in p.events] if p else [],
             "waiting": p.waiting if p else t.waiting_reason})
     if args.json:
         for row in rows:
@@ -334,11 +441,15 @@ async def _jobs(args: argparse.Namespace, client: ClientConfig) -> int:
         return 0
     print(f"{'job':<34} {'coordinator':<18} {'mode':<7} {'step':>11} {'loss':>7} {'workers':>7} "
           f"{'tokens/s':>9}  state")
-    for r in rows:
+    for r, t in zip(rows, tasks, strict=True):
         loss = f"{r['loss']:.3f}" if r["loss"] is not None else "-"
+        workers = f"{len(r['workers'])}" + (f"+{len(r['listeners'])}" if r["listeners"] else "")
         print(f"{r['id']:<34} {r['coordinator'][:16]:<18} {r['mode'] or '-':<7} "
-              f"{r['step']:>5}/{r['steps'] or '?':<5} {loss:>7} {len(r['workers']):>7} "
+              f"{r['step']:>5}/{r['steps'] or '?':<5} {loss:>7} {workers:>7} "
               f"{r['tokens_s']:>9.0f}  {r['state']}{' (' + r['waiting'] + ')' if r['waiting'] else ''}")
+        p = _progress(t)
+        for e in (p.events[-RECENT_EVENTS:] if p else ()):
+            print(f"    {outputs.event_line(e)}")
     return 0
 
 

@@ -215,6 +215,10 @@ class RoundTable(Generic[R]):
     def has_round(self, round_id: bytes) -> bool:
         return round_id in self._running
 
+    def holds(self, round_id: bytes) -> bool:
+        """Messages wait in the inbox for this round (another member has begun it)."""
+        return round_id in self._held
+
     def end(self, round_id: bytes, *, outcome: Outcome, seconds: float | None = None,
             epilogue: Epilogue | None = None) -> None:
         """The round ended (``seconds`` after it started): forget it, remember its id (and

@@ -67,7 +67,7 @@ from node.allreduce.events import (
     TensorKind,
     TooFewContributors,
 )
-from node.allreduce.layout import canonical_group
+from node.allreduce.layout import canonical_group, round_id
 from node.allreduce.round import AllReduceRound
 from node.allreduce.rounds import (
     Outcome,
@@ -139,6 +139,7 @@ class AllReduceService:
         self._watched: set[Link] = set()
         self._closed = False
         self._tensor_bytes = {"sent": 0, "received": 0}
+        self._awaited: dict[bytes, asyncio.Event] = {}  # round id -> set when a member begins it
         self.observer: Observer | None = None
 
     # ---- the Service protocol -----------------------------------------------------------
@@ -193,7 +194,7 @@ class AllReduceService:
         timeout: float | None = None, key: bytes | str | None = None,
         config: AllReduceConfig | None = None, weights: Mapping[bytes, float] | None = None,
         feedback: ErrorFeedback | None = None, in_place: bool = False,
-        min_contributors: int | None = None,
+        min_contributors: int | None = None, join_timeout: float | None = None,
     ) -> AllReduceOutcome:
         """Average ``tensor`` (numpy array or torch tensor) over the members ``group`` (node
         ids, this node included), compressed with ``codec``. Every member calls it with the
@@ -208,7 +209,12 @@ class AllReduceService:
         ``TooFewContributors`` (an ``AllReduceError``; its ``outcome`` holds the result, and
         with ``in_place`` the tensor does too) instead of returning, and a group smaller than
         it raises before the round starts. So a group of one is an error unless the caller
-        passes ``min_contributors=1``. The rule is local: members may ask for different ones."""
+        passes ``min_contributors=1``. The rule is local: members may ask for different ones.
+
+        ``join_timeout`` (seconds) replaces the config's wait for the members' AR_BEGIN (and
+        stretches ``round_timeout`` to cover it): for members that reach the round at very
+        different times, such as DiLoCo workers after their inner steps. A member that dies
+        meanwhile is still dropped at once, by the membership's DEAD."""
         if self._closed:
             raise AllReduceError("the node is shutting down")
         started = time.perf_counter()
@@ -218,6 +224,11 @@ class AllReduceService:
         if feedback is not None and feedback.numel != flat.size:
             raise ConfigError(f"feedback covers {feedback.numel} elements, tensor has {flat.size}")
         cfg = self._config(config, flat.size, spec, timeout)
+        if join_timeout is not None:
+            if not join_timeout > 0:
+                raise ConfigError(f"join_timeout must be a positive number of seconds, got {join_timeout!r}")
+            cfg = cfg.replace(join_timeout=float(join_timeout),
+                              round_timeout=max(cfg.round_timeout, cfg.round_timeout + join_timeout - cfg.join_timeout))
         if self._ctx.node_id not in members:
             raise ConfigError("this node is not in the all-reduce group")
         required = required_contributors(min_contributors, group=members)
@@ -240,6 +251,23 @@ class AllReduceService:
             dropped=dict(result.dropped), round_id=result.round_id, epoch=result.epoch,
             contributed=result.contributed, seconds=time.perf_counter() - started), required=required)
 
+    async def begun_elsewhere(self, *, group: Sequence[bytes], key: bytes | str, timeout: float) -> bool:
+        """Wait until another member of ``group`` has begun the round ``key`` (a message of it
+        arrived here) or ``timeout`` seconds passed; whether it has. For a member with nothing
+        to add that must not start the round's clocks early (a training job's listener)."""
+        members = canonical_group(group)
+        rid = round_id(members, self._table.key_for(members, key))
+        if self._table.holds(rid) or self._table.has_round(rid):
+            return True
+        event = self._awaited.setdefault(rid, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+            return True
+        except builtins.TimeoutError:
+            return False
+        finally:
+            self._awaited.pop(rid, None)
+
     def _config(self, config: AllReduceConfig | None, numel: int, spec: CodecSpec,
                 timeout: float | None) -> AllReduceConfig:
         cfg = (config or self.settings.round_config(numel)).replace(chunk_elements=spec.chunk_elements)
@@ -261,6 +289,9 @@ class AllReduceService:
         src = link.peer.node_id
         rnd = self._table.on_control(src, msg, now=self._ctx.now())
         self._inbox.step()
+        awaited = self._awaited.get(msg.round_id)
+        if awaited is not None:
+            awaited.set()
         if rnd is not None:
             self._watch_link(link)
             rnd.on_message(src, msg)

@@ -29,7 +29,10 @@ in a group: ``len(workers_seen)``, or the progress's ``seen`` if more), ``group`
 train_s``), ``checkpoint`` (hex state blob or null) and ``checkpoint_step``, ``model`` (hex blob
 of the exported model or null), ``out`` (the out dir or null), and the export's ``params``,
 ``nonzeros``, ``file_bytes``, ``report`` (its msgpack map decoded, bytes as hex) and ``sample``
-(all null without an export). Floats that are not finite are null.
+(all null without an export), ``events`` (every group change of the records, ``event_json``,
+in step order) and ``newcomers`` (hex id -> seconds from when the coordinator first saw it able
+to its first segment with a share of the batch: join -> first contribution). Floats that are
+not finite are null.
 """
 
 from __future__ import annotations
@@ -43,7 +46,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from protocol.errors import RemoteProtocolError
-from protocol.messages.training import Export, JobProgress, JobSpec, SegmentRecord
+from protocol.messages.training import (
+    Export,
+    GroupChange,
+    GroupEvent,
+    JobProgress,
+    JobSpec,
+    SegmentRecord,
+)
 from protocol.schema import unpack_body
 
 #: Steps of the last segment whose mean is the summary's final train loss.
@@ -175,6 +185,7 @@ def summary(*, job: bytes, spec: JobSpec, records: Sequence[SegmentRecord],
     val = next(((r.val_loss, r.end) for r in reversed(recs) if r.val_loss is not None), (None, None))
     train_s = sum(r.wall_s for r in recs)
     tokens = sum(r.tokens for r in recs)
+    events = [e for r in recs for e in r.events]
     compute_s = sum(r.compute_s for r in recs)
     return {
         "job": job.hex(), "mode": spec.mode,
@@ -195,7 +206,27 @@ def summary(*, job: bytes, spec: JobSpec, records: Sequence[SegmentRecord],
         "file_bytes": export.file_bytes if export else None,
         "report": decode_report(export.report) if export else None,
         "sample": export.sample if export and export.sample else None,
+        "events": [event_json(e) for e in events],
+        "newcomers": {e.node.hex(): e.seconds for e in events if e.change is GroupChange.ACTIVE},
     }
+
+
+def event_json(e: GroupEvent) -> dict[str, Any]:
+    """``{"change": "joined"|"active"|"gone"|"failed", "node": hex, "step", "seconds", "reason"}``."""
+    return {"change": e.change.name.lower(), "node": e.node.hex(), "step": e.step,
+            "seconds": _finite(e.seconds), "reason": e.reason}
+
+
+def event_line(e: GroupEvent) -> str:
+    """One group change for people: ``step 40: + 1a2b3c4d joined (listening, fetching the state)``."""
+    who = e.node.hex()[:8]
+    what = {
+        GroupChange.JOINED: f"+ {who} joined (listening while it fetches the state; seen {e.seconds:.1f} s ago)",
+        GroupChange.ACTIVE: f"+ {who} trains: first contribution {e.seconds:.1f} s after it was seen",
+        GroupChange.GONE: f"- {who} gone: {e.reason or 'lost'}",
+        GroupChange.FAILED: f"- {who} dropped: {e.reason or 'its seat failed'}",
+    }[e.change]
+    return f"step {e.step}: {what}"
 
 
 def config_json(spec: JobSpec, job_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -248,7 +279,10 @@ def progress_line(p: JobProgress, *, started: float, now: float, start_step: int
     parts = [step, f"loss {_num(p.loss)}"]
     if p.val_loss is not None:
         parts.append(f"val {_num(p.val_loss)}")
-    parts += [f"{p.tokens_s:,.0f} tok/s", f"{p.group_size or len(p.workers)} workers", f"wire {_mb(p.bytes_sent)}"]
+    workers = f"{p.group_size or len(p.workers)} workers"
+    if p.listeners:
+        workers += f" ({len(p.listeners)} joining)"
+    parts += [f"{p.tokens_s:,.0f} tok/s", workers, f"wire {_mb(p.bytes_sent)}"]
     left = eta(p, started=started, now=now, start_step=start_step)
     parts.append(f"{duration(now - started)} elapsed")
     parts.append("ETA ?" if left is None else f"ETA {duration(left)}")

@@ -20,8 +20,12 @@ Node -> process::
         # seat: an encoded ``Seat``; state: the path of the seat's state blob when the
         # process does not hold it already (the node tracks what it reported last)
         -> any number of "exchange" / "put" / "progress", then one "report" or "failed"
-    {"op": "reduced", "ok": True, "contributors": k, "bytes": b}
+    {"op": "reduced", "ok": True, "contributors": k, "bytes": b[, "state": str]}
     {"op": "reduced", "ok": False, "error": str}        # the answer to one "exchange"
+        # contributors: those with a share of the batch; "state" (once, to a listener): the
+        # path of the state its seat starts from, fetched while it listened
+    {"op": "state", "ok": True, "state": str}
+    {"op": "state", "ok": False, "error": str}          # the answer to one "state"
     {"op": "stored", "ok": True, "id": bytes}
     {"op": "stored", "ok": False, "error": str}         # the answer to one "put"
     {"op": "close"}                                     # exit now
@@ -29,6 +33,7 @@ Node -> process::
 Process -> node::
 
     {"op": "exchange", "step": s, "examples": f}   # the buffer holds this worker's part
+    {"op": "state"}                                # a listener waits for its state
     {"op": "put", "path": str, "what": "state" | "model", "copies": k}
     {"op": "progress", "step": s, "loss": f, "tokens_s": f}
     {"op": "report", "report": bytes}              # an encoded ``SeatReport``
@@ -99,7 +104,12 @@ class Failed:
     failure: dict[str, str]
 
 
-FromProcess = Opened | Attached | Exchange | Put | Progress | Report | Failed
+@dataclass(frozen=True, slots=True)
+class StateWanted:
+    """A listener has listened to every round and needs its state now."""
+
+
+FromProcess = Opened | Attached | Exchange | StateWanted | Put | Progress | Report | Failed
 
 _FAILURE_FIELDS = frozenset({"type", "message", "traceback", "stdout", "stderr"})
 
@@ -140,6 +150,9 @@ def parse_from_process(raw: Any) -> FromProcess:
         if not math.isfinite(examples) or examples < 0:
             raise PipeError(f"exchange: examples {examples}")
         return Exchange(_int(raw, "step", hi=1 << 32), examples)
+    if op == "state":
+        _fields(raw)
+        return StateWanted()
     if op == "put":
         _fields(raw, "path", "what", "copies")
         path, what = raw["path"], raw["what"]

@@ -35,7 +35,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,6 +66,12 @@ MAX_JOBS = 4
 IDLE_S = 120.0
 #: Seconds a process gets to open its job (import torch, build the model).
 OPEN_TIMEOUT_S = 180.0
+#: DiLoCo rounds wait this long for the group's AR_BEGIN: workers reach the outer step after
+#: their inner steps, at different times when their shares or speeds differ (a dead one is
+#: dropped at once by the membership all the same).
+DILOCO_JOIN_S = 300.0
+#: Seconds a listener waits for another member to begin a round before it gives up.
+LISTEN_S = 900.0
 #: Bytes of a process's stderr kept for failure reports.
 TAIL_BYTES = 16384
 
@@ -83,7 +89,9 @@ class AllReduce(Protocol):
     def sent_bytes(self) -> int: ...
 
     async def all_reduce(self, tensor: Any, *, group: Sequence[bytes], codec: str, key: str,
-                         in_place: bool, min_contributors: int) -> Any: ...
+                         in_place: bool, min_contributors: int, join_timeout: float | None = None) -> Any: ...
+
+    async def begun_elsewhere(self, *, group: Sequence[bytes], key: str, timeout: float) -> bool: ...
 
 
 class Blobs(Protocol):
@@ -112,6 +120,24 @@ def round_key(seat: Seat, step: int) -> str:
     """The all-reduce round key of ``step`` of ``seat``: every member of the group derives it
     alike, and a retried or replanned segment never meets a stale try's rounds."""
     return f"train:{seat.job.hex()}:{seat.epoch}:{seat.plan}:{step}"
+
+
+def is_listener(seat: Seat) -> bool:
+    """A newcomer's seat: no share of the batch; it fetches the state while the segment runs."""
+    return bool(seat.shares) and seat.shares[seat.rank] == 0
+
+
+@dataclass(eq=False)
+class _Fetch:
+    """A listener's state download, running while its seat listens to the rounds."""
+
+    task: asyncio.Future[Path]
+    started: float = field(default_factory=time.monotonic)
+    seconds: float = 0.0
+    delivered: bool = False
+
+    def __post_init__(self) -> None:
+        self.task.add_done_callback(lambda _: setattr(self, "seconds", time.monotonic() - self.started))
 
 
 @dataclass(eq=False)
@@ -242,26 +268,36 @@ class TrainingService:
         p = await self._process(seat.job, spec, assign, bundle)
         async with p.busy:
             p.attempt = attempt_id
+            fetch = None
             try:
                 state_path = None
                 if seat.state is not None and seat.state != p.holds:
                     self.counters["state_fetches"] += 1
-                    state_path = str(await self._blobs.get(seat.state, holders=seat.holders))
+                    get = self._blobs.get(seat.state, holders=seat.holders)
+                    if is_listener(seat):  # fetched while the segment runs (node.training.elastic)
+                        fetch = _Fetch(asyncio.ensure_future(get))
+                    else:
+                        state_path = str(await get)
                 p.send({"op": "seat", "seat": encode_struct(seat), "state": state_path})
-                return await self._serve_seat(p, seat, spec)
+                return await self._serve_seat(p, seat, spec, fetch)
             finally:
+                if fetch is not None:
+                    fetch.task.cancel()
                 p.attempt = None
                 p.idle_since = time.monotonic()
 
-    async def _serve_seat(self, p: _Process, seat: Seat, spec: JobSpec) -> bytes:
+    async def _serve_seat(self, p: _Process, seat: Seat, spec: JobSpec, fetch: _Fetch | None) -> bytes:
         sent = 0
+        rounds_of = [0] * len(seat.group)
         while True:
             try:
                 msg = await p.receive()
             except PipeError as exc:
                 raise SeatFailed("BadFrame", f"the training process sent a bad frame: {exc}") from None
             if isinstance(msg, sf.Exchange):
-                sent += await self._exchange(p, seat, spec, msg)
+                sent += await self._exchange(p, seat, spec, msg, rounds_of, fetch)
+            elif isinstance(msg, sf.StateWanted):
+                p.send(await self._state_reply(fetch, wait=True))
             elif isinstance(msg, sf.Put):
                 await self._put(p, msg)
             elif isinstance(msg, sf.Progress):
@@ -274,7 +310,8 @@ class TrainingService:
                 except StarmeshError as exc:
                     raise SeatFailed("BadReport", str(exc)) from None
                 p.holds = report.state
-                return msg.report
+                return encode_struct(replace(report, rounds_of=tuple(rounds_of),
+                                             fetch_s=fetch.seconds if fetch is not None else 0.0))
             elif isinstance(msg, sf.Failed):
                 p.holds = None
                 f = msg.failure
@@ -282,20 +319,58 @@ class TrainingService:
             else:
                 raise SeatFailed("BadFrame", f"unexpected {type(msg).__name__} during a seat")
 
-    async def _exchange(self, p: _Process, seat: Seat, spec: JobSpec, msg: sf.Exchange) -> int:
+    async def _exchange(self, p: _Process, seat: Seat, spec: JobSpec, msg: sf.Exchange,
+                        rounds_of: list[int], fetch: _Fetch | None) -> int:
+        """One round: the buffer's share-weighted mean over the group (``node.training.elastic``:
+        each part scaled by its rank's share, the mean by the contributors' total share)."""
         assert p.buffer is not None
         before = self._allreduce.sent_bytes
         self.counters["rounds"] += 1
+        shares = seat.shares or (1,) * len(seat.group)
+        key = round_key(seat, msg.step)
+        active = sum(1 for x in shares if x > 0)
         try:
+            if shares[seat.rank] == 0:
+                p.buffer[:] = 0.0
+                if not await self._allreduce.begun_elsewhere(group=seat.group, key=key, timeout=LISTEN_S):
+                    raise SeatFailed("GroupGone", f"no member began the round of step {msg.step} "
+                                     f"in {LISTEN_S:g} s")
+            elif shares[seat.rank] != 1:
+                p.buffer *= np.float32(shares[seat.rank])
             out = await self._allreduce.all_reduce(
-                p.buffer, group=seat.group, codec=spec.codec, key=round_key(seat, msg.step), in_place=True,
-                min_contributors=min(spec.workers_min, len(seat.group)))
+                p.buffer, group=seat.group, codec=spec.codec, key=key, in_place=True, min_contributors=1,
+                join_timeout=DILOCO_JOIN_S if spec.mode == "diloco" else None)
+            contributors = [seat.group.index(n) for n in out.contributors if n in seat.group]
+            total = sum(shares[r] for r in contributors)
+            trained = sum(1 for r in contributors if shares[r] > 0)
+            if trained < min(spec.workers_min, active):
+                raise SeatFailed("TooFewContributors", f"round of step {msg.step}: {trained} of the group's "
+                                 f"{active} trained contributions, the job needs {spec.workers_min}")
+            if total != len(contributors):
+                p.buffer *= np.float32(len(contributors) / total)
         except (StarmeshError, TimeoutError) as exc:
             p.send({"op": "reduced", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
             return 0
+        for r in contributors:
+            rounds_of[r] += 1
         sent = max(0, self._allreduce.sent_bytes - before)
-        p.send({"op": "reduced", "ok": True, "contributors": len(out.contributors), "bytes": sent})
+        reply = {"op": "reduced", "ok": True, "contributors": trained, "bytes": sent}
+        if fetch is not None and fetch.task.done() and not fetch.delivered and fetch.task.exception() is None:
+            reply["state"] = str(fetch.task.result())
+            fetch.delivered = True
+        p.send(reply)
         return sent
+
+    async def _state_reply(self, fetch: _Fetch | None, *, wait: bool) -> dict[str, Any]:
+        """The ``state`` frame for a listener: its fetched state's path, or why there is none."""
+        if fetch is None:
+            return {"op": "state", "ok": False, "error": "this seat fetches no state"}
+        try:
+            path = await fetch.task if wait else fetch.task.result()
+        except (StarmeshError, OSError, TimeoutError) as exc:
+            return {"op": "state", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        fetch.delivered = True
+        return {"op": "state", "ok": True, "state": str(path)}
 
     async def _put(self, p: _Process, msg: sf.Put) -> None:
         path = Path(msg.path).resolve()
@@ -365,6 +440,7 @@ class TrainingService:
     async def _open(self, p: _Process, spec: JobSpec, assign: TaskAssign, bundle: Path | None) -> None:
         options = {o.key: o.value for o in spec.options}
         options.setdefault("seed", str(spec.seed))
+        options.update(await self._data_options(spec))
         threads = spec.threads or max(1, int(self._slots))
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         p.send({"op": "open", "function": assign.function, "path": None if bundle is None else str(bundle),
@@ -391,6 +467,19 @@ class TrainingService:
         finally:
             os.close(fd)
             buf.unlink(missing_ok=True)  # both sides have it mapped: nothing left to clean up
+
+    async def _data_options(self, spec: JobSpec) -> dict[str, str]:
+        """The job's data blob (``JobSpec.data``, ``node.training_data``) fetched through the
+        blob cache: the job options ``data`` (its local path) and ``data_kind``. ``SeatFailed``
+        (``DataUnavailable``) if no member can serve it."""
+        if spec.data is None:
+            return {}
+        try:
+            path = await self._blobs.get(spec.data, holders=spec.data_holders)
+        except (StarmeshError, OSError) as exc:
+            raise SeatFailed("DataUnavailable", f"cannot fetch the job's data {spec.data_name!r} "
+                             f"(blob {spec.data.hex()}): {type(exc).__name__}: {exc}") from None
+        return {"data": str(path), "data_kind": spec.data_kind}
 
     def _drop(self, job: bytes) -> None:
         p = self._jobs.pop(job, None)

@@ -109,6 +109,7 @@ class TrainProcess:
         self._open_error = "no job is open"
         self._mapped: mmap.mmap | None = None
         self._last_progress = -PROGRESS_EVERY_S
+        self._arrived: str | None = None  # a listener's state file (``_state``)
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "open": self._open, "attach": self._attach, "seat": self._seat}
 
@@ -227,8 +228,10 @@ class TrainProcess:
                 raise SeatError("NotOpen", self._open_error)
             if self._mapped is None:
                 raise SeatError("NotAttached", "no shared buffer is attached")
+            self._arrived = None
             report = self.session.run_seat(seat, exchange=self._exchange, put=self._put,
-                                           progress=self._progress, state_file=state)
+                                           progress=self._progress, state_file=state,
+                                           arrived=self._state)
             body = encode_struct(report)
         except (_Close, frames.PipeError):
             raise
@@ -244,9 +247,21 @@ class TrainProcess:
             raise ExchangeError(str(_need(reply, "error", str))[:1000])
         contributors = _need(reply, "contributors", int)
         sent = _need(reply, "bytes", int)
+        if "state" in reply:
+            self._arrived = _need(reply, "state", str)
         if contributors < 0 or sent < 0:
             raise frames.PipeError("reduced: negative contributors or bytes")
         return contributors, sent
+
+    def _state(self, wait: bool) -> str | None:
+        """A listener's state file: the path the node sent with a round, or (``wait``) asked for."""
+        if self._arrived is None and wait:
+            self._send({"op": "state"})
+            reply = self._answer("state")
+            if reply.get("ok") is not True:
+                raise StoreError(str(_need(reply, "error", str))[:1000])
+            self._arrived = _need(reply, "state", str)
+        return self._arrived
 
     def _put(self, path: Path, what: str, copies: int) -> bytes:
         self._send({"op": "put", "path": str(path), "what": what, "copies": copies})

@@ -39,10 +39,11 @@ Soft state (not replicated): the plan in flight and the workers' latest ``SeatPr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from node.placement import rank
+from node.training import elastic
 from protocol.errors import RemoteProtocolError
 from protocol.messages.tasks import (
     Failure,
@@ -55,8 +56,12 @@ from protocol.messages.tasks import (
     encode_struct,
 )
 from protocol.messages.training import (
+    MAX_EVENTS,
     MAX_GROUP,
+    PROGRESS_EVENTS,
     SUMMARY_WORKERS,
+    GroupChange,
+    GroupEvent,
     JobProgress,
     JobSpec,
     Seat,
@@ -72,6 +77,8 @@ FAILED_ENTRY = 0x02
 #: First retry delay of a failed segment; doubles per failure.
 BASE_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
+#: Group changes kept for ``progress()`` (the records hold them all).
+KEEP_EVENTS = 64
 #: Most workers remembered in ``workers_seen``.
 MAX_SEEN = 4 * MAX_GROUP
 
@@ -95,10 +102,12 @@ class _Plan:
     group: tuple[bytes, ...]
     seats: dict[int, Seat]
     started: float
+    shares: tuple[int, ...] = ()
+    events: list[GroupEvent] = field(default_factory=list)
     handed: set[int] = field(default_factory=set)
     reports: dict[int, SeatReport] = field(default_factory=dict)
     failed: dict[int, Failure] = field(default_factory=dict)
-    lost: set[int] = field(default_factory=set)
+    lost: dict[int, str] = field(default_factory=dict)
 
     def resolved(self) -> bool:
         return len(self.reports) + len(self.failed) + len(self.lost) >= len(self.group)
@@ -133,6 +142,9 @@ class TrainKind:
     _retry_at: float = 0.0
     _closed: list[bytes] = field(default_factory=list)  # entries made by a loss, not yet taken
     _progress: dict[bytes, SeatProgress] = field(default_factory=dict)
+    _first_seen: dict[bytes, float] = field(default_factory=dict)  # newcomer -> when first able
+    _listened: set[bytes] = field(default_factory=set)  # the listeners of the last plan
+    _events: list[GroupEvent] = field(default_factory=list)  # the newest committed changes
     waiting: str = ""
 
     def __post_init__(self) -> None:
@@ -170,21 +182,29 @@ class TrainKind:
             gone = [r for r in range(len(p.group)) if r not in p.handed and p.group[r] not in live]
             if gone:
                 p.handed.update(gone)
-                p.lost.update(gone)
+                p.lost.update((r, "left the mesh before its seat was handed out") for r in gone)
                 self._closed.extend(self._maybe_close(now))
             return ""
         if self._held or self.finished() or now < self._retry_at:
             return ""
         s = self.spec
         previous = self.records[-1].finished if self.records else ()
-        order = [n for n in previous if n in live]
-        order += [n for n in rank(task_id, [n for n in able if n not in set(order)])]
-        group = tuple(order[: min(s.workers_max, s.shards)])
-        if len(group) < s.workers_min:
+        incumbents = [n for n in previous if n in live]
+        others = rank(task_id, [n for n in able if n not in set(incumbents)])
+        for n in others:
+            self._first_seen.setdefault(n, now)
+        while len(self._first_seen) > MAX_SEEN:
+            del self._first_seen[next(iter(self._first_seen))]
+        cap = min(s.workers_max, s.shards, s.batch or MAX_GROUP)
+        admission = elastic.admit(incumbents, others, workers_min=s.workers_min, cap=cap, batch=s.batch,
+                                  listen=bool(self.records))
+        if admission is None:
             self.waiting = (f"waiting for {s.workers_min} workers with {self.submission.resources.gpus} "
-                            f"gpus ({len(group)} live)")
+                            f"gpus ({min(len(able), cap)} live)")
             return self.waiting
         self.waiting = ""
+        group, shares = admission.group, admission.shares
+        active = len(admission.active)
         segment = len(self.records)
         start = self.step
         end = min(s.steps, start + s.seg)
@@ -193,15 +213,26 @@ class TrainKind:
         checkpoint = final or (end // s.checkpoint_every > start // s.checkpoint_every)
         evaluate = final or (end // s.eval_every > start // s.eval_every)
         self._plans += 1
+        dealt = elastic.deal(s.shards, active)
         seats = {}
         for r in range(len(group)):
-            cursors = tuple(ShardCursor(shard=k, position=self.cursors.get(k, 0))
-                            for k in range(r, s.shards, len(group)))
+            mine = dealt[r] if r < active else []
+            cursors = tuple(ShardCursor(shard=k, position=self.cursors.get(k, 0)) for k in mine)
             seats[r] = Seat(job=task_id, epoch=epoch, segment=segment, plan=self._plans, start=start,
                             end=end, group=group, rank=r, state=self.state, holders=holders,
                             cursors=cursors, evaluate=evaluate and r == 0, checkpoint=checkpoint,
-                            final=final, job_spec=s)
-        self._plan = _Plan(self._plans, segment, start, end, group, seats, now)
+                            final=final, job_spec=s, shares=shares)
+        events = [GroupEvent(change=GroupChange.JOINED, node=n, step=start,
+                             seconds=max(0.0, now - self._first_seen.get(n, now)))
+                  for n in admission.listeners]
+        events += [GroupEvent(change=GroupChange.ACTIVE, node=n, step=start,
+                              seconds=max(0.0, now - self._first_seen.pop(n, now)))
+                   for n in admission.active if n not in set(previous) or n in self._listened]
+        self._listened = set(admission.listeners)
+        for n in admission.listeners:
+            self._first_seen.setdefault(n, now)
+        self._plan = _Plan(self._plans, segment, start, end, group, seats, now, shares=shares,
+                           events=events)
         self._progress.clear()
         return ""
 
@@ -262,7 +293,7 @@ class TrainKind:
             if p is None or r is None:
                 continue
             self.running -= 1
-            p.lost.add(r)
+            p.lost[r] = reason
         self._closed.extend(self._maybe_close(now))
 
     def take_lost_entries(self) -> list[bytes]:
@@ -292,27 +323,56 @@ class TrainKind:
         # The reports that agree with the most others (with rank 0 first among equals).
         ranks = max(by_state.values(), key=lambda rs: (len(rs), -min(rs)))
         reports = [p.reports[r] for r in sorted(ranks)]
+        share = self._share_of(p)
+        trained = [(p.reports[r], share(r)) for r in sorted(ranks) if share(r) > 0] or [(reports[0], 1)]
+        weight = sum(w for _, w in trained)
         steps = p.end - p.start
-        losses = tuple(sum(rep.losses[i] for rep in reports) / len(reports) for i in range(steps))
+        losses = tuple(sum(rep.losses[i] * w for rep, w in trained) / weight for i in range(steps))
         cursors = dict(self.cursors)
         for rep in reports:
             cursors.update((c.shard, c.position) for c in rep.cursors)
+        for r in range(len(p.group)):  # a rank that did not report moved by what it contributed
+            if r not in ranks and share(r) > 0:
+                cursors.update(self._contributed_reads(p, r, reports))
         val = next((rep.val_loss for rep in reports if rep.val_loss is not None), None)
         export = next((rep.export for rep in reports if rep.export is not None), None)
         seat0 = p.seats[0]
+        events = list(p.events)
+        events += [GroupEvent(change=GroupChange.GONE, node=p.group[r], step=p.start, reason=why[:200])
+                   for r, why in sorted(p.lost.items())]
+        events += [GroupEvent(change=GroupChange.FAILED, node=p.group[r], step=p.start,
+                              reason=f"{f.type}: {f.message}"[:200]) for r, f in sorted(p.failed.items())]
+        events += [GroupEvent(change=GroupChange.FAILED, node=p.group[r], step=p.start,
+                              reason="its state disagreed with the group's")
+                   for r in sorted(p.reports) if r not in ranks]
         record = SegmentRecord(
             segment=p.segment, start=p.start, end=p.end, group=p.group,
             finished=tuple(p.group[r] for r in sorted(ranks)), losses=losses,
             cursors=tuple(ShardCursor(shard=k, position=v) for k, v in sorted(cursors.items())),
             state=reports[0].state, val_loss=val, tokens=sum(rep.tokens for rep in reports),
             bytes_sent=sum(rep.bytes_sent for rep in reports), wall_s=max(0.0, now - p.started),
-            compute_s=sum(rep.compute_s for rep in reports) / len(reports),
-            comm_s=sum(rep.comm_s for rep in reports) / len(reports),
-            checkpoint=seat0.checkpoint, export=export)
+            compute_s=sum(rep.compute_s for rep, _ in trained) / len(trained),
+            comm_s=sum(rep.comm_s for rep, _ in trained) / len(trained),
+            checkpoint=seat0.checkpoint, export=export, shares=p.shares,
+            events=tuple(events[:MAX_EVENTS]))
         self._held = True
         self._failures = 0
         self.failure = None
         return [bytes([SEGMENT_ENTRY]) + encode_struct(record)]
+
+    @staticmethod
+    def _share_of(p: _Plan) -> Callable[[int], int]:
+        return lambda r: p.shares[r] if p.shares else 1
+
+    def _contributed_reads(self, p: _Plan, r: int, reports: Sequence[SeatReport]) -> dict[int, int]:
+        """Where rank ``r``'s shards continue, by the rounds its contribution went into (the
+        survivors' ``rounds_of``; sync: one round per step, DiLoCo: one for all its steps)."""
+        rounds = max((rep.rounds_of[r] for rep in reports if r < len(rep.rounds_of)), default=0)
+        steps = rounds if self.spec.mode == "sync" else (p.end - p.start if rounds > 0 else 0)
+        seat = p.seats[r]
+        order = [c.shard for c in seat.cursors]
+        start = {c.shard: c.position for c in seat.cursors}
+        return elastic.advance(order, start, self._share_of(p)(r), min(steps, p.end - p.start))
 
     def on_progress(self, worker: bytes, data: bytes) -> bool:
         """A worker's heartbeat progress; whether it was taken (soft state)."""
@@ -366,6 +426,7 @@ class TrainKind:
         self.cursors.update((c.shard, c.position) for c in record.cursors)
         if record.checkpoint:
             self.checkpoint, self.checkpoint_step = record.state, record.end
+        self._events = (self._events + list(record.events))[-KEEP_EVENTS:]
         for node in record.group:
             self.seen[node] = None
         while len(self.seen) > MAX_SEEN:
@@ -398,7 +459,10 @@ class TrainKind:
         wall = sum(r.wall_s for r in window)
         tokens_s = sum(p.tokens_s for p in live) if live else (
             sum(r.tokens for r in window) / wall if wall > 0 else 0.0)
-        group = self._plan.group if self._plan is not None else (last.finished if last else ())
+        if self._plan is not None:
+            group, shares = self._plan.group, self._plan.shares
+        else:
+            group, shares = (last.finished, ()) if last else ((), ())
         return JobProgress(
             function=self.submission.function, mode=self.spec.mode, step=self.step, steps=self.spec.steps,
             live_step=max([self.step, *(p.step for p in live)]), loss=loss, val_loss=val,
@@ -406,7 +470,9 @@ class TrainKind:
             bytes_sent=sum(r.bytes_sent for r in self.records) + sum(p.bytes_sent for p in live),
             state=self.state, checkpoint=self.checkpoint, checkpoint_step=self.checkpoint_step,
             waiting=self.waiting[:300], export=last.export if last else None, segments=len(self.records),
-            group_size=len(group), seen=len(self.seen))
+            group_size=len(group), seen=len(self.seen), events=tuple(self._events),
+            listeners=tuple(n for n, sh in zip(group, shares, strict=False) if sh == 0),
+            batch=sum(shares) if shares else len(group))
 
     def summary_progress(self) -> bytes:
         """``progress()`` cut to fit a ``TaskSummary`` (lists shortened, the export's sample and
@@ -414,4 +480,6 @@ class TrainKind:
         p = self.progress()
         export = p.export and replace(p.export, sample="", report=b"")
         return encode_struct(replace(p, workers=p.workers[:SUMMARY_WORKERS],
-                                     workers_seen=p.workers_seen[-SUMMARY_WORKERS:], export=export))
+                                     workers_seen=p.workers_seen[-SUMMARY_WORKERS:], export=export,
+                                     events=p.events[-PROGRESS_EVENTS:],
+                                     listeners=p.listeners[:SUMMARY_WORKERS]))

@@ -46,10 +46,17 @@ MAX_SHARDS = 4096
 MAX_SEGMENT_STEPS = 10_000
 #: Most node ids of each list in a ``JobProgress`` carried by a ``TaskSummary``.
 SUMMARY_WORKERS = 32
+#: Most group changes one record (or a ``JobProgress``) lists.
+MAX_EVENTS = 2 * MAX_GROUP
+#: Most group changes a ``JobProgress`` in a ``TaskSummary`` lists.
+PROGRESS_EVENTS = 16
 #: Most ``--job-arg`` options.
 MAX_OPTIONS = 64
 CODEC = Str(64, pattern=r"[a-z0-9+_-]+")
 MODE = Str(16, pattern=r"sync|diloco")
+DATA_KIND = Str(16, pattern=r"text|tokens")
+#: Most members a ``JobSpec`` names as holding its data blob.
+MAX_DATA_HOLDERS = 16
 
 
 class ExportQuantize(enum.IntEnum):
@@ -90,6 +97,10 @@ class JobSpec(Struct):
     codec: str = spec(CODEC, default="int8+zstd")
     segment_steps: int = spec(UInt(32), default=20)
     """Sync mode: steps per segment (a group change or a resume happens at segment ends)."""
+    batch: int = spec(UInt(16), default=0)
+    """The global batch: micro-batches (each the job's own batch) per optimizer step over the
+    whole group, split over whoever is present (``node.training.elastic.shares``); 0: one per
+    worker (the global batch then grows with the group)."""
     checkpoint_every: int = spec(UInt(32), default=100)
     """Steps between checkpoints kept pinned with copies on two nodes."""
     eval_every: int = spec(UInt(32), default=100)
@@ -107,6 +118,16 @@ class JobSpec(Struct):
                                                    default=())
     resume_from: bytes | None = spec(Optional(TASK_ID), default=None)
     """The job a ``--resume`` continues (shown by ``jobs``)."""
+    data: bytes | None = spec(Optional(DIGEST), default=None)
+    """The job's training data as a blob (``--data FILE|DIR``); None: the job's own (built in)."""
+    data_kind: str = spec(DATA_KIND, default="text")
+    """What ``data`` holds: ``text`` (the file) or ``tokens`` (a tar of integer arrays)."""
+    data_name: str = spec(Str(255), default="")
+    """The data's file or directory name, for people."""
+    data_bytes: int = spec(UInt(64), default=0)
+    """The data blob's size."""
+    data_holders: tuple[bytes, ...] = spec(ListOf(NODE_ID, max_len=MAX_DATA_HOLDERS), default=())
+    """Members the submitter put ``data`` on (fetch hints; any holder serves it)."""
 
     def __post_init__(self) -> None:
         Struct.__post_init__(self)
@@ -123,6 +144,8 @@ class JobSpec(Struct):
             problems.append(f"shards must be 1..{MAX_SHARDS}")
         if self.resume_step > self.steps:
             problems.append("resume_step is past the job's steps")
+        if self.data is None and (self.data_name or self.data_bytes or self.data_holders):
+            problems.append("data_name, data_bytes and data_holders need data")
         if problems:
             raise LocalProtocolError("JobSpec: " + "; ".join(problems))
 
@@ -162,6 +185,9 @@ class Seat(Struct):
     """The job's last segment: rank 0 also exports the model."""
     job_spec: JobSpec | None = spec(Optional(StructOf(JobSpec)), default=None)
     """The job (a worker need not hold the task): options, mode, codec, exports."""
+    shares: tuple[int, ...] = spec(ListOf(UInt(16), max_len=MAX_GROUP), default=())
+    """Micro-batches per step of each rank (``()``: one each); 0 marks a *listener*, a newcomer
+    that fetches ``state`` while the segment runs and replays its rounds (PROTOCOL.md §15)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -197,6 +223,33 @@ class SeatReport(Struct):
     contributors_min: int = spec(UInt(16), default=0)
     """The fewest contributors any round of the segment averaged."""
     export: Export | None = spec(Optional(StructOf(Export)), default=None)
+    rounds_of: tuple[int, ...] = spec(ListOf(UInt(32), max_len=MAX_GROUP), default=())
+    """Per rank of the group: the rounds of the seat whose result it contributed to, as this
+    worker's node saw them (how the coordinator counts a lost worker's batches)."""
+    fetch_s: float = spec(Float(0.0), default=0.0)
+    """A listener's seconds from the seat's start until its state had arrived."""
+
+
+class GroupChange(enum.IntEnum):
+    JOINED = 0
+    """Entered the group as a listener (``seconds``: since the coordinator first saw it able)."""
+    ACTIVE = 1
+    """Its first segment with a share of the batch (``seconds``: since it was first seen)."""
+    GONE = 2
+    """Left the mesh or died during the segment (``reason``)."""
+    FAILED = 3
+    """Its seat failed (``reason``): dropped from the group."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupEvent(Struct):
+    """One change of a job's group, at the segment that starts at ``step``."""
+
+    change: GroupChange = spec(EnumOf(GroupChange))
+    node: bytes = spec(NODE_ID)
+    step: int = spec(UInt(32))
+    seconds: float = spec(Float(0.0), default=0.0)
+    reason: str = spec(Str(200), default="")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,6 +276,10 @@ class SegmentRecord(Struct):
     comm_s: float = spec(Float(0.0), default=0.0)
     checkpoint: bool = spec(Bool(), default=False)
     export: Export | None = spec(Optional(StructOf(Export)), default=None)
+    shares: tuple[int, ...] = spec(ListOf(UInt(16), max_len=MAX_GROUP), default=())
+    """The seats' shares (``Seat.shares``), in rank order."""
+    events: tuple[GroupEvent, ...] = spec(ListOf(StructOf(GroupEvent), max_len=MAX_EVENTS), default=())
+    """How the group changed in this segment."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,6 +322,12 @@ class JobProgress(Struct):
     """Members of the current group (``workers`` lists at most ``SUMMARY_WORKERS`` of them)."""
     seen: int = spec(UInt(32), default=0)
     """Members ever in the group (``workers_seen`` lists at most ``SUMMARY_WORKERS``)."""
+    events: tuple[GroupEvent, ...] = spec(ListOf(StructOf(GroupEvent), max_len=MAX_EVENTS), default=())
+    """The newest group changes (at most ``PROGRESS_EVENTS`` in a ``TaskSummary``)."""
+    listeners: tuple[bytes, ...] = spec(ListOf(NODE_ID, max_len=MAX_GROUP), default=())
+    """Newcomers of the segment in flight, fetching the state while it runs."""
+    batch: int = spec(UInt(16), default=0)
+    """Micro-batches per step over the group in flight (the global batch)."""
 
 
 #: Sizes the seat reports and records must fit in (an ``Outcome.value``, a log entry).

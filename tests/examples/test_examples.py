@@ -102,6 +102,10 @@ EXEMPT_COMMANDS: Mapping[str, str] = {
         "python -m node train --model charlm --steps 2000 --workers 3 --out run1",
         "python -m node train --workers 2-8 --mode diloco --inner-steps 50 --codec int8+zstd --steps 2000",
         "python -m node jobs", "python -m node train --resume JOB_ID --steps 2000")},
+    **{command: _BENCH + "a long run on a mesh of several nodes; tests/training/test_train_data_net.py trains "
+       "on a text file and on a directory of token arrays through train --local 2 (a small config)"
+       for command in ("python -m node train --data mytext.txt --steps 2000 --workers 3",
+                       "python -m node train --data tokens/ --job-arg vocab_size=50304 --steps 2000 --workers 3")},
     "python -m node train --bundle examples/trainjob --job sinejob:make_job --steps 200 --workers 2 --job-arg hidden=64": (
         "needs a mesh of 2 nodes: test_train_example_bundle_on_a_local_mesh runs it with --local 2"),
     "bash scripts/test.sh": "the test command itself: it runs this suite",

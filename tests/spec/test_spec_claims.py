@@ -369,7 +369,7 @@ def test_training_struct_tables_are_the_code() -> None:
 
     text = PROTOCOL_MD.read_text(encoding="utf-8")
     structs = _struct_tables(text[text.index("## 15. Training jobs"):])
-    assert set(structs) == {"Option", "ShardCursor", "JobSpec", "Seat", "Export", "SeatReport",
+    assert set(structs) == {"Option", "ShardCursor", "JobSpec", "Seat", "Export", "SeatReport", "GroupEvent",
                             "SegmentRecord", "SeatProgress", "JobProgress"}
     for name, rows in structs.items():
         _check_rows(getattr(training, name), rows)

@@ -1,4 +1,4 @@
-"""Training text and the windows a job reads from it, by (shard, position) cursor.
+"""Training text and token data, and the windows a job reads from them, by (shard, position) cursor.
 
 Theory of operation
 -------------------
@@ -32,14 +32,13 @@ import numpy as np
 import torch
 import zstandard
 
+from node import training_data
+from node.training_data import DataError as DataError
+
 #: The tiny Shakespeare text shipped in the package (karpathy/char-rnn's ``input.txt``).
 SHAKESPEARE_RESOURCE = "data/tinyshakespeare.txt.zst"
-SHAKESPEARE_BYTES = 1_115_394
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-class DataError(ValueError):
-    """The training text is missing, corrupt, or too short for the job's windows."""
+SHAKESPEARE_BYTES = training_data.SHAKESPEARE_BYTES
+SHAKESPEARE_SHA256 = training_data.SHAKESPEARE_SHA256
 
 
 def shakespeare_bytes() -> bytes:
@@ -69,6 +68,27 @@ def read_text(path: str | Path) -> str:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read text file {path}: {exc}") from exc
+
+
+def read_data_text(path: str | Path) -> tuple[str, str]:
+    """A job's text data blob (``--data FILE``): its characters (UTF-8, else one per byte) and
+    the sha256 of its bytes. ``DataError`` if unreadable or empty."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read the job's data {path}: {exc}") from exc
+    if not raw:
+        raise DataError(f"the job's data {path} is empty")
+    return training_data.text_of(raw), hashlib.sha256(raw).hexdigest()
+
+
+def read_data_tokens(path: str | Path) -> tuple[torch.Tensor, str]:
+    """A job's token data blob (``--data DIR``, ``node.training_data``): the ids as one
+    ``int64`` tensor and the sha256 of the blob's bytes. ``DataError``."""
+    source = Path(path)
+    ids = torch.from_numpy(training_data.read_tokens(source))
+    digest = training_data.sha256_of(source) if source.is_file() else ""
+    return ids, digest
 
 
 def epoch_offset(seed: int, epoch: int, block: int) -> int:

@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from node.training import elastic
 from node.training.runner import diloco, export, reference, state
 from node.training.runner.job import Job
 from protocol.messages.training import Export, Seat, SeatReport, ShardCursor
@@ -84,6 +85,8 @@ FINE_TUNE_STEPS = 20
 MAX_SAMPLE_CHARS = 4096
 #: Most bytes of the packed export report (``Export.report``).
 MAX_EXPORT_REPORT = 16384
+#: Most bytes of round means a listener keeps before it waits for its state.
+MAX_KEPT_BYTES = 1 << 30
 #: ``torch.nn.utils.clip_grad_norm_``'s epsilon, so the coefficient is the same formula.
 CLIP_EPS = 1e-6
 
@@ -92,6 +95,9 @@ Exchange = Callable[[int, torch.Tensor, float], tuple[int, int]]
 place over the group; returns ``(contributors, bytes_sent)``."""
 Put = Callable[[Path, str, int], bytes]
 """``put(path, what, copies)``: the file becomes a blob (the node's afterwards); its id."""
+Arrived = Callable[[bool], str | None]
+"""``arrived(wait)``: a listener's state file once the node has fetched it (None: not yet;
+``wait``: block until it has)."""
 ProgressFn = Callable[[int, float, float], None]
 """``progress(step, loss, tokens_s)`` after each step (the caller rate-limits)."""
 
@@ -204,10 +210,13 @@ class Session:
     # ------------------------------------------------------------------ a seat
 
     def run_seat(self, seat: Seat, *, exchange: Exchange, put: Put, progress: ProgressFn,
-                 state_file: str | None = None) -> SeatReport:
+                 state_file: str | None = None, arrived: Arrived | None = None) -> SeatReport:
         """Train the seat and report it (module docstring). A raise leaves the session dirty."""
         if seat.end <= seat.start:
             raise SeatError("BadSeat", f"seat covers no steps ({seat.start}..{seat.end})")
+        share = seat.shares[seat.rank] if seat.shares else 1
+        if share == 0:
+            return self._listen(seat, exchange=exchange, put=put, state_file=state_file, arrived=arrived)
         if not seat.cursors:
             raise SeatError("BadSeat", "seat has no data shards (more workers than shards?)")
         wide = [c.shard for c in seat.cursors if c.shard >= self.job.shards]
@@ -219,9 +228,9 @@ class Session:
         positions = {c.shard: c.position for c in seat.cursors}
         tally = _Tally()
         if self.config.mode == "diloco":
-            self._diloco(seat, positions, tally, exchange, progress)
+            self._diloco(seat, share, positions, tally, exchange, progress)
         else:
-            self._sync(seat, positions, tally, exchange, progress)
+            self._sync(seat, share, positions, tally, exchange, progress)
         digest = self._put_state(seat, put)
         val_loss = None
         if seat.evaluate:
@@ -236,6 +245,59 @@ class Session:
             state=digest, val_loss=val_loss, tokens=self.job.tokens_per_batch * tally.batches,
             bytes_sent=tally.bytes_sent, compute_s=tally.compute_s, comm_s=tally.comm_s,
             rounds=tally.rounds, contributors_min=tally.contributors_min, export=exported)
+
+    def _listen(self, seat: Seat, *, exchange: Exchange, put: Put, state_file: str | None,
+                arrived: Arrived | None) -> SeatReport:
+        """A listener's seat (``node.training.elastic``): every round of the segment with nothing
+        to add (a zero buffer), each mean kept until the state the segment started from has
+        arrived, then replayed through the step every other worker took on the same bytes."""
+        tally = _Tally()
+        loaded = seat.state is None or (not self.dirty and seat.state == self.held) or state_file is not None
+        if loaded:
+            self._start_from(seat, state_file)
+        self.fresh, self.dirty = False, True
+        kept: list[torch.Tensor] = []
+        rounds = [seat.end - 1] if self.config.mode == "diloco" else list(range(seat.start, seat.end))
+        for step in rounds:
+            self.buffer.zero_()
+            self._exchange(step, 0.0, tally, exchange)
+            if not loaded and arrived is not None:
+                path = arrived(len(kept) * 4 * self.numel >= MAX_KEPT_BYTES)
+                if path is not None:
+                    loaded = self._replay(seat, path, kept)
+            if loaded:
+                self._apply_round()
+            else:
+                kept.append(self.buffer.clone())
+        if not loaded:
+            path = arrived(True) if arrived is not None else None
+            if path is None:
+                raise SeatError("StateMissing", "a listener's state did not arrive")
+            self._replay(seat, path, kept)
+        digest = self._put_state(seat, put)
+        val_loss = reportable(reference.validation_loss(self.job.evaluate, self.model)) if seat.evaluate else None
+        self.held, self.dirty = digest, False
+        return SeatReport(end=seat.end, losses=(0.0,) * (seat.end - seat.start), cursors=(), state=digest,
+                          val_loss=val_loss, bytes_sent=tally.bytes_sent, comm_s=tally.comm_s,
+                          rounds=tally.rounds, contributors_min=tally.contributors_min)
+
+    def _replay(self, seat: Seat, path: str, kept: list[torch.Tensor]) -> bool:
+        """Load the segment's start state, then apply the kept means in order (emptying ``kept``)."""
+        current = self.buffer.clone()
+        self._start_from(seat, path)
+        for mean in kept:
+            self.buffer.copy_(mean)
+            self._apply_round()
+        kept.clear()
+        self.buffer.copy_(current)
+        return True
+
+    def _apply_round(self) -> None:
+        """The buffer holds a round's mean: the step every worker takes with it."""
+        if self.outer is not None:
+            self.outer.step(self.model, self.buffer)
+        else:
+            self._apply_mean()
 
     def _start_from(self, seat: Seat, state_file: str | None) -> None:
         if seat.state is None:
@@ -262,39 +324,41 @@ class Session:
             raise SeatError("ModelChanged", f"make_job built {numel} parameters, first {self.numel}")
         self.fresh = True
 
-    def _batch_cursor(self, seat: Seat, i: int, positions: dict[int, int]) -> tuple[int, int]:
-        shard = seat.cursors[i % len(seat.cursors)].shard
-        position = positions[shard]
-        positions[shard] = position + 1
-        return shard, position
-
-    def _sync(self, seat: Seat, positions: dict[int, int], tally: _Tally, exchange: Exchange,
-              progress: ProgressFn) -> None:
+    def _sync(self, seat: Seat, share: int, positions: dict[int, int], tally: _Tally,
+              exchange: Exchange, progress: ProgressFn) -> None:
+        order = [c.shard for c in seat.cursors]
         for i, step in enumerate(range(seat.start, seat.end)):
             began = time.perf_counter()
-            loss = reference.accumulate(self.job, self.model, [self._batch_cursor(seat, i, positions)])
+            reads = elastic.step_reads(order, positions, share, i)
+            loss = reference.accumulate(self.job, self.model, reads)
             self._grads_to_buffer()
-            comm = self._exchange(step, 1.0, tally, exchange)
-            if self.job.grad_clip:
-                coefficient = clip_coefficient(self.buffer, self.job.grad_clip)
-                if coefficient < 1.0:
-                    self.buffer.mul_(coefficient)
-            self._buffer_to_grads()
-            self.optimizer.step()
+            comm = self._exchange(step, float(share), tally, exchange)
+            self._apply_mean()
             spent = time.perf_counter() - began - comm
-            self._stepped(step, loss, spent, tally, progress)
+            self._stepped(step, loss, spent, tally, progress, batches=share)
 
-    def _diloco(self, seat: Seat, positions: dict[int, int], tally: _Tally, exchange: Exchange,
-                progress: ProgressFn) -> None:
+    def _apply_mean(self) -> None:
+        """Sync mode: the averaged gradient in the buffer, clipped, becomes one optimizer step
+        (the same operations on the same bytes on every worker, a listener's replay included)."""
+        if self.job.grad_clip:
+            coefficient = clip_coefficient(self.buffer, self.job.grad_clip)
+            if coefficient < 1.0:
+                self.buffer.mul_(coefficient)
+        self._buffer_to_grads()
+        self.optimizer.step()
+
+    def _diloco(self, seat: Seat, share: int, positions: dict[int, int], tally: _Tally,
+                exchange: Exchange, progress: ProgressFn) -> None:
         assert self.outer is not None
+        order = [c.shard for c in seat.cursors]
         for i, step in enumerate(range(seat.start, seat.end)):
             began = time.perf_counter()
             loss = reference.train_step(self.job, self.model, self.optimizer,
-                                        [self._batch_cursor(seat, i, positions)])
-            self._stepped(step, loss, time.perf_counter() - began, tally, progress)
+                                        elastic.step_reads(order, positions, share, i))
+            self._stepped(step, loss, time.perf_counter() - began, tally, progress, batches=share)
         began = time.perf_counter()
         self.buffer.copy_(self.outer.pseudo_gradient(self.model))
-        comm = self._exchange(seat.end - 1, float(seat.end - seat.start), tally, exchange)
+        comm = self._exchange(seat.end - 1, float(share * (seat.end - seat.start)), tally, exchange)
         self.outer.step(self.model, self.buffer)
         if not all(math.isfinite(x) for x in tally.losses):
             # A non-finite inner step poisoned this worker's AdamW moments; the model is back
@@ -303,11 +367,11 @@ class Session:
         tally.compute_s += time.perf_counter() - began - comm
 
     def _stepped(self, step: int, loss: float, spent: float, tally: _Tally,
-                 progress: ProgressFn) -> None:
+                 progress: ProgressFn, *, batches: int = 1) -> None:
         tally.compute_s += spent
-        tally.batches += 1
+        tally.batches += batches
         tally.losses.append(loss)
-        tokens_s = self.job.tokens_per_batch / spent if spent > 0 else 0.0
+        tokens_s = self.job.tokens_per_batch * batches / spent if spent > 0 else 0.0
         progress(step, reportable(loss), tokens_s)
 
     def _exchange(self, step: int, examples: float, tally: _Tally, exchange: Exchange) -> float:
