@@ -13,18 +13,29 @@ the exact mean of who remained); the group changes only at segment boundaries.
 
 Per segment the coordinator
 
-1. *plans* (``plan``): once at least ``workers_min`` able members are live, it picks up to
-   ``workers_max`` of them, the previous group first (they hold the state in memory), then the
-   others in rendezvous order of (job, node); it assigns the ``shards`` virtual data shards
-   round-robin over the ranks (shard k to rank k mod W), each continuing from its committed
-   cursor;
+1. *plans* (``plan``): once at least ``workers_min`` able members are live, it admits them by
+   ``node.training.elastic.admit``: the previous segment's finishers that are still live (the
+   *incumbents*, who hold the state in memory) keep their ranks; other able members, in
+   rendezvous order of (job, node), enter as *listeners* (no share of the batch: they fetch the
+   state while the segment runs and replay its rounds) while the incumbents alone are at least
+   ``workers_min``, else with a share; at most ``min(workers_max, shards, batch)`` in all. The
+   active ranks split the global batch (``elastic.shares``) and the ``shards`` virtual data
+   shards (shard k to active rank k mod W), each continuing from its committed cursor;
 2. hands each member its seat (``take``), which starts from the *state blob* committed at the
    end of the previous segment (model + optimizer as safetensors, identical on every worker);
 3. *closes* the segment when every seat has reported or been lost: the reports that agree on
-   the end state make a ``SegmentRecord`` (the mean loss per step, every shard's next
-   position, the state blob, the group that finished) which is the job's log entry. Only a
-   committed record moves the job: ``apply`` advances the step, the cursors and the state. A
-   successor coordinator replans the segment in flight from the last committed record.
+   the end state make a ``SegmentRecord`` (the share-weighted mean loss per step, every shard's
+   next position, the state blob, the group that finished, the shares, the group's changes)
+   which is the job's log entry. A rank that did not report moved its shards by exactly the
+   micro-batches of the rounds it contributed to (the survivors' ``rounds_of``), so nothing
+   that went into a committed update is read again. Only a committed record moves the job:
+   ``apply`` advances the step, the cursors and the state. A successor coordinator replans
+   the segment in flight from the last committed record.
+
+Group changes (``GroupEvent``, in the record of the segment they happen in): ``JOINED`` for a
+listener, ``ACTIVE`` for a member's first share after the job's first segment (``seconds``:
+since this coordinator first saw it able: join -> first contribution), ``GONE`` for a rank lost
+mid-segment or an incumbent not live at the boundary, ``FAILED`` for a failed or disagreeing seat.
 
 A segment with no usable report (every seat failed or was lost) is tried again, from the same
 committed state, after a backoff; after ``Submission.retries`` such failures in a row the job
@@ -32,8 +43,9 @@ fails for good with the last failure. Data accounting: a shard's cursor only adv
 committed record, so a segment that is replayed re-reads the same batches, never new ones, and
 no batch is skipped.
 
-Soft state (not replicated): the plan in flight and the workers' latest ``SeatProgress``
-(from heartbeats), for the live view of ``jobs`` and ``train``.
+Soft state (not replicated): the plan in flight, the workers' latest ``SeatProgress`` (from
+heartbeats), for the live view of ``jobs`` and ``train``, and when each newcomer was first seen
+able (a successor counts from its takeover).
 """
 
 from __future__ import annotations
@@ -143,7 +155,6 @@ class TrainKind:
     _closed: list[bytes] = field(default_factory=list)  # entries made by a loss, not yet taken
     _progress: dict[bytes, SeatProgress] = field(default_factory=dict)
     _first_seen: dict[bytes, float] = field(default_factory=dict)  # newcomer -> when first able
-    _listened: set[bytes] = field(default_factory=set)  # the listeners of the last plan
     _events: list[GroupEvent] = field(default_factory=list)  # the newest committed changes
     waiting: str = ""
 
@@ -188,7 +199,9 @@ class TrainKind:
         if self._held or self.finished() or now < self._retry_at:
             return ""
         s = self.spec
-        previous = self.records[-1].finished if self.records else ()
+        last = self.records[-1] if self.records else None
+        previous = last.finished if last else ()
+        listened = {n for n, share in zip(last.group, last.shares, strict=False) if share == 0} if last else set()
         incumbents = [n for n in previous if n in live]
         others = rank(task_id, [n for n in able if n not in set(incumbents)])
         for n in others:
@@ -227,8 +240,9 @@ class TrainKind:
                   for n in admission.listeners]
         events += [GroupEvent(change=GroupChange.ACTIVE, node=n, step=start,
                               seconds=max(0.0, now - self._first_seen.pop(n, now)))
-                   for n in admission.active if n not in set(previous) or n in self._listened]
-        self._listened = set(admission.listeners)
+                   for n in admission.active if self.records and (n not in set(previous) or n in listened)]
+        events += [GroupEvent(change=GroupChange.GONE, node=n, step=start, reason="not live at the segment boundary")
+                   for n in previous if n not in live]
         for n in admission.listeners:
             self._first_seen.setdefault(n, now)
         self._plan = _Plan(self._plans, segment, start, end, group, seats, now, shares=shares,
