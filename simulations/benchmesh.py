@@ -33,8 +33,9 @@ class BenchMesh:
         self.addresses: list[str] = []
 
     def start(self, *, preset: str, module: str = "node", extra: Sequence[str] = (),
-              ready_s: float = 30.0) -> Worker:
-        """Start the next node (``module``'s ``--listen``/``--data-dir``/... CLI, plus ``extra``)."""
+              ready_s: float = 30.0, join: str | None = None) -> Worker:
+        """Start the next node (``module``'s ``--listen``/``--data-dir``/... CLI, plus ``extra``),
+        joining through ``join`` (default: the first node's address)."""
         i = len(self.nodes)
         out = self.root / f"n{i}"
         listen = f"{self.net.addresses[i]}:{MESH_PORT}" if self.net else "127.0.0.1:0"
@@ -42,7 +43,7 @@ class BenchMesh:
                 "--mesh-key-file", str(self.key), "--preset", preset,
                 "--ready-file", str(out / "ready.json"), "--log-level", "WARNING", *extra]
         if i > 0:
-            argv += ["--join", self.addresses[0]]
+            argv += ["--join", join or self.addresses[0]]
         worker = Worker(i, out, self.wrap_node(i, argv))
         worker.start(self.env)
         self.nodes.append(worker)

@@ -10,10 +10,15 @@ built-in char GPT through ``python -m node train``. The parts:
     time to a fixed validation loss with 1, 2, 4, 8 workers at one global batch, against one
     worker at that batch and at its own best batch, in sync and DiLoCo mode.
 
+``newcomer`` (``newcomer.py``)
+    a node joins a running job of ``--k`` workers: the state download (from the newcomer's blob
+    store) against 1.2 x state bytes / bandwidth, join -> first contribution (the records'
+    ``JOINED``/``ACTIVE`` events), the others' step time before vs during the join.
+
 A part is a module of this package with ``add_arguments(parser)`` (its own options; the
-common ones are added here) and ``run(args) -> int``, registered in ``PARTS``. The newcomer
-part (a newcomer contributing within 1.2 x state bytes / bandwidth, the others' steps within
-10 %) and the churn part slot in there, on ``EmulatedCluster`` too.
+common ones are added here) and ``run(args) -> int``, registered in ``PARTS``. ``follow.py``
+observes a running job from outside the nodes (the train CLI's lines, a node's blob store);
+``records.py`` fetches a job's committed records with their events.
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ class Part(NamedTuple):
     help: str
 
 
-#: ``--part`` name -> the module that measures it. Next here: ``newcomer``, ``churn``.
+#: ``--part`` name -> the module that measures it.
 PARTS: dict[str, Part] = {
     "speedup": Part("simulations.bench_elastic.speedup",
                     "time to a target validation loss with N workers vs one, at one global batch"),
+    "newcomer": Part("simulations.bench_elastic.newcomer",
+                     "a node joins a running job: state download vs 1.2 x S/B, join -> first "
+                     "contribution, the others' step time before vs during"),
 }
 
 

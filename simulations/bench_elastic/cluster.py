@@ -8,6 +8,15 @@ cores (no caps with ``cap=0``) and, with a ``rate``, in namespace ``i`` of a ``S
 too; ``CgroupWatch`` checks that while a job runs, from ``/proc``. The submitter (``train``,
 ``cli``) runs in node 0's namespace but outside the caps: it stands for the user's own machine.
 
+``spare=m`` makes room (a cgroup, a namespace) for ``m`` more machines that ``start_next()``
+starts later, e.g. a newcomer joining a running job; ``client=True`` puts the submitter on a
+machine of its own (an uncapped namespace with a link like the others', no node), so it keeps
+its connections when any node dies: ``client_argv``/``client_cli`` run the CLI there against
+node ``i``. ``kill_machine(i)`` is a machine's death: SIGKILL to every process of node ``i``
+(its cgroup, or its process tree without caps), then its link goes down, so it falls silent as
+a powered-off machine does instead of refusing connections. ``node_id(i)`` is node ``i``'s id
+(hex, from its ready file).
+
 ``close()`` kills the nodes, what is left in their cgroups (orphaned training processes) and
 removes the groups and namespaces, whatever happened; ``unavailable(cap=, rate=)`` tells why
 the cluster cannot be built here (root, cgroup v1 cpu, ip netns, tc).
@@ -15,7 +24,12 @@ the cluster cannot be built here (root, cgroup v1 cpu, ip netns, tc).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +41,7 @@ from simulations import cpucaps, netshape
 from simulations.benchmesh import BenchMesh
 from simulations.cpucaps import CpuCaps, group_of
 from simulations.netshape import ShapedNet
+from simulations.nodeprocs import REPO_ROOT, wait_for
 
 TRAIN_WORKER = "node.training.train_worker"
 """What a node's training process runs (``python -m node.training.train_worker``)."""
@@ -45,11 +60,16 @@ class EmulatedCluster(BenchMesh):
     """``n`` capped, shaped node processes and a submitter key (module docstring)."""
 
     def __init__(self, root: Path, *, n: int, cap: float, rate: str | None, preset: str = "local",
-                 ready_s: float = 120.0) -> None:
+                 ready_s: float = 120.0, spare: int = 0, client: bool = False) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.submitter = root / "submitter.key"
-        net = ShapedNet(n, rate=rate) if rate else None
-        self.caps = CpuCaps(n, cores=cap) if cap > 0 else None
+        self.preset, self.ready_s = preset, ready_s
+        self.slots = n + spare
+        """Machines this cluster can hold: ``n`` started now, ``spare`` by ``start_next``."""
+        net = ShapedNet(self.slots + (1 if client else 0), rate=rate) if rate else None
+        self.client_slot = self.slots if client and net is not None else 0
+        """The namespace the submitter runs in (node 0's unless ``client``)."""
+        self.caps = CpuCaps(self.slots, cores=cap) if cap > 0 else None
         super().__init__(root, net=net, owner=public_key_of(load_or_create_submitter_key(self.submitter)))
         try:
             if self.caps is not None:
@@ -62,6 +82,55 @@ class EmulatedCluster(BenchMesh):
         except BaseException:
             self.close()
             raise
+
+    def start_next(self, *, join: int | None = None) -> int:
+        """Start the next spare machine's node, joining through node ``join`` (default: the
+        first); its index."""
+        i = len(self.nodes)
+        if i >= self.slots:
+            raise RuntimeError(f"no spare machine left ({self.slots} made)")
+        self.start(preset=self.preset, ready_s=self.ready_s,
+                   join=self.addresses[join] if join is not None else None)
+        return i
+
+    def node_id(self, i: int, timeout: float = 60.0) -> str:
+        """Node ``i``'s id, hex (its ready file, waited for)."""
+        worker = self.nodes[i]
+        wait_for(worker.ready_file.exists, timeout, what=f"node {i}'s ready file", detail=worker.log_text)
+        node_id: str = json.loads(worker.ready_file.read_text())["node_id"]
+        return node_id
+
+    def kill_machine(self, i: int) -> list[int]:
+        """SIGKILL every process of machine ``i`` and take its link down (module docstring);
+        the pids killed."""
+        worker = self.nodes[i]
+        pids: list[int] = []
+        if self.caps is not None:
+            pids = self.caps.members(i)
+        elif worker.proc is not None:
+            pids = [worker.proc.pid, *descendants(worker.proc.pid, _processes())]
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        worker.kill()
+        if self.net is not None:
+            subprocess.run(["ip", "-n", self.net.namespaces[i], "link", "set", "eth0", "down"],
+                           capture_output=True, check=False)
+        return pids
+
+    def client_argv(self, i: int, *args: str) -> list[str]:
+        """``python -m node ARGS --connect node i``, where the submitter runs."""
+        argv = [sys.executable, "-m", "node", *args, "--connect", self.addresses[i], "--mesh-key-file", str(self.key)]
+        return self.wrap(self.client_slot, argv) if self.net is not None else argv
+
+    def client_cli(self, i: int, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.client_argv(i, *args), capture_output=True, text=True, timeout=timeout,
+                              env=self.env, cwd=REPO_ROOT)
+
+    def client_module(self, module: str, *args: str) -> list[str]:
+        """``python -m MODULE ARGS``, where the submitter runs."""
+        argv = [sys.executable, "-m", module, *args]
+        return self.wrap(self.client_slot, argv) if self.net is not None else argv
 
     def wrap_node(self, i: int, argv: list[str]) -> list[str]:
         inner = self.wrap(i, argv)

@@ -33,7 +33,7 @@ from simulations.nodeprocs import REPO_ROOT
 
 def test_options_and_parts() -> None:
     args = build_parser(["bench", "elastic"]).parse_args(["bench", "elastic"])
-    assert args._run is run_elastic and args.part == "speedup" and set(PARTS) == {"speedup"}
+    assert args._run is run_elastic and args.part == "speedup" and set(PARTS) >= {"speedup", "newcomer"}
     assert (args.workers, args.modes, args.cap, args.shape, args.global_batch, args.single_batches) == (
         "1,2,4,8", "sync,diloco", 0.2, "100mbit", 8, "1")
     assert parse_counts("1,2, 4,8", "--workers") == [1, 2, 4, 8] and parse_counts("", "x") == []
