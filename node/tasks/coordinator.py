@@ -270,8 +270,11 @@ class TaskRecord:
         if not self.is_coordinator or self.cancelled:
             return
         att = self.attempts.get(attempt)
+        mine = att is not None and att.worker == worker
+        if not mine and not self.kind.stale_outcomes:
+            return
         entries = self.kind.on_outcomes(outcomes, worker=worker, now=now)
-        if att is not None and att.worker == worker:
+        if att is not None and mine:
             att.indices.difference_update(o.index for o in outcomes)
             att.deadline = now + self.settings.lease_s
             heapq.heappush(self._leases, (att.deadline, attempt))

@@ -32,6 +32,9 @@ class Kind(Protocol):
     retried: int
     retried_recorded: int
     outcomes: dict[int, Outcome]
+    stale_outcomes: bool
+    """Whether outcomes of attempts this coordinator did not hand out (an earlier ballot's) are
+    taken: yes for independent subtasks, no for a training job's seats (a deposed plan's)."""
 
     def finished(self) -> bool: ...
 

@@ -73,6 +73,7 @@ class MapKind:
     """The same, counted from the recorded outcomes' attempts (what a replica knows)."""
     running: int = 0
     outcomes: dict[int, Outcome] = field(init=False)
+    stale_outcomes: bool = True  # a subtask's result is its result, whichever ballot handed it out
     """Recorded (committed) outcomes, by index."""
     _held: set[int] = field(init=False)  # an entry is being replicated: never dispatch again
     _lost_for_good: list[bytes] = field(init=False)

@@ -91,6 +91,9 @@ BASE_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
 #: Group changes kept for ``progress()`` (the records hold them all).
 KEEP_EVENTS = 64
+#: A seat's index is (plan number mod 2**23, rank); a plan number is (epoch mod 2**EPOCH_BITS,
+#: plans of that epoch), so a successor's seats never take a deposed plan's late reports.
+EPOCH_BITS, PLAN_BITS = 11, 12
 #: Most workers remembered in ``workers_seen``.
 MAX_SEEN = 4 * MAX_GROUP
 
@@ -146,6 +149,8 @@ class TrainKind:
     retried: int = 0
     retried_recorded: int = 0
     outcomes: dict[int, Outcome] = field(default_factory=dict)
+    stale_outcomes: bool = False  # a seat belongs to the plan that handed it out
+    _epoch: int = -1  # the ballot epoch of the last plan
     epoch: int = 0
     _plan: _Plan | None = None
     _plans: int = 0
@@ -225,6 +230,9 @@ class TrainKind:
         final = end >= s.steps
         checkpoint = final or (end // s.checkpoint_every > start // s.checkpoint_every)
         evaluate = final or (end // s.eval_every > start // s.eval_every)
+        if epoch != self._epoch:  # plan numbers (and seat indices) do not repeat across epochs
+            self._epoch = epoch
+            self._plans = max(self._plans, (epoch % (1 << EPOCH_BITS)) << PLAN_BITS)
         self._plans += 1
         dealt = elastic.deal(s.shards, active)
         seats = {}
@@ -319,10 +327,11 @@ class TrainKind:
         p = self._plan
         if p is None or not p.resolved():
             return []
+        share = self._share_of(p)
         by_state: dict[bytes, list[int]] = {}
         for r, report in p.reports.items():
             by_state.setdefault(report.state, []).append(r)
-        if not by_state:
+        if not any(share(r) > 0 for r in p.reports):  # listeners alone cannot vouch for a segment
             self._plan = None
             self._failures += 1
             self.retried += 1
@@ -334,11 +343,11 @@ class TrainKind:
             self._retry_at = now + min(MAX_BACKOFF_S, BASE_BACKOFF_S * 2 ** (self._failures - 1))
             self.failure = last
             return []
-        # The reports that agree with the most others (with rank 0 first among equals).
-        ranks = max(by_state.values(), key=lambda rs: (len(rs), -min(rs)))
+        # The reports that agree with the most active ranks, then the most others (with rank 0
+        # first among equals): a listener's replay confirms the state, it cannot outvote it.
+        ranks = max(by_state.values(), key=lambda rs: (sum(share(r) > 0 for r in rs), len(rs), -min(rs)))
         reports = [p.reports[r] for r in sorted(ranks)]
-        share = self._share_of(p)
-        trained = [(p.reports[r], share(r)) for r in sorted(ranks) if share(r) > 0] or [(reports[0], 1)]
+        trained = [(p.reports[r], share(r)) for r in sorted(ranks) if share(r) > 0]
         weight = sum(w for _, w in trained)
         steps = p.end - p.start
         losses = tuple(sum(rep.losses[i] * w for rep, w in trained) / weight for i in range(steps))

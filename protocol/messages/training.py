@@ -142,6 +142,9 @@ class JobSpec(Struct):
             problems.append(f"segment_steps must be 1..{MAX_SEGMENT_STEPS}")
         if not 1 <= self.shards <= MAX_SHARDS:
             problems.append(f"shards must be 1..{MAX_SHARDS}")
+        if self.workers_min > min(self.shards, self.batch or self.workers_min):
+            problems.append(f"workers_min {self.workers_min} exceeds the shards or the global batch "
+                            "(a worker needs at least one of each): the job could never start")
         if self.resume_step > self.steps:
             problems.append("resume_step is past the job's steps")
         if self.data is None and (self.data_name or self.data_bytes or self.data_holders):

@@ -325,7 +325,9 @@ class Mesh:
             t.rounds = {r: 1 if crash.get(r, steps) == steps else 0 for r in range(len(t.group))}
             rounds = [sum(1 for r in range(len(t.group)) if t.shares[r] and t.rounds[r])]
         active = sum(1 for share in t.shares if share)
-        ok = min(rounds) >= min(s.workers_min, active)
+        # a segment commits when its rounds had enough trained contributions and an active rank
+        # reports (listeners confirm the state; alone they cannot vouch for it)
+        ok = min(rounds) >= min(s.workers_min, active) and any(t.shares[r] and r not in crash for r in t.seats)
         digest = hashlib.sha256(f"{self.epoch}:{len(self.tries)}".encode()).digest()
         began = self.now
         events: list[tuple[float, int, int, Outcome | None]] = []
@@ -464,12 +466,10 @@ def test_the_schedules_are_not_vacuous() -> None:
         assert wanted <= {what for what, n in seen.items() if n > 0}, (mode, seen)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trainkind: a successor's fresh TrainKind numbers its plans from 1 again and a seat's index is "
-    "(plan number, rank) without the epoch, so a late report of the deposed coordinator's plan 1 "
-    "(workers send results to the newest ballot they know, and TaskRecord.on_outcomes hands any "
-    "attempt's outcomes to the kind) is taken as the successor's seat of the same rank"))
 def test_a_successor_does_not_take_a_deposed_plans_late_report() -> None:
+    """Workers send results to the newest ballot they know: a seat of the deposed coordinator's
+    plan must not pass for the successor's seat of the same rank (plan numbers are per epoch;
+    ``TaskRecord`` also drops a train task's outcomes of attempts it did not hand out)."""
     sub, inputs = submission(dict(steps=40, segment_steps=20, shards=6, batch=6, workers_min=2))
     a, b, c = rank(TASK, [node(i) for i in range(3)])
     deposed = TrainKind(sub, inputs)
@@ -494,3 +494,15 @@ def test_a_successor_does_not_take_a_deposed_plans_late_report() -> None:
     record = decode_struct(SegmentRecord, entry[1:], what="SegmentRecord")
     assert record.finished == (a, b) and record.state == b"g" * 32
     assert record.cursors == tuple(ShardCursor(shard=sh, position=20) for sh in range(6))
+
+
+def test_a_job_that_could_never_start_is_refused() -> None:
+    """A worker needs a shard and a micro-batch: more ``workers_min`` than either is an error, not a
+    job that waits for good."""
+    from protocol.errors import LocalProtocolError
+
+    with pytest.raises(LocalProtocolError, match="could never start"):
+        JobSpec(steps=10, workers_min=3, shards=2)
+    with pytest.raises(LocalProtocolError, match="could never start"):
+        JobSpec(steps=10, workers_min=3, batch=2)
+    assert JobSpec(steps=10, workers_min=3, shards=3, batch=3).workers_min == 3
