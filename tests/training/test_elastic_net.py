@@ -4,8 +4,9 @@
   state while the others train and replays the segment's round means), reports the same state
   bytes as the others at the end of that segment, and from the next one trains with a share of
   the global batch, which stays the same every segment; ``jobs --json`` and the summary show it.
-* The job's coordinator is ``kill -9``ed mid-job: a successor takes the job over from the
-  replicated log, the survivors go on, and the job completes with the dead node's loss recorded.
+* The job's coordinator and the node ``train`` talks to are ``kill -9``ed at once mid-job: a
+  task replica takes the job over from the replicated log, the survivors go on, ``train``
+  follows through another member, and the job completes with both deaths recorded.
 
 The job is a tiny char GPT; a segment is 4 steps so that group changes come quickly.
 """
@@ -107,28 +108,34 @@ def test_a_node_that_joins_mid_job_listens_then_trains_with_the_same_parameters(
         mesh.close()
 
 
-def test_the_job_completes_after_its_coordinator_is_killed(tmp_path: Path) -> None:
+def test_the_job_completes_after_its_coordinator_and_the_submitters_node_are_killed(tmp_path: Path) -> None:
+    """Two nodes at once, the coordinator among them, and the one ``train`` talks to: a task
+    replica takes the job over, ``train`` follows it through another member, 2 workers remain."""
     mesh = LocalMesh(tmp_path / "mesh", preset="local")
     try:
-        nodes = start_mesh(mesh, 3)
-        proc = train(mesh, nodes[0], 80, "--workers", "2-3")
+        nodes = start_mesh(mesh, 4)
+        proc = train(mesh, nodes[0], 80, "--workers", "2-4")
         wait_for(lambda: (j := jobs(mesh, nodes)) is not None and j["step"] >= 8, 120,
                  what="the job to reach step 8")
         row = jobs(mesh, nodes)
         assert row is not None
-        (victim,) = [n for n in nodes if n.node_id == row["coordinator"]]
-        victim.kill()
-        survivors = [n for n in nodes if n is not victim]
+        (coordinator,) = [n for n in nodes if n.node_id == row["coordinator"]]
+        victims = [coordinator, nodes[0] if coordinator is not nodes[0] else nodes[1]]
+        for victim in victims:
+            victim.kill()
+        survivors = [n for n in nodes if n not in victims]
         result = finish(proc, nodes)
         assert result["state"] == "done" and result["steps"] == 80, result
         assert result["val_loss"] is not None and math.isfinite(result["val_loss"])
 
         records = segment_records(mesh, survivors[0], result["job"])
         assert [r.end for r in records] == list(range(4, 81, 4))  # every segment committed once
-        assert set(records[-1].finished) <= {bytes.fromhex(n.node_id) for n in survivors}
+        assert set(records[-1].finished) == {bytes.fromhex(n.node_id) for n in survivors}
         assert all(len(r.finished) >= 2 for r in records)
         gone = [e for e in result["events"] if e["change"] == "gone"]
-        assert [e["node"] for e in gone] == [victim.node_id], result["events"]
-        assert all(victim.node_id not in (g.hex() for g in r.group) for r in records if r.start > gone[0]["step"])
+        assert sorted(e["node"] for e in gone) == sorted(v.node_id for v in victims), result["events"]
+        last_loss = max(e["step"] for e in gone)
+        assert all(not {v.node_id for v in victims} & {g.hex() for g in r.group}
+                   for r in records if r.start > last_loss)
     finally:
         mesh.close()
