@@ -12,8 +12,8 @@ Rows of ``metrics.jsonl`` (``metrics_rows``), in step order, each a JSON object:
     not finite); ``workers`` is how many finished the segment; ``wall_s`` is seconds since the
     job's first segment began (plus ``started``), the segment's ``wall_s`` spread linearly over
     its steps, so it never decreases. The last step row of each segment also carries the
-    segment's figures: ``tokens``, ``tokens_s`` (tokens / segment wall seconds), ``bytes_sent``,
-    ``compute_s``, ``comm_s`` (worker means) and ``checkpoint`` (bool).
+    segment's figures: ``tokens``, ``tokens_s`` (tokens / segment wall seconds), ``bytes_sent``
+    (summed over the workers), ``compute_s``, ``comm_s`` (worker means) and ``checkpoint`` (bool).
 ``{"step", "val_loss", "segment", "wall_s"}``
     one per segment with a validation loss, right after that segment's last step row (same
     ``step`` and ``wall_s``). A row has exactly one of ``loss`` / ``val_loss``.

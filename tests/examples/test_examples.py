@@ -119,6 +119,8 @@ EXEMPT_COMMANDS: Mapping[str, str] = {
     "python -m simulations tasks --nodes 200 --subtasks 20000 --crash-rate 2 --join-rate 2 --seed 1": (
         _BENCH + "tests/tasks/test_tasks_sim.py runs the simulator on a small mesh"),
     "python -m simulations bench tasks --nodes 3": _BENCH + "tests/tasks/test_bench_tasks.py runs it small",
+    "python -m simulations bench train --steps 200 --inner-steps 50": (
+        _BENCH + "tests/training/test_bench_train.py runs it small"),
     "python -m simulations bench blobs --shape loopback,100mbit": (
         "needs root and network namespaces (--shape), and minutes; tests/blobs/test_bench_blobs.py "
         "runs it small on loopback"),
