@@ -63,12 +63,13 @@ def test_checks_compare_the_runs() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_bench_train_tiny_run() -> None:
+    # ~20 s alone; a loaded 2-core CI box (the whole suite, other node processes) has taken 110 s
     done = subprocess.run(
         [sys.executable, "-m", "simulations", "bench", "train", "--steps", "8", "--model-size", "tiny",
          "--segment-steps", "4", "--inner-steps", "4"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=110)
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["bench"] == "train" and result["failures"] == [] and result["link"]["name"] == "loopback"
