@@ -72,6 +72,8 @@ OPEN_TIMEOUT_S = 180.0
 DILOCO_JOIN_S = 300.0
 #: Seconds a listener waits for another member to begin a round before it gives up.
 LISTEN_S = 900.0
+#: Seconds a leaving node waits for its rounds in flight to finish.
+LEAVE_ROUND_S = 10.0
 #: Bytes of a process's stderr kept for failure reports.
 TAIL_BYTES = 16384
 
@@ -160,6 +162,11 @@ class _Process:
     checkpoint: bytes | None = None
     """The newest checkpoint this node pinned for the job (unpinned when a newer one comes)."""
     attempt: int | None = None
+    between_rounds: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while no all-reduce round of the process is in flight (a leaving node waits for it)."""
+
+    def __post_init__(self) -> None:
+        self.between_rounds.set()
 
     def send(self, obj: Any) -> None:
         self.requests.write(encode_frame(obj))
@@ -222,7 +229,14 @@ class TrainingService:
         self._ctx.spawn(self._reap_idle())
 
     async def close(self) -> None:
+        """Leave: let the rounds in flight finish (at most ``LEAVE_ROUND_S``; no new one starts), so
+        the group averages this node's last contribution, then stop the training processes. The
+        coordinator drops the member at the next boundary (its shards move by what it gave)."""
         self._closed = True
+        rounds = [p.between_rounds.wait() for p in self._jobs.values() if not p.between_rounds.is_set()]
+        if rounds:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*rounds), LEAVE_ROUND_S)
         for p in list(self._jobs.values()):
             p.kill()
         self._jobs.clear()
@@ -329,6 +343,10 @@ class TrainingService:
         shares = seat.shares or (1,) * len(seat.group)
         key = round_key(seat, msg.step)
         active = sum(1 for x in shares if x > 0)
+        if self._closed:
+            p.send({"op": "reduced", "ok": False, "error": "NodeLeaving: this node is leaving the mesh"})
+            return 0
+        p.between_rounds.clear()
         try:
             if shares[seat.rank] == 0:
                 p.buffer[:] = 0.0
@@ -351,6 +369,8 @@ class TrainingService:
         except (StarmeshError, TimeoutError) as exc:
             p.send({"op": "reduced", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
             return 0
+        finally:
+            p.between_rounds.set()
         for r in contributors:
             rounds_of[r] += 1
         sent = max(0, self._allreduce.sent_bytes - before)

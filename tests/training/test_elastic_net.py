@@ -7,6 +7,8 @@
 * The job's coordinator and the node ``train`` talks to are ``kill -9``ed at once mid-job: a
   task replica takes the job over from the replicated log, the survivors go on, ``train``
   follows through another member, and the job completes with both deaths recorded.
+* A worker whose node is stopped (SIGTERM: it leaves the mesh) exits cleanly, is dropped from
+  the group, and the job completes with the others.
 
 The job is a tiny char GPT; a segment is 4 steps so that group changes come quickly.
 """
@@ -137,5 +139,27 @@ def test_the_job_completes_after_its_coordinator_and_the_submitters_node_are_kil
         last_loss = max(e["step"] for e in gone)
         assert all(not {v.node_id for v in victims} & {g.hex() for g in r.group}
                    for r in records if r.start > last_loss)
+    finally:
+        mesh.close()
+
+
+def test_a_worker_that_leaves_gracefully_is_dropped_and_the_job_goes_on(tmp_path: Path) -> None:
+    mesh = LocalMesh(tmp_path / "mesh", preset="local")
+    try:
+        nodes = start_mesh(mesh, 3)
+        proc = train(mesh, nodes[0], 60, "--workers", "2-3")
+        wait_for(lambda: (j := jobs(mesh, nodes)) is not None and j["step"] >= 8, 120,
+                 what="the job to reach step 8")
+        row = jobs(mesh, nodes)
+        assert row is not None
+        (leaver,) = [n for n in nodes[1:] if n.node_id != row["coordinator"]][:1]
+        assert leaver.stop(timeout=20) == 0, leaver.log_text()[-3000:]  # SIGTERM: leave, exit 0
+        result = finish(proc, nodes)
+        assert result["state"] == "done" and result["steps"] == 60, result
+        gone = [e for e in result["events"] if e["change"] == "gone"]
+        assert [e["node"] for e in gone] == [leaver.node_id], result["events"]
+        records = segment_records(mesh, nodes[0], result["job"])
+        assert all(leaver.node_id not in (g.hex() for g in r.group) for r in records if r.start > gone[0]["step"])
+        assert set(records[-1].finished) == {bytes.fromhex(n.node_id) for n in nodes if n is not leaver}
     finally:
         mesh.close()
