@@ -79,9 +79,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--workers", default=None, metavar="MIN[-MAX]",
                    help="workers: at least MIN before it starts and in every round, at most MAX "
                         "(default 1, or N with --local N)")
-    p.add_argument("--global-batch", type=int, default=None, metavar="G",
-                   help="micro-batches (each the job's batch) per optimizer step over the whole "
-                        "group, split over whoever is present (default: MAX of --workers)")
+    p.add_argument("--global-batch", type=int, default=0, metavar="G",
+                   help="a fixed global batch: micro-batches (each the job's batch) per optimizer step "
+                        "over the whole group, split over whoever is present, as hivemind's target batch "
+                        "size (default 0: one micro-batch per worker, so the global batch follows the group)")
     p.add_argument("--local", type=int, default=0, metavar="N",
                    help="start a throwaway mesh of N nodes on this machine, train on it, stop it")
     p.add_argument("--mode", choices=("sync", "diloco"), default="sync",
@@ -156,7 +157,7 @@ def job_spec(args: argparse.Namespace, *, resume: Any = None, data: dict[str, An
             outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, codec=args.codec,
             segment_steps=args.segment_steps, checkpoint_every=args.checkpoint_every,
             eval_every=args.eval_every, shards=args.shards, seed=args.seed, gpus_per_worker=args.gpus_per_worker,
-            threads=args.threads, prune=args.prune, batch=hi if args.global_batch is None else args.global_batch,
+            threads=args.threads, prune=args.prune, batch=args.global_batch,
             quantize=ExportQuantize.INT8 if args.quantize == "int8" else ExportQuantize.NONE, **fields)
     except StarmeshError as exc:
         raise ConfigError(str(exc)) from None
