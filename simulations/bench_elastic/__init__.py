@@ -15,6 +15,11 @@ built-in char GPT through ``python -m node train``. The parts:
     store) against 1.2 x state bytes / bandwidth, join -> first contribution (the records'
     ``JOINED``/``ACTIVE`` events), the others' step time before vs during the join.
 
+``churn`` (``churn.py``)
+    ``--churn-workers`` workers, a machine killed every ``--period`` s (the coordinator among
+    them) and a fresh one joining half a period later: the job finishes, its validation loss
+    against the same job without churn, the time lost per event.
+
 A part is a module of this package with ``add_arguments(parser)`` (its own options; the
 common ones are added here) and ``run(args) -> int``, registered in ``PARTS``. ``follow.py``
 observes a running job from outside the nodes (the train CLI's lines, a node's blob store);
@@ -43,6 +48,9 @@ PARTS: dict[str, Part] = {
     "newcomer": Part("simulations.bench_elastic.newcomer",
                      "a node joins a running job: state download vs 1.2 x S/B, join -> first "
                      "contribution, the others' step time before vs during"),
+    "churn": Part("simulations.bench_elastic.churn",
+                  "a worker kill -9'ed every --period s (the coordinator once) and a node joining: the job "
+                  "finishes, val loss vs no churn, time lost per event"),
 }
 
 

@@ -210,7 +210,7 @@ class CgroupWatch:
     _thread: threading.Thread | None = None
 
     def __enter__(self) -> CgroupWatch:
-        n = len(self.cluster.nodes)
+        n = self.cluster.slots  # the spare machines too: they may start while it watches
         self.training = [set() for _ in range(n)]
         self.strays = [set() for _ in range(n)]
         if self.cluster.caps is not None:
@@ -249,8 +249,8 @@ class CgroupWatch:
     def result(self) -> dict[str, Any]:
         if self.cluster.caps is None:
             return {"checked": False}
-        n = len(self.training)
-        return {"checked": True, "nodes_with_training_process_in_own_group": sum(1 for t in self.training if t),
+        n = len(self.cluster.nodes)
+        return {"checked": True, "nodes_with_training_process_in_own_group": sum(1 for t in self.training[:n] if t),
                 "nodes": n, "strays": sorted(s for group in self.strays for s in group)}
 
 

@@ -7,16 +7,38 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from simulations.__main__ import build_parser
 from simulations.bench_elastic import PARTS
 from simulations.bench_elastic import run as run_elastic
+from simulations.bench_elastic.churn import Event as ChurnEvent
+from simulations.bench_elastic.churn import Run as ChurnRun
+from simulations.bench_elastic.churn import (
+    compare,
+    data_read,
+    event_counts,
+    in_segment_loss,
+    median_step_s,
+    pick_victim,
+)
 from simulations.bench_elastic.cluster import descendants
+from simulations.bench_elastic.follow import BlobWatch, committed_step, submitted_job
+from simulations.bench_elastic.newcomer import (
+    Join,
+    commit_rate,
+    download_bound,
+    join_figures,
+    segment_rows,
+)
+from simulations.bench_elastic.newcomer import Run as NewcomerRun
 from simulations.bench_elastic.speedup import (
     Crossing,
     Run,
@@ -33,7 +55,7 @@ from simulations.nodeprocs import REPO_ROOT
 
 def test_options_and_parts() -> None:
     args = build_parser(["bench", "elastic"]).parse_args(["bench", "elastic"])
-    assert args._run is run_elastic and args.part == "speedup" and set(PARTS) >= {"speedup", "newcomer"}
+    assert args._run is run_elastic and args.part == "speedup" and set(PARTS) == {"speedup", "newcomer", "churn"}
     assert (args.workers, args.modes, args.cap, args.shape, args.global_batch, args.single_batches) == (
         "1,2,4,8", "sync,diloco", 0.2, "100mbit", 8, "1")
     assert parse_counts("1,2, 4,8", "--workers") == [1, 2, 4, 8] and parse_counts("", "x") == []
@@ -168,3 +190,151 @@ def test_bench_elastic_tiny_run(tmp_path: Path) -> None:
     assert set(final["speedup"]["sync"]) == {"1", "2"}
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert _cgroups_of() == []  # the bench's process is gone and left no group behind
+
+
+# ------------------------------------------------------------------------------ newcomer, churn
+
+
+def record(segment: int, start: int, end: int, wall_s: float, events: list[dict[str, object]] | None = None,
+           state: str = "", cursors: list[dict[str, int]] | None = None) -> dict[str, object]:
+    return {"segment": segment, "start": start, "end": end, "wall_s": wall_s, "events": events or [],
+            "state": state or f"s{segment}", "shares": [1, 1], "cursors": cursors or []}
+
+
+def test_join_figures_read_the_newcomers_events_and_the_step_times() -> None:
+    new = "ab" * 32
+    records = [record(0, 0, 10, 30.0), record(1, 10, 20, 10.0), record(2, 20, 30, 12.0),
+               record(3, 30, 40, 11.0, [{"change": "joined", "node": new, "step": 30, "seconds": 1.5}]),
+               record(4, 40, 50, 9.0, [{"change": "active", "node": new, "step": 40, "seconds": 14.0},
+                                       {"change": "gone", "node": "cd" * 32, "step": 40, "reason": "left"}])]
+    j = join_figures(records, new)
+    assert (j.listened, j.active, j.joined_s, j.active_s, j.failed) == (3, 4, 1.5, 14.0, [])
+    assert j.state == "s2" and j.before_segments == [1, 2] and j.next_boundary
+    assert j.before_s == pytest.approx(1.1) and j.during_s == pytest.approx(1.1) and j.change == pytest.approx(0.0)
+    assert join_figures(records, "ef" * 32) == Join()  # never joined: nothing to say
+    late = [*records[:4], record(4, 40, 50, 9.0), records[4] | {"segment": 5, "start": 50, "end": 60}]
+    assert not join_figures(late, new).next_boundary
+    assert download_bound(10_000_000, 12.5e6) == pytest.approx(0.96) and download_bound(1, None) is None
+    assert commit_rate([(1.0, 10), (3.0, 20), (6.0, 40)], 10, 40) == pytest.approx(5.0 / 30)
+    assert commit_rate([(1.0, 10)], 10, 40) is None
+    assert segment_rows(records[:1]) == [[0, 0, 10, 3.0, [1, 1]]]
+
+
+def test_newcomer_checks() -> None:
+    run = NewcomerRun("sync", 2, state_bytes=10_000_000, bytes_per_s=12.5e6, download_s=0.9)
+    run.join = Join(listened=3, active=4, before_s=1.0, during_s=1.2)
+    got = {c["what"]: c["pass"] for c in run.checks()}
+    assert got == {"state download vs 1.2 x state bytes / bandwidth": True,
+                   "active at the first boundary after listening": True,
+                   "others' step time during the join vs before": False}
+    assert NewcomerRun("sync", 2).checks() == []
+
+
+def test_the_train_cli_lines_and_the_blob_store_watch(tmp_path: Path) -> None:
+    assert committed_step("step 40/200 (live 43)  loss 2.1  val 2.3") == 40 and committed_step("data x") is None
+    assert submitted_job("job " + "0f" * 16 + " submitted: charlm") == "0f" * 16
+    blob = "ab" * 32
+    watch = BlobWatch(tmp_path, origin=time.monotonic())
+    watch.sample()
+    assert watch.fetches == {}
+    (tmp_path / "partial" / blob).mkdir(parents=True)
+    watch.sample()
+    (tmp_path / "partial" / blob / "0").write_bytes(b"x")
+    watch.sample()
+    (tmp_path / blob).write_bytes(b"x" * 100)
+    watch.sample()
+    f = watch.fetches[blob]
+    assert f.began is not None and f.first_chunk is not None and f.done is not None and f.size == 100
+    assert f.began <= f.first_chunk <= f.done and f.seconds == f.done - f.began
+
+
+def test_pick_victim_takes_the_coordinator_once_and_workers_otherwise() -> None:
+    alive = {"a": 0, "b": 1, "c": 2, "d": 3}
+    rng = random.Random(0)
+    assert pick_victim(number=2, coordinator_kill=2, coordinator="b", group=["a", "b", "c"], alive=alive,
+                       rng=rng) == (1, True)
+    for _ in range(20):
+        i, coord = pick_victim(number=1, coordinator_kill=2, coordinator="b", group=["a", "b", "c"],
+                               alive=alive, rng=rng) or (None, None)
+        assert i in (0, 2) and coord is False  # a group member, never the coordinator
+    assert pick_victim(number=1, coordinator_kill=2, coordinator="b", group=["b"], alive=alive,
+                       rng=rng) in ((0, False), (2, False), (3, False))
+    assert pick_victim(number=1, coordinator_kill=1, coordinator="z", group=[], alive={"z": 5},
+                       rng=rng) == (5, True)
+    assert pick_victim(number=1, coordinator_kill=2, coordinator="z", group=[], alive={"z": 5}, rng=rng) is None
+
+
+def test_churn_figures_and_comparison() -> None:
+    gone = [{"change": "gone", "node": "aa", "step": 10, "reason": "its worker left the mesh"}]
+    joined = [{"change": "joined", "node": "bb", "step": 20, "seconds": 0.5}]
+    cursors = [{"shard": 0, "position": 50}, {"shard": 1, "position": 48}]
+    records = [record(0, 0, 10, 20.0), record(1, 10, 20, 15.0, gone), record(2, 20, 30, 12.0, joined),
+               record(3, 30, 40, 10.0, cursors=cursors)]
+    assert event_counts(records) == {"joined": 1, "active": 0, "gone": 1, "failed": 0}
+    assert data_read(records) == 98 and data_read([]) is None
+    assert median_step_s(records) == pytest.approx(1.2)
+    assert in_segment_loss(records, 1.0) == pytest.approx(5.0 + 2.0) and in_segment_loss(records, None) is None
+    churn = ChurnRun("sync", "churn", 6, steps=40, steps_done=40, state="done", val_loss=2.05, wall_s=130.0,
+                     records=records, events=[ChurnEvent(5.0, "kill", 3, "aa", 10, True),
+                                              ChurnEvent(9.0, "join", 6, "bb", 10)])
+    base = ChurnRun("sync", "baseline", 6, steps=40, steps_done=40, state="done", val_loss=2.0, wall_s=100.0,
+                    records=[record(0, 0, 10, 20.0), record(1, 10, 40, 30.0)])
+    c = compare(churn, base, global_batch=3)
+    assert c["val_loss_change"] == pytest.approx(0.025) and c["lost_s"] == pytest.approx(30.0)
+    assert c["lost_per_event_s"] == pytest.approx(15.0) and c["lost_per_death_s"] == pytest.approx(30.0)
+    assert c["lost_in_segments_s"] == pytest.approx(15.0 - 10.0 + 12.0 - 10.0)
+    assert (c["data_read"], c["data_expected"]) == (98, 120)
+    assert [ch["pass"] for ch in c["checks"]] == [True, True, True]
+    assert compare(churn, None, global_batch=3)["checks"][-1]["what"] == "the coordinator among the victims"
+    assert churn.as_json()["coordinator_killed"] and churn.as_json()["deaths"] == 1
+
+
+def _final_json(done: subprocess.CompletedProcess[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return lines[:-1], lines[-1]
+
+
+def _tiny(part: str, *args: str) -> list[str]:
+    """Uncapped on loopback (the caps are checked by the speedup run above: a capped tiny job with
+    a newcomer or a death takes minutes on 2 cores), so it runs without root too."""
+    return [sys.executable, "-m", "simulations", "bench", "elastic", "--part", part, "--modes", "sync",
+            "--cap", "0", "--shape", "loopback", "--model-size", "tiny", "--json", *args]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(200)
+def test_bench_elastic_newcomer_tiny_run(tmp_path: Path) -> None:
+    done = subprocess.run(_tiny("newcomer", "--segment-steps", "200", "--newcomer-steps", "1600", "--join-after",
+                                "1", "--global-batch", "3", "--dir", str(tmp_path)),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=190)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs, final = _final_json(done)
+    assert final["part"] == "newcomer" and final["failures"] == [] and final["link"]["delay_emulated"] is False
+    (r,) = final["runs"]
+    assert [x["run"] for x in runs] == [r]
+    assert r["listened_segment"] is not None and r["active_segment"] is not None and r["newcomer_failed"] == []
+    assert r["state_bytes"] and r["download_s"] is not None and r["blob_is_listener_state"] is True
+    assert r["step_s_before"] is not None and r["step_s_during"] is not None
+    assert {c["what"] for c in r["checks"]} == {"active at the first boundary after listening",
+                                                "others' step time during the join vs before"}  # no link rate
+    assert any(e["change"] == "joined" for e in r["events"]) and any(e["change"] == "active" for e in r["events"])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(200)
+def test_bench_elastic_churn_tiny_run(tmp_path: Path) -> None:
+    done = subprocess.run(_tiny("churn", "--segment-steps", "100", "--churn-steps", "1200", "--churn-workers", "3",
+                                "--churn-min", "1", "--period", "8", "--max-events", "1", "--coordinator-kill", "1",
+                                "--no-baseline", "--global-batch", "3", "--dir", str(tmp_path)),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=190)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs, final = _final_json(done)
+    assert final["part"] == "churn" and final["failures"] == []
+    (r,) = final["runs"]
+    assert [x["run"] for x in runs] == [r]
+    assert r["finished"] and r["deaths"] == 1 and r["joins"] == 1 and r["coordinator_killed"]
+    assert [e["kind"] for e in r["bench_events"]] == ["kill", "join"]
+    assert r["group_events"]["gone"] >= 1 and r["data_read"] is not None
+    (comparison,) = final["comparisons"]
+    assert {c["what"]: c["pass"] for c in comparison["checks"]} == {"the job under churn finished": True,
+                                                                   "the coordinator among the victims": True}
