@@ -367,7 +367,11 @@ class TrainingService:
             if total != len(contributors):
                 p.buffer *= np.float32(len(contributors) / total)
         except (StarmeshError, TimeoutError) as exc:
-            p.send({"op": "reduced", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            error = f"{type(exc).__name__}: {exc}"
+            if shares[seat.rank] == 0:  # most often: its training process was still starting
+                error = (f"ListenerLate: a listener missed the round of step {msg.step} ({error}); "
+                         "it listens again from the next segment")
+            p.send({"op": "reduced", "ok": False, "error": error[:2000]})
             return 0
         finally:
             p.between_rounds.set()
@@ -467,7 +471,7 @@ class TrainingService:
                 "options": options, "mode": spec.mode, "outer_lr": spec.outer_lr,
                 "outer_momentum": spec.outer_momentum, "threads": threads, "cpus": cpus,
                 "prune": spec.prune, "quantize": spec.quantize.name.lower(), "work": str(p.work),
-                "gpus": spec.gpus_per_worker})
+                "gpus": spec.gpus_per_worker, "local_ranks": spec.local_ranks})
         opened = await p.receive()
         if isinstance(opened, sf.Failed):
             f = opened.failure

@@ -364,7 +364,8 @@ class TrainKind:
         events += [GroupEvent(change=GroupChange.GONE, node=p.group[r], step=p.start, reason=why[:200])
                    for r, why in sorted(p.lost.items())]
         events += [GroupEvent(change=GroupChange.FAILED, node=p.group[r], step=p.start,
-                              reason=f"{f.type}: {f.message}"[:200]) for r, f in sorted(p.failed.items())]
+                              reason=f"{f.type}: {(f.message.splitlines() or [''])[0]}"[:200])
+                   for r, f in sorted(p.failed.items())]
         events += [GroupEvent(change=GroupChange.FAILED, node=p.group[r], step=p.start,
                               reason="its state disagreed with the group's")
                    for r in sorted(p.reports) if r not in ranks]

@@ -33,9 +33,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 FAST = ("--threads", "1", "--segment-steps", "4", "--eval-every", "40", "--checkpoint-every", "8")
 
 
-def train(mesh: LocalMesh, node: NodeProcess, steps: int, *args: str) -> subprocess.Popen[str]:
+def train(mesh: LocalMesh, node: NodeProcess, steps: int, *args: str, progress: bool = False) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "node", "train", "--model", "charlm", "--steps", str(steps), "--json",
-            "--no-progress", *FAST, *args, "--connect", node.address, "--mesh-key-file", str(mesh.mesh_key)]
+            *(() if progress else ("--no-progress",)), *FAST, *args, "--connect", node.address, "--mesh-key-file", str(mesh.mesh_key)]
     for item in TINY:
         argv += ["--job-arg", item]
     return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -55,7 +55,8 @@ def jobs(mesh: LocalMesh, nodes: list[NodeProcess]) -> dict[str, Any] | None:
     return None
 
 
-def finish(proc: subprocess.Popen[str], nodes: list[NodeProcess]) -> dict[str, Any]:
+def finish(proc: subprocess.Popen[str], nodes: list[NodeProcess]) -> tuple[dict[str, Any], str]:
+    """The final JSON line of ``train`` and its stderr (progress and group changes)."""
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -63,14 +64,14 @@ def finish(proc: subprocess.Popen[str], nodes: list[NodeProcess]) -> dict[str, A
         stdout, stderr = proc.communicate()
     done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert proc.returncode == 0, f"{stdout}\n{stderr}\n" + "\n".join(n.log_text()[-3000:] for n in nodes)
-    return final_json(done)
+    return final_json(done), stderr
 
 
 def test_a_node_that_joins_mid_job_listens_then_trains_with_the_same_parameters(tmp_path: Path) -> None:
     mesh = LocalMesh(tmp_path / "mesh", preset="local")
     try:
         nodes = start_mesh(mesh, 2)
-        proc = train(mesh, nodes[0], 120, "--workers", "2-3", "--global-batch", "3")
+        proc = train(mesh, nodes[0], 120, "--workers", "2-3", "--global-batch", "3", progress=True)
         wait_for(lambda: (j := jobs(mesh, nodes)) is not None and j["step"] >= 8, 120,
                  what="the job to reach step 8")
         newcomer = mesh.add(seeds=[nodes[0].address])
@@ -79,18 +80,26 @@ def test_a_node_that_joins_mid_job_listens_then_trains_with_the_same_parameters(
                  what="the newcomer to be counted among the workers")
         row = jobs(mesh, nodes)
         assert row is not None and row["batch"] == 3
-        result = finish(proc, [*nodes, newcomer])
+        result, shown = finish(proc, [*nodes, newcomer])
         assert result["state"] == "done" and result["steps"] == 120
+        # the progress view and jobs show the change as it commits
+        assert f"+ {newcomer.node_id[:8]} joined (listening" in shown, shown
+        assert f"+ {newcomer.node_id[:8]} trains: first contribution" in shown, shown
+        listed = cli(mesh, nodes[1], "jobs", timeout=30).stdout
+        assert f"+ {newcomer.node_id[:8]} trains: first contribution" in listed, listed
 
         records = segment_records(mesh, nodes[1], result["job"])
         joined = newcomer.node_id
         listening = [r for r in records if joined in (g.hex() for g in r.group)
                      and r.shares[[g.hex() for g in r.group].index(joined)] == 0]
         assert listening, "the newcomer never listened"
-        first = listening[0]
-        ids = [g.hex() for g in first.group]
-        # it listened at the end of the group, fetched the state, replayed: the same state bytes
-        assert ids[-1] == joined and joined in (f.hex() for f in first.finished), first
+        # it listened at the end of the group, fetched the state, replayed: the same state bytes.
+        # (A listener whose training process was still starting when the segment's first round
+        # began is dropped from that round: it listens again in the next segment, warm.)
+        assert all([g.hex() for g in r.group][-1] == joined for r in listening)
+        assert all("ListenerLate" in e.reason for r in listening[:-1] for e in r.events if e.change.name == "FAILED")
+        first = listening[-1]
+        assert joined in (f.hex() for f in first.finished), [e.reason for e in first.events]
         assert sorted(first.shares) == [0, 1, 2]
         later = [r for r in records if r.start >= first.end]
         assert later and joined in (g.hex() for g in later[0].group), later[:1]
@@ -126,7 +135,7 @@ def test_the_job_completes_after_its_coordinator_and_the_submitters_node_are_kil
         for victim in victims:
             victim.kill()
         survivors = [n for n in nodes if n not in victims]
-        result = finish(proc, nodes)
+        result, _ = finish(proc, nodes)
         assert result["state"] == "done" and result["steps"] == 80, result
         assert result["val_loss"] is not None and math.isfinite(result["val_loss"])
 
@@ -154,7 +163,7 @@ def test_a_worker_that_leaves_gracefully_is_dropped_and_the_job_goes_on(tmp_path
         assert row is not None
         (leaver,) = [n for n in nodes[1:] if n.node_id != row["coordinator"]][:1]
         assert leaver.stop(timeout=20) == 0, leaver.log_text()[-3000:]  # SIGTERM: leave, exit 0
-        result = finish(proc, nodes)
+        result, _ = finish(proc, nodes)
         assert result["state"] == "done" and result["steps"] == 60, result
         gone = [e for e in result["events"] if e["change"] == "gone"]
         assert [e["node"] for e in gone] == [leaver.node_id], result["events"]
