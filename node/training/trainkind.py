@@ -246,8 +246,11 @@ class TrainKind:
         events = [GroupEvent(change=GroupChange.JOINED, node=n, step=start,
                              seconds=max(0.0, now - self._first_seen.get(n, now)))
                   for n in admission.listeners]
+        # join -> first contribution; for last segment's listeners at least their JOINED seconds
+        # plus that segment's wall time, which the records keep (a successor saw them just now)
+        joined = {e.node: e.seconds + last.wall_s for e in last.events if e.change is GroupChange.JOINED} if last else {}
         events += [GroupEvent(change=GroupChange.ACTIVE, node=n, step=start,
-                              seconds=max(0.0, now - self._first_seen.pop(n, now)))
+                              seconds=max(0.0, now - self._first_seen.pop(n, now), joined.get(n, 0.0)))
                    for n in admission.active if self.records and (n not in set(previous) or n in listened)]
         events += [GroupEvent(change=GroupChange.GONE, node=n, step=start, reason="not live at the segment boundary")
                    for n in previous if n not in live]

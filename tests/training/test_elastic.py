@@ -506,3 +506,40 @@ def test_a_job_that_could_never_start_is_refused() -> None:
     with pytest.raises(LocalProtocolError, match="could never start"):
         JobSpec(steps=10, workers_min=3, batch=2)
     assert JobSpec(steps=10, workers_min=3, shards=3, batch=3).workers_min == 3
+
+
+def test_join_to_first_contribution_survives_a_takeover() -> None:
+    """``ACTIVE.seconds`` counts from when the coordinator first saw the newcomer; a successor
+    that only saw it at takeover still reports at least the JOINED seconds plus the listening
+    segment's wall time, which the records keep."""
+    sub, inputs = submission(dict(steps=30, segment_steps=10, shards=4, workers_min=2))
+    a, b, c = rank(TASK, [node(i) for i in range(3)])
+
+    def run_segment(k: TrainKind, live: list[bytes], now: float, wall: float) -> SegmentRecord:
+        assert k.plan(live, task_id=TASK, epoch=1, now=now) == ""
+        items = {w: k.take(1, worker=w, now=now)[0] for w in live}
+        entries = []
+        for w, item in items.items():
+            seat = decode_struct(Seat, item.input, what="Seat")
+            report = SeatReport(end=seat.end, losses=(1.0,) * (seat.end - seat.start), state=b"s" * 32,
+                                cursors=tuple(ShardCursor(shard=x.shard, position=x.position + 10)
+                                              for x in seat.cursors))
+            entries += k.on_outcomes([Outcome(index=item.index, ok=True, value=encode_struct(report))],
+                                     worker=w, now=now + wall)
+        (entry,) = entries
+        assert k.apply(entry)
+        return decode_struct(SegmentRecord, entry[1:], what="SegmentRecord")
+
+    k = TrainKind(sub, inputs)
+    run_segment(k, [a, b], 0.0, 5.0)
+    k.plan([a, b, c], task_id=TASK, epoch=1, now=6.0)  # c is first seen here ...
+    k.requeue_running(now=7.0)  # (that plan is dropped, as after a takeover of the same kind)
+    listened = run_segment(k, [a, b, c], 9.0, 5.0)  # ... and listens from 9 s
+    (joined,) = [e for e in listened.events if e.change is GroupChange.JOINED]
+    assert joined.node == c and joined.seconds == 3.0 and listened.shares[-1] == 0
+    successor = TrainKind(sub, inputs)
+    for record in k.records:
+        successor.apply(bytes([0x01]) + encode_struct(record))
+    active = run_segment(successor, [a, b, c], 20.0, 5.0)
+    (event,) = [e for e in active.events if e.change is GroupChange.ACTIVE]
+    assert event.node == c and event.seconds >= joined.seconds + listened.wall_s == 8.0
