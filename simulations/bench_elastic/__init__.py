@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segment-steps", type=int, default=50, help="sync: steps per segment (50)")
     parser.add_argument("--preset", default="local", help="SWIM preset of the nodes (local)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one job may take (3600)")
+    parser.add_argument("--stall", type=float, default=300.0,
+                        help="newcomer, churn: end a job that commits no step for this long, as failed (300)")
     parser.add_argument("--dir", type=Path, default=None, help="keep data dirs, logs and out dirs here")
     parser.add_argument("--json", action="store_true", help="a JSON line per run and a final JSON line")
     for part in PARTS.values():

@@ -52,7 +52,7 @@ from types import FrameType
 from typing import Any
 
 from simulations.bench_elastic.cluster import CgroupWatch, EmulatedCluster, unavailable
-from simulations.bench_elastic.follow import TrainRun, job_records, jobs
+from simulations.bench_elastic.follow import Stalled, TrainRun, job_records, jobs
 from simulations.bench_elastic.newcomer import (
     job_flags,
     job_options,
@@ -223,6 +223,12 @@ def _coordinator_row(cluster: EmulatedCluster, job: str | None, order: Sequence[
     return None
 
 
+def _jobs_evidence(cluster: EmulatedCluster, run: Run) -> list[dict[str, Any]]:
+    """What ``jobs --json`` says on every live node (a stalled job's evidence)."""
+    dead = {e.node for e in run.events if e.kind == "kill"}
+    return [{"node": i, "rows": jobs(cluster, i)} for i in range(len(cluster.nodes)) if i not in dead]
+
+
 def _churn(args: argparse.Namespace, cluster: EmulatedCluster, train: TrainRun, run: Run, seg: int) -> None:
     wait_for(lambda: train.step >= seg or not train.running(), args.timeout, what="the first committed segment",
              interval=0.2, detail=train.log)
@@ -232,9 +238,9 @@ def _churn(args: argparse.Namespace, cluster: EmulatedCluster, train: TrainRun, 
     t0 = time.monotonic()
     for number in range(1, args.max_events + 1):
         for kind, at in (("kill", (number - 0.5) * args.period), ("join", number * args.period)):
-            while train.running() and time.monotonic() - t0 < at:
+            while train.running() and time.monotonic() - t0 < at and train.stalled_s() <= args.stall:
                 time.sleep(0.1)
-            if not train.running():
+            if not train.running() or train.stalled_s() > args.stall:
                 return
             if kind == "kill":
                 order = ([alive[coordinator]] if coordinator in alive else []) + sorted(alive.values())
@@ -276,7 +282,11 @@ def run_one(args: argparse.Namespace, work: Path, mode: str, rate: str | None, *
                 with CgroupWatch(cluster) as cgroups:
                     if churn:
                         _churn(args, cluster, train, run, segment_steps(args, mode))
-                    code = train.wait(timeout=args.timeout)
+                    try:
+                        code = train.wait(timeout=args.timeout, stall=args.stall)
+                    except Stalled as exc:
+                        run.error = f"{exc}; jobs --json: {_jobs_evidence(cluster, run)}"
+                        raise
                 run.wall_s = time.monotonic() - train.began
                 run.cpu = cluster.cpu(run.wall_s)
                 run.cgroups = cgroups.result()

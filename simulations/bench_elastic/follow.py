@@ -50,6 +50,10 @@ def submitted_job(line: str) -> str | None:
     return m.group(1) if m else None
 
 
+class Stalled(RuntimeError):
+    """The job committed no step for too long (``TrainRun.wait``)."""
+
+
 @dataclass
 class TrainRun:
     """``python -m node train FLAGS`` through node ``node`` (module docstring)."""
@@ -103,13 +107,24 @@ class TrainRun:
         """Seconds since ``began`` when the committed step first reached ``step``."""
         return next((t for t, s in self.commits if s >= step), None)
 
-    def wait(self, timeout: float) -> int:
+    def stalled_s(self) -> float:
+        """Seconds since the committed step last changed (since the start if it never did)."""
+        last = self.commits[-1][0] if self.commits else 0.0
+        return time.monotonic() - self.began - last
+
+    def wait(self, timeout: float, *, stall: float = 0.0) -> int:
+        """The train command's exit status; ``Stalled`` (the command killed) when no step was
+        committed for ``stall`` seconds (0: never), ``subprocess.TimeoutExpired`` after ``timeout``."""
         assert self.proc is not None
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
+        deadline = time.monotonic() + timeout
+        while (code := self.proc.poll()) is None:
+            if stall and self.stalled_s() > stall:
+                self.kill()
+                raise Stalled(f"no step committed for {stall:g} s (at step {self.step})")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise subprocess.TimeoutExpired(self.proc.args, timeout)
+            time.sleep(0.2)
         for t in self._threads:
             t.join(timeout=10)
         return code

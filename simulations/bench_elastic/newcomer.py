@@ -284,7 +284,7 @@ def run_one(args: argparse.Namespace, work: Path, mode: str, rate: str | None) -
             try:
                 with CgroupWatch(cluster) as cgroups:
                     blobs = _run_join(args, cluster, train, run, seg)
-                    code = train.wait(timeout=args.timeout)
+                    code = train.wait(timeout=args.timeout, stall=args.stall)
                 run.wall_s = time.monotonic() - train.began
                 run.cpu = cluster.cpu(run.wall_s)
                 run.cgroups = cgroups.result()
@@ -322,7 +322,7 @@ def _run_join(args: argparse.Namespace, cluster: EmulatedCluster, train: TrainRu
     run.started_at = time.monotonic() - train.began
     print(f"  newcomer: node {i} started at {run.started_at:.1f} s (step {train.step})", file=sys.stderr, flush=True)
     with BlobWatch(cluster.root / f"n{i}" / "data" / "blobs", origin=train.began) as watch:
-        while train.running():
+        while train.running() and train.stalled_s() <= args.stall:
             time.sleep(0.2)
     run.fetches = [_fetch_json(f) for f in watch.fetches.values()]
     return watch

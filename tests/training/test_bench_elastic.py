@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -30,7 +30,7 @@ from simulations.bench_elastic.churn import (
     pick_victim,
 )
 from simulations.bench_elastic.cluster import descendants
-from simulations.bench_elastic.follow import BlobWatch, committed_step, submitted_job
+from simulations.bench_elastic.follow import BlobWatch, Stalled, TrainRun, committed_step, submitted_job
 from simulations.bench_elastic.newcomer import (
     Join,
     commit_rate,
@@ -338,3 +338,13 @@ def test_bench_elastic_churn_tiny_run(tmp_path: Path) -> None:
     (comparison,) = final["comparisons"]
     assert {c["what"]: c["pass"] for c in comparison["checks"]} == {"the job under churn finished": True,
                                                                    "the coordinator among the victims": True}
+
+
+def test_a_train_run_that_commits_nothing_for_too_long_is_killed_as_stalled() -> None:
+    run = TrainRun(cast(Any, None), 0, [])
+    run.began = time.monotonic()
+    run.proc = subprocess.Popen(["sleep", "30"], text=True)
+    run.commits = [(0.0, 0)]
+    with pytest.raises(Stalled, match="no step committed for 0.3 s"):
+        run.wait(timeout=20, stall=0.3)
+    assert run.proc.poll() is not None
