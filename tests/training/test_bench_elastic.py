@@ -30,7 +30,13 @@ from simulations.bench_elastic.churn import (
     pick_victim,
 )
 from simulations.bench_elastic.cluster import descendants
-from simulations.bench_elastic.follow import BlobWatch, Stalled, TrainRun, committed_step, submitted_job
+from simulations.bench_elastic.follow import (
+    BlobWatch,
+    Stalled,
+    TrainRun,
+    committed_step,
+    submitted_job,
+)
 from simulations.bench_elastic.newcomer import (
     Join,
     commit_rate,
@@ -345,6 +351,6 @@ def test_a_train_run_that_commits_nothing_for_too_long_is_killed_as_stalled() ->
     run.began = time.monotonic()
     run.proc = subprocess.Popen(["sleep", "30"], text=True)
     run.commits = [(0.0, 0)]
-    with pytest.raises(Stalled, match="no step committed for 0.3 s"):
+    with pytest.raises(Stalled, match=r"no step committed for 0\.3 s"):
         run.wait(timeout=20, stall=0.3)
     assert run.proc.poll() is not None
