@@ -34,7 +34,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -91,7 +91,8 @@ class AllReduce(Protocol):
     def sent_bytes(self) -> int: ...
 
     async def all_reduce(self, tensor: Any, *, group: Sequence[bytes], codec: str, key: str,
-                         in_place: bool, min_contributors: int, join_timeout: float | None = None) -> Any: ...
+                         in_place: bool, min_contributors: int, join_timeout: float | None = None,
+                         weights: Mapping[bytes, float] | None = None) -> Any: ...
 
     async def begun_elsewhere(self, *, group: Sequence[bytes], key: str, timeout: float) -> bool: ...
 
@@ -355,9 +356,12 @@ class TrainingService:
                                      f"in {LISTEN_S:g} s")
             elif shares[seat.rank] != 1:
                 p.buffer *= np.float32(shares[seat.rank])
+            # listeners own no slice of the round: they add zeros (a few bytes once compressed)
+            # and take the result, so a newcomer still starting or downloading slows nobody
+            weights = {n: float(x > 0) for n, x in zip(seat.group, shares, strict=True)} if active < len(shares) else None
             out = await self._allreduce.all_reduce(
                 p.buffer, group=seat.group, codec=spec.codec, key=key, in_place=True, min_contributors=1,
-                join_timeout=DILOCO_JOIN_S if spec.mode == "diloco" else None)
+                join_timeout=DILOCO_JOIN_S if spec.mode == "diloco" else None, weights=weights)
             contributors = [seat.group.index(n) for n in out.contributors if n in seat.group]
             total = sum(shares[r] for r in contributors)
             trained = sum(1 for r in contributors if shares[r] > 0)
