@@ -99,6 +99,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1337, help="the job's seed (1337)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: its task slots)")
     p.add_argument("--gpus-per-worker", type=int, default=0, help="GPUs each worker needs (0)")
+    p.add_argument("--local-ranks", type=int, default=0, metavar="N",
+                   help="processes per worker that split its micro-batches (0: one per GPU, or 1 "
+                        "on the CPU; N: N gloo ranks sharing a CPU worker's cores)")
     p.add_argument("--prune", type=float, default=0.0, metavar="SPARSITY",
                    help="export: global magnitude pruning to this sparsity, then a short fine-tune")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
@@ -157,7 +160,7 @@ def job_spec(args: argparse.Namespace, *, resume: Any = None, data: dict[str, An
             outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, codec=args.codec,
             segment_steps=args.segment_steps, checkpoint_every=args.checkpoint_every,
             eval_every=args.eval_every, shards=args.shards, seed=args.seed, gpus_per_worker=args.gpus_per_worker,
-            threads=args.threads, prune=args.prune, batch=args.global_batch,
+            local_ranks=args.local_ranks, threads=args.threads, prune=args.prune, batch=args.global_batch,
             quantize=ExportQuantize.INT8 if args.quantize == "int8" else ExportQuantize.NONE, **fields)
     except StarmeshError as exc:
         raise ConfigError(str(exc)) from None

@@ -23,7 +23,15 @@ The main thread serves one frame at a time:
   job: a later ``open`` may try again, a ``seat`` fails ``NotOpen``. Optional fields beyond
   the contract: ``gpus`` (int: the job's GPUs per worker; absent: the first visible CUDA device,
   or the CPU when none is visible, so a node that wants the CPU for a job hides the GPUs with
-  ``CUDA_VISIBLE_DEVICES=``) and ``fine_tune_steps`` (after pruning; default 20).
+  ``CUDA_VISIBLE_DEVICES=``), ``local_ranks`` (int, ``JobSpec.local_ranks``; default 0) and
+  ``fine_tune_steps`` (after pruning; default 20).
+* *Local ranks* (``runner.local_ranks.rank_devices``: one per GPU of ``gpus``, or
+  ``local_ranks`` gloo ranks on the CPU): with G > 1 this process is local rank 0 and, after
+  building its session, spawns G - 1 gradient helpers (``GradientRanks``) that compute their
+  slices of every step's gradient; ``cpus`` are split between the ranks (``split_cpus``) and
+  ``threads`` too (each rank ``max(1, threads // G)``). A helper that cannot start or builds
+  another model fails the ``open``; one that fails later fails its seat (``LocalRankFailed``)
+  and the next seat spawns the helpers afresh. They stop when this process ends.
 * ``attach``: map the node's file of ``numel`` float32s (``mmap``, shared) as the session's
   buffer; ``attached``, or ``failed`` if the file cannot be mapped.
 * ``seat``: run it; each ``exchange`` and ``put`` the seat needs is a request frame answered
@@ -57,7 +65,8 @@ import torch
 from node.tasks import worker_frames as frames
 from node.tasks.task_worker import Runner, Tee, die_with_parent, pipe_writer, read_requests
 from node.training.runner.job import Job
-from node.training.runner.local_group import local_devices, pin_threads
+from node.training.runner.local_group import pin_threads, split_cpus
+from node.training.runner.local_ranks import GradientRanks, JobRecipe, rank_devices
 from node.training.runner.seat import FINE_TUNE_STEPS, SeatError, Session, SessionConfig
 from protocol.messages.tasks import decode_struct, encode_struct
 from protocol.messages.training import Seat
@@ -114,7 +123,8 @@ class TrainProcess:
             "open": self._open, "attach": self._attach, "seat": self._seat}
 
     def serve(self) -> int:
-        """Serve frames until ``close`` (0) or a malformed frame (``PipeError``)."""
+        """Serve frames until ``close`` (0) or a malformed frame (``PipeError``); the local
+        ranks stop either way."""
         try:
             while True:
                 frame = self._next()
@@ -124,6 +134,9 @@ class TrainProcess:
                 handler(frame)
         except _Close:
             return 0
+        finally:
+            if self.session is not None and self.session.helpers is not None:
+                self.session.helpers.close()
 
     def _next(self) -> dict[str, Any]:
         frame = self._requests.get()
@@ -171,6 +184,9 @@ class TrainProcess:
         gpus = frame.get("gpus")
         if gpus is not None and type(gpus) is not int:
             raise frames.PipeError("open: gpus must be an int")
+        local_ranks = frame.get("local_ranks", 0)
+        if type(local_ranks) is not int:
+            raise frames.PipeError("open: local_ranks must be an int")
         try:
             config = SessionConfig(
                 work=Path(_need(frame, "work", str)), mode=_need(frame, "mode", str),
@@ -179,18 +195,26 @@ class TrainProcess:
                 prune=float(_need(frame, "prune", int, float)), quantize=_need(frame, "quantize", str),
                 fine_tune_steps=_need(frame, "fine_tune_steps", int) if "fine_tune_steps" in frame
                 else FINE_TUNE_STEPS)
-            if cpus:
-                pin_threads(cpus, threads=threads or None)
-            elif threads:
-                torch.set_num_threads(threads)
+            devices = rank_devices(gpus, local_ranks)
+            world = len(devices)
+            shares = split_cpus(cpus, world) if cpus else None
+            rank_threads = max(1, threads // world) if threads else None
+            if shares:
+                pin_threads(shares[0], threads=rank_threads)
+            elif rank_threads:
+                torch.set_num_threads(rank_threads)
             self._take(self._stdout), self._take(self._stderr)
             fn = self._runner.resolve(function, path)
             if isinstance(fn, dict):
                 self._open_error = f"{fn['type']}: {fn['message']}"
                 self._send({"op": "failed", "failure": fn})
                 return
-            self.session = Session(_builder(fn, function, dict(options)), config,
-                                   device=local_devices(gpus)[0])
+            session = Session(_builder(fn, function, dict(options)), config, device=devices[0])
+            if world > 1:
+                session.helpers = GradientRanks(
+                    JobRecipe(function, path, dict(options), self._runner.allow), devices=devices,
+                    shapes=session.shapes, cpus=shares, threads=rank_threads)
+            self.session = session
         except BaseException as exc:  # user code and bad values: the open fails, the process lives
             self._open_error = f"{type(exc).__name__}: {exc}"[:500]
             self._fail(exc)

@@ -107,6 +107,9 @@ class JobSpec(Struct):
     shards: int = spec(UInt(32), default=64)
     seed: int = spec(UInt(32), default=0)
     gpus_per_worker: int = spec(UInt(8), default=0)
+    local_ranks: int = spec(UInt(8), default=0)
+    """Local ranks (processes) per worker, which split each step's micro-batches (0: one per GPU
+    of ``gpus_per_worker``, or one on a CPU job; on a CPU job k > 0 gloo ranks share its CPUs)."""
     threads: int = spec(UInt(16), default=0)
     """Torch threads per worker (0: the worker's CPU slots)."""
     prune: float = spec(Float(0.0, 0.99), default=0.0)
@@ -145,6 +148,9 @@ class JobSpec(Struct):
         if self.workers_min > min(self.shards, self.batch or self.workers_min):
             problems.append(f"workers_min {self.workers_min} exceeds the shards or the global batch "
                             "(a worker needs at least one of each): the job could never start")
+        if self.gpus_per_worker and self.local_ranks > self.gpus_per_worker:
+            problems.append(f"local_ranks {self.local_ranks} exceeds gpus_per_worker {self.gpus_per_worker} "
+                            "(one local rank per GPU)")
         if self.resume_step > self.steps:
             problems.append("resume_step is past the job's steps")
         if self.data is None and (self.data_name or self.data_bytes or self.data_holders):

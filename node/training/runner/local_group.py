@@ -7,6 +7,11 @@ device is CUDA, gloo otherwise, so a CPU host runs the same path), rendezvousing
 loopback ``TCPStore`` that rank 0 opens on a port the kernel picks (port 0: no race for a
 "free" port). With one device there is no process group at all (``LocalGroup.single``).
 
+A job's training process uses it through ``node.training.runner.local_ranks`` (ranks 1..G-1 as
+gradient helpers: rank 0 broadcasts its parameters and sums the ranks' gradient parts with the
+plain ``broadcast`` / ``all_reduce_sum``, then exchanges and steps alone); ``reduce`` below is
+the hierarchical pattern for a loop in which every rank keeps its own optimizer.
+
 Use, in the job's worker process (``train`` a module-level function, run by every rank)::
 
     def train(group: LocalGroup, config, exchange: Exchange | None = None) -> None:
@@ -337,6 +342,44 @@ class LocalGroup:
                 pos += k
         return flat
 
+    # ------------------------------------------------------------------ plain collectives
+
+    @property
+    def store(self) -> Any:
+        """The group's loopback ``TCPStore`` (None for a single rank): small values between
+        the ranks outside the collectives (``node.training.runner.local_ranks``' commands)."""
+        return self._store
+
+    @property
+    def broken(self) -> str | None:
+        """Why the group is unusable (a collective failed, or it was closed); None while usable."""
+        return self._broken
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where the backend's tensors live: the rank's GPU for NCCL, else the CPU."""
+        return self._comm
+
+    def broadcast(self, tensor: torch.Tensor, *, step: int, what: str = "broadcast") -> None:
+        """Rank 0's ``tensor`` into every rank's ``tensor``, in place (staged through
+        ``comm_device`` if it lives elsewhere). ``LocalGroupError`` (naming ``what`` and
+        ``step``) if a peer failed or timed out."""
+        self._run_in_place(tensor, what, step, lambda t: dist.broadcast(t, src=0))
+
+    def all_reduce_sum(self, tensor: torch.Tensor, *, step: int, what: str = "all-reduce") -> None:
+        """Every rank's ``tensor`` becomes the sum over the ranks, in place (as ``broadcast``)."""
+        self._run_in_place(tensor, what, step, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+
+    def _run_in_place(self, tensor: torch.Tensor, what: str, step: int,
+                      op: Callable[[torch.Tensor], object]) -> None:
+        if self.world == 1:
+            return
+        self._check_usable()
+        staged = tensor if tensor.device == self._comm else tensor.to(self._comm)
+        self._collective(what, step, lambda: op(staged))
+        if staged is not tensor:
+            tensor.copy_(staged)
+
     # ------------------------------------------------------------------ parameters
 
     def broadcast_parameters(self, model: torch.nn.Module) -> None:
@@ -456,7 +499,7 @@ def _die_with_parent() -> None:
 
 def _rank_main(target: RankTarget, rank: int, world: int, port: int, device: str, backend: str,
                timeout: float, start_timeout: float, cpus: list[int] | None,
-               args: tuple[Any, ...]) -> None:
+               args: tuple[Any, ...], threads: int | None = None) -> None:
     """Entry point of a spawned rank: connect, pin, join, run ``target``, report failure."""
     _die_with_parent()
     store = TCPStore("127.0.0.1", port, world, is_master=False,
@@ -464,7 +507,9 @@ def _rank_main(target: RankTarget, rank: int, world: int, port: int, device: str
     group: LocalGroup | None = None
     try:
         if cpus:
-            pin_threads(cpus)
+            pin_threads(cpus, threads=threads)
+        elif threads:
+            torch.set_num_threads(threads)
         store.set(_READY.format(rank), "1")
         group = LocalGroup._join(store=store, rank=rank, world=world, device=torch.device(device),
                                  backend=backend, timeout=timeout)
@@ -540,7 +585,8 @@ class LocalRanks:
 def spawn_local_group(target: RankTarget, *, devices: Sequence[torch.device | str],
                       args: tuple[Any, ...] = (), cpus: Sequence[Sequence[int]] | None = None,
                       backend: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                      start_timeout: float = DEFAULT_START_TIMEOUT) -> LocalRanks:
+                      start_timeout: float = DEFAULT_START_TIMEOUT,
+                      threads: int | None = None) -> LocalRanks:
     """Make this process local rank 0 of ``len(devices)`` ranks; spawn the others.
 
     Each spawned rank ``r`` (a fresh ``spawn`` process, so ``target`` and ``args`` must
@@ -550,6 +596,8 @@ def spawn_local_group(target: RankTarget, *, devices: Sequence[torch.device | st
     the same loop with its ``exchange``. ``backend``: default ``default_backend(devices)``.
     ``timeout``: seconds a collective waits (module docstring); ``start_timeout``: seconds
     the ranks may take to start. ``LocalGroupError`` if a rank dies or is late starting.
+    ``threads``: torch threads of every rank (default: one per CPU of its list when ``cpus``
+    is given, else left as it is).
 
     The children are ``multiprocessing`` *spawn* processes: each re-imports this process's
     ``__main__`` module (keep its work under ``if __name__ == "__main__":``), and on Linux is
@@ -565,7 +613,9 @@ def spawn_local_group(target: RankTarget, *, devices: Sequence[torch.device | st
         raise ConfigError(f"spawn_local_group: {len(cpus)} CPU lists for {world} ranks")
     backend = backend or default_backend(devs)
     if cpus is not None:
-        pin_threads(cpus[0])
+        pin_threads(cpus[0], threads=threads)
+    elif threads:
+        torch.set_num_threads(threads)
     if world == 1:
         return LocalRanks(LocalGroup.single(devs[0]), None, [])
     store = TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
@@ -577,7 +627,7 @@ def spawn_local_group(target: RankTarget, *, devices: Sequence[torch.device | st
             proc = context.Process(
                 target=_rank_main, name=f"local-rank-{r}",
                 args=(target, r, world, store.port, str(devs[r]), backend, timeout, start_timeout,
-                      list(cpus[r]) if cpus is not None else None, args))
+                      list(cpus[r]) if cpus is not None else None, args, threads))
             proc.start()
             processes.append(proc)
         _await_ready(store, processes, start_timeout)

@@ -40,18 +40,23 @@ def round_robin(step: int, *, workers: int, shards: int) -> list[Cursor]:
     return [(j % shards, j // shards) for j in range(first, first + workers)]
 
 
-def accumulate(job: Job, model: nn.Module, cursors: Sequence[Cursor]) -> float:
+def accumulate(job: Job, model: nn.Module, cursors: Sequence[Cursor], *,
+               total: int | None = None) -> float:
     """Zero the gradients, then backpropagate the mean loss over the cursors' batches.
 
     Returns that mean loss. Afterwards ``p.grad`` is the gradient of the mean (module docstring).
+    ``total``: divide each batch's loss by this many instead of ``len(cursors)``: a local rank's
+    part of a mean over ``total`` batches that several ranks share (``local_ranks``), so that
+    the parts add up to the mean.
     """
     model.zero_grad(set_to_none=True)
-    total = 0.0
+    count = len(cursors) if total is None else total
+    mean = 0.0
     for shard, position in cursors:
-        loss = job.loss(model, job.batch(shard, position)) / len(cursors)
+        loss = job.loss(model, job.batch(shard, position)) / count
         loss.backward()  # type: ignore[no-untyped-call]
-        total += float(loss.detach())
-    return total
+        mean += float(loss.detach())
+    return mean
 
 
 def apply(job: Job, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

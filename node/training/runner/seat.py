@@ -39,6 +39,17 @@ seat.end`` and returns the ``SeatReport``. Its parts, in order:
    a checkpoint, else 0) returns its blob id, the report's ``state``; then the validation loss
    (``seat.evaluate``) and, on rank 0 of the final seat, the export (``export_model``).
 
+*Local ranks.* With ``helpers`` set (``local_ranks.GradientRanks``: this process is local rank
+0 of G), a step's (or an inner step's) ``reference.accumulate`` is replaced by
+``helpers.gradient``: the G ranks each compute a slice of the step's reads at this process's
+parameters and their parts are summed locally, leaving the same mean gradient in ``p.grad``
+(to float32 summation order; ``local_ranks``' docstring). Everything else above runs here only,
+unchanged: the exchange (once per step), the clip and optimizer, DiLoCo's outer step, state,
+listeners (which compute nothing). Before a seat with a share the helpers are spawned afresh if
+they failed (``SeatError`` ``LocalRankFailed`` if they cannot be); a helper failing mid-seat
+fails the seat ``LocalRankFailed``, and job code raising in a helper fails it with that
+error's type.
+
 Non-finite losses: ``protocol.schema.Float`` refuses NaN and infinities, so a loss (or
 validation loss) that is not finite is reported as ``±NONFINITE_LOSS`` (NaN as ``+``): finite,
 unmistakable, and a mean over up to 256 workers of it stays finite. The step still exchanges:
@@ -75,6 +86,8 @@ from torch import nn
 from node.training import elastic
 from node.training.runner import diloco, export, reference, state
 from node.training.runner.job import Job
+from node.training.runner.local_group import LocalGroupError
+from node.training.runner.local_ranks import GradientRanks, RankRaised
 from protocol.messages.training import Export, Seat, SeatReport, ShardCursor
 
 #: What a non-finite loss is reported as (module docstring).
@@ -184,6 +197,14 @@ class Session:
         self.numel = sum(p.numel() for p in self._params)
         """Elements of the shared buffer (every parameter once)."""
         self.buffer = torch.zeros(self.numel, dtype=torch.float32)
+        self.helpers: GradientRanks | None = None
+        """This worker's local ranks 1..G-1 (``local_ranks``), which compute their slices of
+        every gradient; None: this process computes them alone."""
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The model's parameter shapes, ``model.parameters()`` order (what helpers must build)."""
+        return [tuple(p.shape) for p in self._params]
 
     @property
     def tokens_per_batch(self) -> int:
@@ -225,6 +246,11 @@ class Session:
                             f"seat reads shard {wide[0]}: submit it with --shards {self.job.shards}")
         self._start_from(seat, state_file)
         self.fresh, self.dirty = False, True
+        if self.helpers is not None:
+            try:
+                self.helpers.ensure()
+            except LocalGroupError as exc:
+                raise SeatError("LocalRankFailed", f"the local ranks did not start: {exc}") from exc
         positions = {c.shard: c.position for c in seat.cursors}
         tally = _Tally()
         if self.config.mode == "diloco":
@@ -329,8 +355,7 @@ class Session:
         order = [c.shard for c in seat.cursors]
         for i, step in enumerate(range(seat.start, seat.end)):
             began = time.perf_counter()
-            reads = elastic.step_reads(order, positions, share, i)
-            loss = reference.accumulate(self.job, self.model, reads)
+            loss = self._accumulate(step, elastic.step_reads(order, positions, share, i))
             self._grads_to_buffer()
             comm = self._exchange(step, float(share), tally, exchange)
             self._apply_mean()
@@ -353,8 +378,8 @@ class Session:
         order = [c.shard for c in seat.cursors]
         for i, step in enumerate(range(seat.start, seat.end)):
             began = time.perf_counter()
-            loss = reference.train_step(self.job, self.model, self.optimizer,
-                                        elastic.step_reads(order, positions, share, i))
+            loss = self._accumulate(step, elastic.step_reads(order, positions, share, i))
+            reference.apply(self.job, self.model, self.optimizer)
             self._stepped(step, loss, time.perf_counter() - began, tally, progress, batches=share)
         began = time.perf_counter()
         self.buffer.copy_(self.outer.pseudo_gradient(self.model))
@@ -365,6 +390,18 @@ class Session:
             # at θ (the others' mean was applied), so only the inner state starts afresh.
             self.optimizer = self.job.optimizer(self._params)
         tally.compute_s += time.perf_counter() - began - comm
+
+    def _accumulate(self, step: int, reads: list[tuple[int, int]]) -> float:
+        """``reference.accumulate`` over this step's reads: in this process, or split over the
+        local ranks (``local_ranks``: the same mean gradient, to float32 summation order)."""
+        if self.helpers is None:
+            return reference.accumulate(self.job, self.model, reads)
+        try:
+            return self.helpers.gradient(self.job, self.model, self._params, reads, step=step)
+        except LocalGroupError as exc:
+            raise SeatError("LocalRankFailed", str(exc)) from exc
+        except RankRaised as exc:
+            raise SeatError(exc.kind, str(exc)) from exc
 
     def _stepped(self, step: int, loss: float, spent: float, tally: _Tally,
                  progress: ProgressFn, *, batches: int = 1) -> None:
