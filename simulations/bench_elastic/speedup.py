@@ -97,8 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as the others, --steps x G / its G)")
     parser.add_argument("--eval-every", type=int, default=50,
                         help="speedup: steps between validation losses (sync: a multiple of --segment-steps) (50)")
-    parser.add_argument("--plot", type=Path, default=Path("elastic_speedup.png"),
-                        help="speedup: validation loss against wall seconds per N (elastic_speedup.png)")
+    parser.add_argument("--plot", default="elastic_speedup.png", metavar="PNG",
+                        help="speedup: validation loss against wall seconds per N, a PNG ('': none) (elastic_speedup.png)")
 
 
 # ------------------------------------------------------------------------------ pure parts
@@ -443,8 +443,8 @@ def run(args: argparse.Namespace) -> int:
     for check in results:
         print(f"{'PASS' if check['pass'] else 'FAIL'} {check['mode']}: {check['workers']} workers, "
               f"{check['what']}: {check['value']:.1%} (goal {check['goal']})")
-    if args.plot and any(r.val for r in runs):
-        plot(runs, args.target, args.plot, title)
+    if args.plot and any(r.val for r in runs):  # --plot '': none
+        plot(runs, args.target, Path(args.plot), title)
         print(f"plot: {args.plot}")
     failures = [f"{r.mode} {r.name}: {r.error}" for r in runs if r.error]
     if args.json:
