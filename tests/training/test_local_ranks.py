@@ -43,17 +43,21 @@ TINY = {"n_layer": "1", "n_head": "2", "n_embd": "32", "block_size": "32", "batc
 BUILTIN = "node.training.runner.charlm:make_job"
 ALLOW = ("node.training.runner.*",)
 CPU2 = [torch.device("cpu")] * 2
+#: Seconds a collective of the failure test's ranks waits (a hung helper costs this much).
+TIMEOUT = 5.0
 #: Largest parameter difference allowed after 8 steps with 4 reads a step (module docstring).
 PARAM_ATOL = 1e-4
 
 FLAKY = '''
+import time
+
 from node.training.runner import charlm
 
 
 def flaky(options):
-    """charlm whose loss raises at the batch ``raise_at``."""
+    """charlm whose loss raises at the batch ``raise_at`` and hangs at ``hang_at``."""
     options = dict(options)
-    raise_at = options.pop("raise_at", "")
+    raise_at, hang_at = options.pop("raise_at", ""), options.pop("hang_at", "")
     job = charlm.make_job(options)
     batch, loss, last = job.batch, job.loss, [""]
 
@@ -64,6 +68,8 @@ def flaky(options):
     def measure(model, b):
         if last[0] == raise_at:
             raise ValueError(f"raised at {raise_at}")
+        if last[0] == hang_at:
+            time.sleep(600)
         return loss(model, b)
 
     job.batch, job.loss = read, measure
@@ -188,10 +194,10 @@ def test_a_helper_that_raises_or_dies_fails_the_seat(work: Path) -> None:
     bundle = work / "bundle"
     bundle.mkdir()
     (bundle / "flakyjob.py").write_text(textwrap.dedent(FLAKY))
-    recipe = JobRecipe("flakyjob:flaky", str(bundle), TINY | {"raise_at": "1:0"}, ALLOW)
+    recipe = JobRecipe("flakyjob:flaky", str(bundle), TINY | {"raise_at": "1:0", "hang_at": "3:9"}, ALLOW)
     session = Session(recipe.build, SessionConfig(work=work))
     session.helpers = helpers = GradientRanks(recipe, devices=CPU2, shapes=session.shapes, threads=1,
-                                              timeout=60.0, start_timeout=60.0)
+                                              timeout=TIMEOUT, start_timeout=60.0)
     try:
         # step 0 reads (0, 0) on rank 0 and (1, 0) on rank 1: rank 1's job code raises
         with pytest.raises(SeatError) as raised:
@@ -215,7 +221,7 @@ def test_a_helper_that_raises_or_dies_fails_the_seat(work: Path) -> None:
 
         with pytest.raises(SeatError) as died:
             run(session, seat(0, 6, 2, position=5), Recorder(kill))
-        assert time.monotonic() - killed[0] < 15.0  # noticed, not the 60 s timeout
+        assert time.monotonic() - killed[0] < TIMEOUT - 1  # a closed connection, not the timeout
         assert died.value.kind == "LocalRankFailed"
         assert "step 2" in str(died.value) and "local rank 1 exited with code -9" in str(died.value), died.value
         assert not helpers.usable()
@@ -224,9 +230,19 @@ def test_a_helper_that_raises_or_dies_fails_the_seat(work: Path) -> None:
         report, exchange, _ = run(session, seat(0, 3, 2, position=5))
         assert helpers.spawned == 2 and helpers.usable() and helpers.pids != [pid]
         assert len(report.losses) == 3 and [s for s, _, _ in exchange.calls] == [0, 1, 2]
+
+        # rank 1 hangs in the job's loss at step 1 (it reads (3, 9)): the timeout fails the seat
+        began = time.monotonic()
+        with pytest.raises(SeatError) as stuck:
+            run(session, seat(0, 4, 2, position=9))
+        assert TIMEOUT - 0.5 < time.monotonic() - began < TIMEOUT + 10
+        assert stuck.value.kind == "LocalRankFailed" and "all-reduce of the gradients of step 1" in str(stuck.value)
+        assert f"timeout ({TIMEOUT:g} s)" in str(stuck.value), stuck.value
+        hung = helpers.pids
     finally:
         helpers.close()
     assert helpers.pids == []
+    tw_wait_gone(hung)  # killed at once: its group had failed
 
 
 def test_a_helper_that_builds_another_model_fails_to_start() -> None:
