@@ -231,6 +231,14 @@ class Run:
     def bound_s(self) -> float | None:
         return download_bound(self.state_bytes or 0, self.bytes_per_s) if self.state_bytes else None
 
+    @property
+    def start_to_active_s(self) -> float | None:
+        """Bench clock: the newcomer's process started -> its listener segment committed (the
+        next one, its first with a share, is dispatched right after)."""
+        if self.listen_commit_at is None or self.started_at is None:
+            return None
+        return self.listen_commit_at - self.started_at
+
     def checks(self) -> list[dict[str, Any]]:
         out = []
         if self.bound_s is not None and self.download_s is not None:
@@ -256,7 +264,8 @@ class Run:
                 "step_change": j.change, "before_segments": j.before_segments,
                 "commit_step_s_before": self.commit_before_s, "commit_step_s_during": self.commit_during_s,
                 "newcomer_started_s": self.started_at, "download_done_s": self.download_done_at,
-                "listener_commit_s": self.listen_commit_at, "val_loss": self.val_loss, "wall_s": self.wall_s,
+                "listener_commit_s": self.listen_commit_at, "start_to_active_s": self.start_to_active_s,
+                "val_loss": self.val_loss, "wall_s": self.wall_s,
                 "cpu": self.cpu, "cgroups": self.cgroups, "fetches": self.fetches, "events": self.events,
                 "segments": self.segments,
                 "checks": self.checks(), "error": self.error}
@@ -365,6 +374,11 @@ def print_table(runs: Sequence[Run]) -> None:
               f"{_f(j.before_s, '.3f'):>14}{_f(j.during_s, '.3f'):>8}{_f(j.change, '+.1%'):>8}"
               f"{_f(r.commit_before_s, '.3f'):>14}{_f(r.commit_during_s, '.3f'):>8}"
               f"{_f(r.val_loss, '.3f'):>7}{r.wall_s:>7.0f}")
+        if r.started_at is not None:
+            print(f"    bench clock: newcomer started {r.started_at:.1f} s, state in place "
+                  f"{_f(r.download_done_at, '.1f')} s, its listener segment committed {_f(r.listen_commit_at, '.1f')} s "
+                  f"(start -> active {_f(r.start_to_active_s, '.1f')} s); first chunk {_f(r.first_chunk_s, '.2f')} s "
+                  f"after the fetch began")
         if r.error:
             print(f"    ERROR {r.error}")
         if j.failed:
