@@ -197,10 +197,10 @@ class TrainProcess:
                 else FINE_TUNE_STEPS)
             devices = rank_devices(gpus, local_ranks)
             world = len(devices)
-            shares = split_cpus(cpus, world) if cpus else None
+            rank_cpus = split_cpus(cpus, world) if cpus else None
             rank_threads = max(1, threads // world) if threads else None
-            if shares:
-                pin_threads(shares[0], threads=rank_threads)
+            if rank_cpus:
+                pin_threads(rank_cpus[0], threads=rank_threads)
             elif rank_threads:
                 torch.set_num_threads(rank_threads)
             self._take(self._stdout), self._take(self._stderr)
@@ -213,7 +213,7 @@ class TrainProcess:
             if world > 1:
                 session.helpers = GradientRanks(
                     JobRecipe(function, path, dict(options), self._runner.allow), devices=devices,
-                    shapes=session.shapes, cpus=shares, threads=rank_threads)
+                    shapes=session.shapes, cpus=rank_cpus, threads=rank_threads)
             self.session = session
         except BaseException as exc:  # user code and bad values: the open fails, the process lives
             self._open_error = f"{type(exc).__name__}: {exc}"[:500]

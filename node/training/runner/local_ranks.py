@@ -76,6 +76,7 @@ import torch
 from torch import nn
 from torch.distributed import DistStoreError
 
+from node.tasks.task_worker import Runner
 from node.training.runner import reference
 from node.training.runner.job import Job
 from node.training.runner.local_group import (
@@ -162,8 +163,6 @@ class JobRecipe:
     allow: tuple[str, ...] = ()
 
     def build(self) -> Job:
-        from node.tasks.task_worker import Runner
-
         fn = Runner(allow=self.allow, write=lambda _: None).resolve(self.function, self.path)
         if isinstance(fn, dict):
             raise ConfigError(f"{self.function}: {fn.get('type')}: {fn.get('message')}")
