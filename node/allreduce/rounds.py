@@ -81,6 +81,8 @@ MAX_PENDING_PER_ROUND = 1024
 PENDING_TTL_S = 60.0
 #: Round ids remembered after they end (their late messages are dropped or answered, not held).
 RECENT_ROUNDS = 1024
+#: Round ids remembered whose held messages were dropped before the round started here.
+MISSED_KEPT = 256
 #: Buckets (seconds) of the finished-round duration histogram.
 ROUND_SECONDS_BOUNDS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -172,6 +174,7 @@ class RoundTable(Generic[R]):
         self._running: dict[bytes, R] = {}
         self._recent: collections.OrderedDict[bytes, Epilogue | None] = collections.OrderedDict()
         self._held: dict[bytes, _Held] = {}  # oldest first (``since`` only grows)
+        self._missed: dict[bytes, None] = {}  # rounds whose held messages were dropped (newest last)
         self._sender_messages: collections.Counter[bytes] = collections.Counter()
         self._sender_bytes: collections.Counter[bytes] = collections.Counter()
         self._held_bytes = 0
@@ -218,6 +221,16 @@ class RoundTable(Generic[R]):
     def holds(self, round_id: bytes) -> bool:
         """Messages wait in the inbox for this round (another member has begun it)."""
         return round_id in self._held
+
+    def missed(self, round_id: bytes) -> bool:
+        """Messages of this round came and were dropped before it started here (the others went
+        on without this node; one of the last ``MISSED_KEPT`` such rounds)."""
+        return round_id in self._missed
+
+    def _mark_missed(self, round_id: bytes) -> None:
+        self._missed[round_id] = None
+        while len(self._missed) > MISSED_KEPT:
+            del self._missed[next(iter(self._missed))]
 
     def end(self, round_id: bytes, *, outcome: Outcome, seconds: float | None = None,
             epilogue: Epilogue | None = None) -> None:
@@ -330,6 +343,7 @@ class RoundTable(Generic[R]):
                 return
             del self._held[rid]
             self._release(held)
+            self._mark_missed(rid)
             self._drop(Dropped.EXPIRED, len(held.messages))
             log.info("dropped %d message(s) of round %s: it never started here",
                      len(held.messages), rid.hex()[:12])
@@ -337,6 +351,7 @@ class RoundTable(Generic[R]):
     def _evict(self, rid: bytes, why: str) -> None:
         held = self._held.pop(rid)
         self._release(held)
+        self._mark_missed(rid)
         self._drop(Dropped.EVICTED, len(held.messages))
         log.warning("forgot %d message(s) of round %s that never started here: %s",
                     len(held.messages), rid.hex()[:12], why)

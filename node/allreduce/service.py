@@ -254,11 +254,14 @@ class AllReduceService:
     async def begun_elsewhere(self, *, group: Sequence[bytes], key: bytes | str, timeout: float) -> bool:
         """Wait until another member of ``group`` has begun the round ``key`` (a message of it
         arrived here) or ``timeout`` seconds passed; whether it has. For a member with nothing
-        to add that must not start the round's clocks early (a training job's listener)."""
+        to add that must not start the round's clocks early (a training job's listener). False
+        at once if the round's messages came and were dropped before it started here."""
         members = canonical_group(group)
         rid = round_id(members, self._table.key_for(members, key))
         if self._table.holds(rid) or self._table.has_round(rid):
             return True
+        if self._table.missed(rid):
+            return False
         event = self._awaited.setdefault(rid, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), timeout)

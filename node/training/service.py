@@ -131,6 +131,28 @@ def is_listener(seat: Seat) -> bool:
 
 
 @dataclass(eq=False)
+class _Rounds:
+    """A seat's rounds as this node saw them: who is still in them, and who gave to how many.
+
+    Round i+1 all-reduces over the contributors of round i: every member that finished round i
+    got the same contributor set from the all-reduce, and one that was dropped from it fails its
+    seat, so they all agree, and nobody waits again for a member that stalled (a newcomer
+    still starting, a frozen node) or died."""
+
+    group: tuple[bytes, ...]
+    members: list[int] = field(init=False)
+    rounds_of: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.members = list(range(len(self.group)))
+        self.rounds_of = [0] * len(self.group)
+
+    @property
+    def current(self) -> tuple[bytes, ...]:
+        return tuple(self.group[r] for r in self.members)
+
+
+@dataclass(eq=False)
 class _Fetch:
     """A listener's state download, running while its seat listens to the rounds."""
 
@@ -303,14 +325,14 @@ class TrainingService:
 
     async def _serve_seat(self, p: _Process, seat: Seat, spec: JobSpec, fetch: _Fetch | None) -> bytes:
         sent = 0
-        rounds_of = [0] * len(seat.group)
+        rounds = _Rounds(seat.group)
         while True:
             try:
                 msg = await p.receive()
             except PipeError as exc:
                 raise SeatFailed("BadFrame", f"the training process sent a bad frame: {exc}") from None
             if isinstance(msg, sf.Exchange):
-                sent += await self._exchange(p, seat, spec, msg, rounds_of, fetch)
+                sent += await self._exchange(p, seat, spec, msg, rounds, fetch)
             elif isinstance(msg, sf.StateWanted):
                 p.send(await self._state_reply(fetch, wait=True))
             elif isinstance(msg, sf.Put):
@@ -325,7 +347,7 @@ class TrainingService:
                 except StarmeshError as exc:
                     raise SeatFailed("BadReport", str(exc)) from None
                 p.holds = report.state
-                return encode_struct(replace(report, rounds_of=tuple(rounds_of),
+                return encode_struct(replace(report, rounds_of=tuple(rounds.rounds_of),
                                              fetch_s=fetch.seconds if fetch is not None else 0.0))
             elif isinstance(msg, sf.Failed):
                 p.holds = None
@@ -335,9 +357,10 @@ class TrainingService:
                 raise SeatFailed("BadFrame", f"unexpected {type(msg).__name__} during a seat")
 
     async def _exchange(self, p: _Process, seat: Seat, spec: JobSpec, msg: sf.Exchange,
-                        rounds_of: list[int], fetch: _Fetch | None) -> int:
-        """One round: the buffer's share-weighted mean over the group (``node.training.elastic``:
-        each part scaled by its rank's share, the mean by the contributors' total share)."""
+                        rounds: _Rounds, fetch: _Fetch | None) -> int:
+        """One round: the buffer's share-weighted mean over the members still in the seat's rounds
+        (``_Rounds``; ``node.training.elastic``: each part scaled by its rank's share, the mean by
+        the contributors' total share)."""
         assert p.buffer is not None
         before = self._allreduce.sent_bytes
         self.counters["rounds"] += 1
@@ -351,16 +374,17 @@ class TrainingService:
         try:
             if shares[seat.rank] == 0:
                 p.buffer[:] = 0.0
-                if not await self._allreduce.begun_elsewhere(group=seat.group, key=key, timeout=LISTEN_S):
+                if not await self._allreduce.begun_elsewhere(group=rounds.current, key=key, timeout=LISTEN_S):
                     raise SeatFailed("GroupGone", f"no member began the round of step {msg.step} "
                                      f"in {LISTEN_S:g} s")
             elif shares[seat.rank] != 1:
                 p.buffer *= np.float32(shares[seat.rank])
             # listeners own no slice of the round: they add zeros (a few bytes once compressed)
             # and take the result, so a newcomer still starting or downloading slows nobody
-            weights = {n: float(x > 0) for n, x in zip(seat.group, shares, strict=True)} if active < len(shares) else None
+            group = rounds.current
+            weights = {seat.group[r]: float(shares[r] > 0) for r in rounds.members} if active < len(shares) else None
             out = await self._allreduce.all_reduce(
-                p.buffer, group=seat.group, codec=spec.codec, key=key, in_place=True, min_contributors=1,
+                p.buffer, group=group, codec=spec.codec, key=key, in_place=True, min_contributors=1,
                 join_timeout=DILOCO_JOIN_S if spec.mode == "diloco" else None, weights=weights)
             contributors = [seat.group.index(n) for n in out.contributors if n in seat.group]
             total = sum(shares[r] for r in contributors)
@@ -380,7 +404,8 @@ class TrainingService:
         finally:
             p.between_rounds.set()
         for r in contributors:
-            rounds_of[r] += 1
+            rounds.rounds_of[r] += 1
+        rounds.members = sorted(contributors)
         sent = max(0, self._allreduce.sent_bytes - before)
         reply = {"op": "reduced", "ok": True, "contributors": trained, "bytes": sent}
         if fetch is not None and fetch.task.done() and not fetch.delivered and fetch.task.exception() is None:
