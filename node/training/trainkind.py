@@ -254,6 +254,8 @@ class TrainKind:
                    for n in admission.active if self.records and (n not in set(previous) or n in listened)]
         events += [GroupEvent(change=GroupChange.GONE, node=n, step=start, reason="not live at the segment boundary")
                    for n in previous if n not in live]
+        for n in admission.active:  # a member that trains is no newcomer (a returning one starts anew)
+            self._first_seen.pop(n, None)
         for n in admission.listeners:
             self._first_seen.setdefault(n, now)
         self._plan = _Plan(self._plans, segment, start, end, group, seats, now, shares=shares,

@@ -543,3 +543,30 @@ def test_join_to_first_contribution_survives_a_takeover() -> None:
     active = run_segment(successor, [a, b, c], 20.0, 5.0)
     (event,) = [e for e in active.events if e.change is GroupChange.ACTIVE]
     assert event.node == c and event.seconds >= joined.seconds + listened.wall_s == 8.0
+
+
+def test_a_worker_that_returns_counts_its_join_from_its_return() -> None:
+    sub, inputs = submission(dict(steps=40, segment_steps=10, shards=4, workers_min=2))
+    a, b, c = rank(TASK, [node(i) for i in range(3)])
+    k = TrainKind(sub, inputs)
+
+    def commit(live: list[bytes], now: float) -> SegmentRecord:
+        assert k.plan(live, task_id=TASK, epoch=1, now=now) == ""
+        entries = []
+        for w in live:
+            (item,) = k.take(1, worker=w, now=now)
+            seat = decode_struct(Seat, item.input, what="Seat")
+            report = SeatReport(end=seat.end, losses=(1.0,) * (seat.end - seat.start), state=b"s" * 32,
+                                cursors=tuple(ShardCursor(shard=x.shard, position=x.position + 10)
+                                              for x in seat.cursors))
+            entries += k.on_outcomes([Outcome(index=item.index, ok=True, value=encode_struct(report))],
+                                     worker=w, now=now + 1.0)
+        (entry,) = entries
+        assert k.apply(entry)
+        return decode_struct(SegmentRecord, entry[1:], what="SegmentRecord")
+
+    commit([a, b, c], 0.0)  # c trains from the start
+    commit([a, b], 100.0)  # c is gone
+    back = commit([a, b, c], 250.0)  # c is back: a listener, first seen just now
+    (joined,) = [e for e in back.events if e.change is GroupChange.JOINED]
+    assert joined.node == c and joined.seconds == 0.0
