@@ -156,15 +156,17 @@ def test_a_worker_that_leaves_gracefully_is_dropped_and_the_job_goes_on(tmp_path
     mesh = LocalMesh(tmp_path / "mesh", preset="local")
     try:
         nodes = start_mesh(mesh, 3)
-        proc = train(mesh, nodes[0], 60, "--workers", "2-3")
+        proc = train(mesh, nodes[0], 600, "--workers", "2-3")  # long enough to outlast the leave
         wait_for(lambda: (j := jobs(mesh, nodes)) is not None and j["step"] >= 8, 120,
                  what="the job to reach step 8")
         row = jobs(mesh, nodes)
         assert row is not None
         (leaver,) = [n for n in nodes[1:] if n.node_id != row["coordinator"]][:1]
         assert leaver.stop(timeout=20) == 0, leaver.log_text()[-3000:]  # SIGTERM: leave, exit 0
+        after = jobs(mesh, [n for n in nodes if n is not leaver])
+        assert after is not None and after["step"] < after["steps"], "the job ended before the leave: lengthen it"
         result, _ = finish(proc, nodes)
-        assert result["state"] == "done" and result["steps"] == 60, result
+        assert result["state"] == "done" and result["steps"] == 600, result
         gone = [e for e in result["events"] if e["change"] == "gone"]
         assert [e["node"] for e in gone] == [leaver.node_id], result["events"]
         records = segment_records(mesh, nodes[0], result["job"])
