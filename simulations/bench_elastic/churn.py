@@ -92,7 +92,8 @@ class Event:
     node: int
     node_id: str
     step: int
-    """The committed step the train CLI showed then."""
+    """The committed step the train CLI showed then (stale while its progress view is cut off,
+    e.g. after the node it asks died)."""
     coordinator: bool = False
 
     def as_json(self) -> dict[str, Any]:

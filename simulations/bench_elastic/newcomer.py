@@ -333,18 +333,19 @@ def _run_join(args: argparse.Namespace, cluster: EmulatedCluster, train: TrainRu
     with BlobWatch(cluster.root / f"n{i}" / "data" / "blobs", origin=train.began) as watch:
         while train.running() and train.stalled_s() <= args.stall:
             time.sleep(0.2)
-    run.fetches = [_fetch_json(f) for f in watch.fetches.values()]
+    run.fetches = [_fetch_json(f) for f in watch.fetches.values() if f.began is not None]  # not its own puts
     return watch
 
 
 def _figures(run: Run, train: TrainRun, watch: BlobWatch | None, records: Sequence[Mapping[str, Any]]) -> None:
     """The download and the bench-clock figures, once the records said which blob and segment."""
     j = run.join
-    if watch is not None and watch.fetches:
-        f = watch.fetches.get(j.state) if j.state else None
+    fetched = {k: f for k, f in (watch.fetches.items() if watch is not None else ()) if f.began is not None}
+    if fetched:
+        f = fetched.get(j.state) if j.state else None
         run.blob_matches = f is not None
-        if f is None:  # not the blob expected: report the first one seen, flagged
-            f = min(watch.fetches.values(), key=lambda x: x.began if x.began is not None else 1e18)
+        if f is None:  # not the blob expected: report the first one fetched, flagged
+            f = min(fetched.values(), key=lambda x: x.began or 0.0)
         run.state_bytes, run.download_s = f.size or None, f.seconds
         run.first_chunk_s = f.first_chunk - f.began if f.first_chunk is not None and f.began is not None else None
         run.download_done_at = f.done
