@@ -10,8 +10,9 @@ churn
     a period later, a fresh one starts and joins the mesh (through a live node), until the job
     ends or ``--max-events`` deaths. A death is ``EmulatedCluster.kill_machine``: SIGKILL to
     every process in the node's cgroup (node, task and training processes), then its link goes
-    down. The victim is a worker of the job's current group, found with ``python -m node jobs
-    --json`` (asked of the last known coordinator first), never the coordinator, except at
+    down. The victim is a worker of the job's current group with a share, found with ``python -m
+    node jobs --json`` (``workers`` less ``listeners``; asked of the last known coordinator
+    first; a listener only when no active worker is left), never the coordinator, except at
     death number ``--coordinator-kill`` (default 2), which is the job's coordinator (that row's
     ``coordinator``); the others are drawn with ``--churn-seed``.
 baseline
@@ -102,13 +103,17 @@ class Event:
 
 
 def pick_victim(*, number: int, coordinator_kill: int, coordinator: str | None, group: Sequence[str],
-                alive: Mapping[str, int], rng: random.Random) -> tuple[int, bool] | None:
+                alive: Mapping[str, int], rng: random.Random,
+                listeners: Sequence[str] = ()) -> tuple[int, bool] | None:
     """Death ``number`` (1-based): (node index, is the coordinator). The coordinator at
-    ``coordinator_kill``, else a live member of ``group`` that is not the coordinator (any live
-    node but the coordinator if none is); None if there is nobody to kill."""
+    ``coordinator_kill``, else a live member of ``group`` that is not the coordinator and not
+    one of its ``listeners`` (then a listener; then any live node but the coordinator); None if
+    there is nobody to kill."""
     if number == coordinator_kill and coordinator is not None and coordinator in alive:
         return alive[coordinator], True
-    members = [alive[n] for n in group if n in alive and n != coordinator]
+    members = [alive[n] for n in group if n in alive and n != coordinator and n not in listeners]
+    if not members:
+        members = [alive[n] for n in group if n in alive and n != coordinator]
     if not members:
         members = sorted(i for n, i in alive.items() if n != coordinator)
     if not members:
@@ -249,7 +254,8 @@ def _churn(args: argparse.Namespace, cluster: EmulatedCluster, train: TrainRun, 
                 if row is not None:
                     coordinator = row["coordinator"]
                 victim = pick_victim(number=number, coordinator_kill=args.coordinator_kill, coordinator=coordinator,
-                                     group=row["workers"] if row else [], alive=alive, rng=rng)
+                                     group=row["workers"] if row else [], alive=alive, rng=rng,
+                                     listeners=row.get("listeners") or [] if row else [])
                 if victim is None or not train.running():
                     continue
                 i, is_coordinator = victim

@@ -265,6 +265,11 @@ def test_pick_victim_takes_the_coordinator_once_and_workers_otherwise() -> None:
         assert i in (0, 2) and coord is False  # a group member, never the coordinator
     assert pick_victim(number=1, coordinator_kill=2, coordinator="b", group=["b"], alive=alive,
                        rng=rng) in ((0, False), (2, False), (3, False))
+    for _ in range(20):  # a listener only when no active worker is left
+        assert pick_victim(number=1, coordinator_kill=2, coordinator="b", group=["a", "b", "c"], alive=alive,
+                           rng=rng, listeners=["c"]) == (0, False)
+    assert pick_victim(number=1, coordinator_kill=2, coordinator="b", group=["b", "c"], alive=alive, rng=rng,
+                       listeners=["c"]) == (2, False)
     assert pick_victim(number=1, coordinator_kill=1, coordinator="z", group=[], alive={"z": 5},
                        rng=rng) == (5, True)
     assert pick_victim(number=1, coordinator_kill=2, coordinator="z", group=[], alive={"z": 5}, rng=rng) is None
