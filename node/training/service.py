@@ -302,19 +302,27 @@ class TrainingService:
 
     async def _run_seat(self, seat: Seat, spec: JobSpec, assign: TaskAssign, bundle: Path | None,
                         attempt_id: int) -> bytes:
-        p = await self._process(seat.job, spec, assign, bundle)
+        fetch = None
+        if is_listener(seat) and seat.state is not None:  # fetched while its process starts and the
+            # segment runs (node.training.elastic): a newcomer's download waits for nothing
+            self.counters["state_fetches"] += 1
+            fetch = _Fetch(asyncio.ensure_future(self._blobs.get(seat.state, holders=seat.holders)))
+        try:
+            p = await self._process(seat.job, spec, assign, bundle)
+        except BaseException:
+            if fetch is not None:
+                fetch.task.cancel()
+            raise
         async with p.busy:
             p.attempt = attempt_id
-            fetch = None
             try:
                 state_path = None
-                if seat.state is not None and seat.state != p.holds:
+                if fetch is not None and seat.state == p.holds:
+                    fetch.task.cancel()  # the process holds it already
+                    fetch = None
+                if fetch is None and seat.state is not None and seat.state != p.holds:
                     self.counters["state_fetches"] += 1
-                    get = self._blobs.get(seat.state, holders=seat.holders)
-                    if is_listener(seat):  # fetched while the segment runs (node.training.elastic)
-                        fetch = _Fetch(asyncio.ensure_future(get))
-                    else:
-                        state_path = str(await get)
+                    state_path = str(await self._blobs.get(seat.state, holders=seat.holders))
                 p.send({"op": "seat", "seat": encode_struct(seat), "state": state_path})
                 return await self._serve_seat(p, seat, spec, fetch)
             finally:

@@ -195,6 +195,10 @@ class TrainKind:
         live = set(able)
         p = self._plan
         if p is not None:  # a member that left before its seat was handed out is lost too
+            for n in live.difference(p.group):  # a newcomer's clock starts when it is first able
+                self._first_seen.setdefault(n, now)
+            while len(self._first_seen) > MAX_SEEN:
+                del self._first_seen[next(iter(self._first_seen))]
             gone = [r for r in range(len(p.group)) if r not in p.handed and p.group[r] not in live]
             if gone:
                 p.handed.update(gone)

@@ -570,3 +570,35 @@ def test_a_worker_that_returns_counts_its_join_from_its_return() -> None:
     back = commit([a, b, c], 250.0)  # c is back: a listener, first seen just now
     (joined,) = [e for e in back.events if e.change is GroupChange.JOINED]
     assert joined.node == c and joined.seconds == 0.0
+
+
+def test_a_newcomers_join_clock_starts_when_it_is_first_able_mid_segment() -> None:
+    """JOINED.seconds: from the first plan() call that saw the member able while a segment ran
+    (the coordinator calls plan before every dispatch) to the boundary that admitted it."""
+    sub, inputs = submission(dict(steps=40, segment_steps=10, shards=4, workers_min=2))
+    a, b, c = rank(TASK, [node(i) for i in range(3)])
+    k = TrainKind(sub, inputs)
+    assert k.plan([a, b], task_id=TASK, epoch=1, now=0.0) == ""
+    items = {w: k.take(1, worker=w, now=0.0)[0] for w in (a, b)}
+    assert k.plan([a, b, c], task_id=TASK, epoch=1, now=4.0) == ""  # c turns up mid-segment
+    entries = []
+    for w, item in items.items():
+        seat = decode_struct(Seat, item.input, what="Seat")
+        report = SeatReport(end=seat.end, losses=(1.0,) * 10, state=b"s" * 32,
+                            cursors=tuple(ShardCursor(shard=x.shard, position=10) for x in seat.cursors))
+        entries += k.on_outcomes([Outcome(index=item.index, ok=True, value=encode_struct(report))], worker=w, now=9.0)
+    (entry,) = entries
+    assert k.apply(entry)
+    assert k.plan([a, b, c], task_id=TASK, epoch=1, now=10.0) == ""
+    entries = []
+    for w in (a, b, c):
+        (item,) = k.take(1, worker=w, now=10.0)
+        seat = decode_struct(Seat, item.input, what="Seat")
+        report = SeatReport(end=seat.end, losses=(1.0,) * 10, state=b"t" * 32,
+                            cursors=tuple(ShardCursor(shard=x.shard, position=20) for x in seat.cursors))
+        entries += k.on_outcomes([Outcome(index=item.index, ok=True, value=encode_struct(report))], worker=w, now=19.0)
+    (entry,) = entries
+    record = decode_struct(SegmentRecord, entry[1:], what="SegmentRecord")
+    assert record.shares[record.group.index(c)] == 0  # it listened
+    (joined,) = [e for e in record.events if e.change is GroupChange.JOINED]
+    assert joined.node == c and joined.seconds == 6.0
