@@ -29,7 +29,7 @@ def test_bench_blobs_options() -> None:
 def test_bench_blobs_short_run_verifies_every_copy() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "simulations", "bench", "blobs", "--size-mb", "4", "--downloaders", "1,2",
-         "--fault-downloaders", "2", "--node-upload-rate", "4000000", "--preset", "test"],
+         "--fault-downloaders", "2", "--node-upload-rate", "2000000", "--preset", "test"],  # 2 s a copy: the 30% kill point is seen under load
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -121,6 +121,12 @@ EXEMPT_COMMANDS: Mapping[str, str] = {
     "python -m simulations bench tasks --nodes 3": _BENCH + "tests/tasks/test_bench_tasks.py runs it small",
     "python -m simulations bench train --steps 200 --inner-steps 50": (
         _BENCH + "tests/training/test_bench_train.py runs it small"),
+    **{command: ("needs root (cgroup CPU caps, network namespaces) and minutes to an hour; "
+                 "tests/training/test_bench_elastic.py runs each part small")
+       for command in (
+           "python -m simulations bench elastic --part speedup --workers 1,2,4 --modes sync --cap 0.25 --shape 100mbit --model-size small --steps 500 --global-batch 8 --target 2.3",
+           "python -m simulations bench elastic --part newcomer --k 2 --cap 0.25 --shape 100mbit --segment-steps 10 --global-batch 6",
+           "python -m simulations bench elastic --part churn --churn-workers 6 --cap 0.25 --shape 100mbit --model-size small --global-batch 12 --period 20")},
     "python -m simulations bench blobs --shape loopback,100mbit": (
         "needs root and network namespaces (--shape), and minutes; tests/blobs/test_bench_blobs.py "
         "runs it small on loopback"),
