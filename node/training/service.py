@@ -72,6 +72,9 @@ OPEN_TIMEOUT_S = 180.0
 DILOCO_JOIN_S = 300.0
 #: Seconds a listener waits for another member to begin a round before it gives up.
 LISTEN_S = 900.0
+#: Seconds a listener that has heard every round waits for its state before its seat fails
+#: (the segment then closes with the others' reports instead of waiting for good).
+STATE_WAIT_S = 600.0
 #: Seconds a leaving node waits for its rounds in flight to finish.
 LEAVE_ROUND_S = 10.0
 #: Bytes of a process's stderr kept for failure reports.
@@ -427,7 +430,7 @@ class TrainingService:
         if fetch is None:
             return {"op": "state", "ok": False, "error": "this seat fetches no state"}
         try:
-            path = await fetch.task if wait else fetch.task.result()
+            path = await asyncio.wait_for(asyncio.shield(fetch.task), STATE_WAIT_S) if wait else fetch.task.result()
         except (StarmeshError, OSError, TimeoutError) as exc:
             return {"op": "state", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
         fetch.delivered = True

@@ -218,6 +218,10 @@ class TrainKind:
         while len(self._first_seen) > MAX_SEEN:
             del self._first_seen[next(iter(self._first_seen))]
         cap = min(s.workers_max, s.shards, s.batch or MAX_GROUP)
+        if self.records and min(s.steps, self.step + s.seg) >= s.steps:
+            # the last segment: a listener would have no segment left to train in; only the
+            # newcomers the segment cannot run without enter
+            others = others[:max(0, s.workers_min - len(incumbents))]
         admission = elastic.admit(incumbents, others, workers_min=s.workers_min, cap=cap, batch=s.batch,
                                   listen=bool(self.records))
         if admission is None:

@@ -602,3 +602,24 @@ def test_a_newcomers_join_clock_starts_when_it_is_first_able_mid_segment() -> No
     assert record.shares[record.group.index(c)] == 0  # it listened
     (joined,) = [e for e in record.events if e.change is GroupChange.JOINED]
     assert joined.node == c and joined.seconds == 6.0
+
+
+def test_no_listener_enters_the_last_segment() -> None:
+    """A listener trains from the segment after the one it listens to: in the job's last segment
+    it would only risk the end (its download), so only newcomers the segment needs enter."""
+    sub, inputs = submission(dict(steps=20, segment_steps=10, shards=4, workers_min=2))
+    a, b, c, d = rank(TASK, [node(i) for i in range(4)])
+    k = TrainKind(sub, inputs)
+    assert k.plan([a, b], task_id=TASK, epoch=1, now=0.0) == ""
+    entries = []
+    for w in (a, b):
+        (item,) = k.take(1, worker=w, now=0.0)
+        seat = decode_struct(Seat, item.input, what="Seat")
+        report = SeatReport(end=seat.end, losses=(1.0,) * 10, state=b"s" * 32,
+                            cursors=tuple(ShardCursor(shard=x.shard, position=10) for x in seat.cursors))
+        entries += k.on_outcomes([Outcome(index=item.index, ok=True, value=encode_struct(report))], worker=w, now=1.0)
+    (entry,) = entries
+    assert k.apply(entry)
+    assert k.plan([a, b, c, d], task_id=TASK, epoch=1, now=2.0) == ""
+    assert k.progress().workers == (a, b) and k.progress().listeners == ()
+    assert k.take(1, worker=c, now=2.0) == []
