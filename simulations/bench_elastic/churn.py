@@ -39,20 +39,17 @@ import argparse
 import json
 import os
 import random
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from simulations.bench_elastic.cluster import CgroupWatch, EmulatedCluster, unavailable
+from simulations.bench_elastic.cluster import CgroupWatch, EmulatedCluster
+from simulations.bench_elastic.common import link_rate, parse_modes, skipped, workspace
 from simulations.bench_elastic.follow import Stalled, TrainRun, job_records, jobs
 from simulations.bench_elastic.newcomer import (
     job_flags,
@@ -60,7 +57,6 @@ from simulations.bench_elastic.newcomer import (
     seconds_per_step,
     segment_steps,
 )
-from simulations.netshape import rate_bytes_per_s
 from simulations.nodeprocs import wait_for
 
 LOSS_GOAL = 0.03
@@ -346,38 +342,23 @@ def print_table(runs: Sequence[Run], comparisons: Sequence[dict[str, Any]]) -> N
           "the submitter's clock; time lost: (churn wall - baseline wall) / events")
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def run(args: argparse.Namespace) -> int:
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    rate = None if args.shape == "loopback" else args.shape
     try:
-        if not modes or set(modes) - {"sync", "diloco"}:
-            raise ValueError("--modes: some of sync,diloco")
+        modes, rate = parse_modes(args.modes), link_rate(args.shape)
         if args.churn_workers < 2 or not 1 <= args.churn_min < args.churn_workers or args.period <= 0:
             raise ValueError("--churn-workers >= 2, 1 <= --churn-min < --churn-workers, --period > 0")
         if args.churn_steps < 1 or args.max_events < 1:
             raise ValueError("--churn-steps and --max-events >= 1")
-        if rate:
-            rate_bytes_per_s(rate)
         job_options(args)
     except ValueError as exc:
         print(f"bench elastic: {exc}", file=sys.stderr)
         return 2
-    if why := unavailable(cap=args.cap, rate=rate):
-        print(f"bench elastic --part churn: skipped: {why} (--cap 0 --shape loopback runs without root)")
-        if args.json:
-            print(json.dumps({"bench": "elastic", "part": "churn", "skipped": why}))
+    if skipped(args, "churn", rate):
         return 0
-    work = args.dir or Path(tempfile.mkdtemp(prefix="starmesh-bench-elastic-"))
-    work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    previous = signal.signal(signal.SIGTERM, _terminate)
     runs: list[Run] = []
     comparisons = []
-    try:
+    with workspace(args) as work:
         for mode in modes:
             pair = []
             for churn in (True, False) if not args.no_baseline else (True,):
@@ -386,10 +367,6 @@ def run(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps({"bench": "elastic", "part": "churn", "run": r.as_json()}), flush=True)
             comparisons.append(compare(pair[0], pair[1] if len(pair) > 1 else None, args.global_batch))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if args.dir is None:
-            shutil.rmtree(work, ignore_errors=True)
     load_end = os.getloadavg()
     link = (f"{rate} per link both ways (tc tbf; no delay emulated)" if rate else "loopback, no shaping")
     caps = f"{args.cap:g} core per node (one cgroup each)" if args.cap else "no CPU caps"

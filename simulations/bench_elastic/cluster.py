@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,26 @@ def descendants(pid: int, table: dict[int, tuple[int, str]]) -> list[int]:
     return out
 
 
+class Poller:
+    """``sample()`` now and every ``interval`` seconds from a daemon thread, until ``stop()``."""
+
+    def __init__(self, sample: Callable[[], None], interval: float, name: str) -> None:
+        self._sample, self._interval = sample, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self._interval):
+                return
+
+
 @dataclass
 class CgroupWatch:
     """While a job runs, every ``interval`` seconds: each node's descendant processes and the
@@ -206,28 +227,19 @@ class CgroupWatch:
     interval: float = 1.0
     training: list[set[int]] = field(default_factory=list)
     strays: list[set[str]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _poller: Poller | None = None
 
     def __enter__(self) -> CgroupWatch:
         n = self.cluster.slots  # the spare machines too: they may start while it watches
         self.training = [set() for _ in range(n)]
         self.strays = [set() for _ in range(n)]
         if self.cluster.caps is not None:
-            self._thread = threading.Thread(target=self._loop, name="cgroup-watch", daemon=True)
-            self._thread.start()
+            self._poller = Poller(self.sample, self.interval, "cgroup-watch")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while True:
-            self.sample()
-            if self._stop.wait(self.interval):
-                return
+        if self._poller is not None:
+            self._poller.stop()
 
     def sample(self) -> None:
         caps = self.cluster.caps

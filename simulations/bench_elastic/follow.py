@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from simulations.bench_elastic.cluster import EmulatedCluster
+from simulations.bench_elastic.cluster import EmulatedCluster, Poller
 from simulations.nodeprocs import REPO_ROOT
 
 _SUBMITTED = re.compile(r"^job ([0-9a-f]{32}) submitted")
@@ -175,23 +175,15 @@ class BlobWatch:
     """The clock's zero (a ``time.monotonic()`` value)."""
     interval: float = 0.01
     fetches: dict[str, Fetch] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _poller: Poller | None = None
 
     def __enter__(self) -> BlobWatch:
-        self._thread = threading.Thread(target=self._loop, name="blob-watch", daemon=True)
-        self._thread.start()
+        self._poller = Poller(self.sample, self.interval, "blob-watch")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
+        if self._poller is not None:
+            self._poller.stop()
 
     def sample(self) -> None:
         now = time.monotonic() - self.origin

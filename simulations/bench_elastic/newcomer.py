@@ -45,19 +45,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from simulations.bench_elastic.cluster import CgroupWatch, EmulatedCluster, unavailable
+from simulations.bench_elastic.cluster import CgroupWatch, EmulatedCluster
+from simulations.bench_elastic.common import link_rate, parse_modes, skipped, workspace
 from simulations.bench_elastic.follow import BlobWatch, Fetch, TrainRun, job_records
 from simulations.bench_train import MODEL_SIZES
 from simulations.netshape import rate_bytes_per_s
@@ -397,44 +394,27 @@ def print_table(runs: Sequence[Run]) -> None:
           "the same from the train CLI's progress lines (bench clock, ~1 s resolution)")
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def run(args: argparse.Namespace) -> int:
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    rate = None if args.shape == "loopback" else args.shape
     try:
-        if not modes or set(modes) - {"sync", "diloco"} or args.k < 1 or args.join_after < 1:
-            raise ValueError("--modes: some of sync,diloco; --k and --join-after >= 1")
+        modes, rate = parse_modes(args.modes), link_rate(args.shape)
+        if args.k < 1 or args.join_after < 1:
+            raise ValueError("--k and --join-after >= 1")
         if args.global_batch <= args.k:  # the group never outgrows the global batch (node.training.elastic)
             raise ValueError(f"--global-batch {args.global_batch}: the newcomer needs a micro-batch of its own, "
                              f"so at least --k + 1 = {args.k + 1}")
-        if rate:
-            rate_bytes_per_s(rate)
         job_options(args)
     except ValueError as exc:
         print(f"bench elastic: {exc}", file=sys.stderr)
         return 2
-    if why := unavailable(cap=args.cap, rate=rate):
-        print(f"bench elastic --part newcomer: skipped: {why} (--cap 0 --shape loopback runs without root)")
-        if args.json:
-            print(json.dumps({"bench": "elastic", "part": "newcomer", "skipped": why}))
+    if skipped(args, "newcomer", rate):
         return 0
-    work = args.dir or Path(tempfile.mkdtemp(prefix="starmesh-bench-elastic-"))
-    work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    previous = signal.signal(signal.SIGTERM, _terminate)
     runs: list[Run] = []
-    try:
+    with workspace(args) as work:
         for mode in modes:
             runs.append(r := run_one(args, work, mode, rate))
             if args.json:
                 print(json.dumps({"bench": "elastic", "part": "newcomer", "run": r.as_json()}), flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if args.dir is None:
-            shutil.rmtree(work, ignore_errors=True)
     load_end = os.getloadavg()
     link = (f"{rate} per link both ways (tc tbf); the 50 ms round trip of a WAN (bench train --shape wan) is "
             f"NOT emulated (no netem)" if rate else "loopback, no shaping")

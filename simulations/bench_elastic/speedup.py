@@ -52,26 +52,21 @@ import argparse
 import json
 import math
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, NamedTuple
 
 from simulations.bench_elastic.cluster import (
     CgroupWatch,
     EmulatedCluster,
     read_metrics,
-    unavailable,
 )
+from simulations.bench_elastic.common import link_rate, parse_modes, skipped, workspace
 from simulations.bench_train import MODEL_SIZES
-from simulations.netshape import rate_bytes_per_s
 from simulations.nodeprocs import REPO_ROOT
 
 GOAL_SAVED = 0.80
@@ -372,29 +367,19 @@ def plot(runs: Sequence[Run], target: float, path: Path, title: str) -> None:
     fig.savefig(str(path), dpi=110)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the clusters' close(): cgroups, namespaces
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         ns = parse_counts(args.workers, "--workers")
         singles = parse_counts(args.single_batches, "--single-batches")
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        if not modes or set(modes) - {"sync", "diloco"} or args.steps < 1 or args.global_batch < 1:
-            raise ValueError("--modes: some of sync,diloco; --steps and --global-batch >= 1")
+        modes, rate = parse_modes(args.modes), link_rate(args.shape)
+        if args.steps < 1 or args.global_batch < 1:
+            raise ValueError("--steps and --global-batch >= 1")
         if args.cap < 0:
             raise ValueError("--cap: cores per node, 0 for no caps")
-        rate = None if args.shape == "loopback" else args.shape
-        if rate:
-            rate_bytes_per_s(rate)
     except ValueError as exc:
         print(f"bench elastic: {exc}", file=sys.stderr)
         return 2
-    if why := unavailable(cap=args.cap, rate=rate):
-        print(f"bench elastic --part speedup: skipped: {why} (--cap 0 --shape loopback runs without root)")
-        if args.json:
-            print(json.dumps({"bench": "elastic", "part": "speedup", "skipped": why}))
+    if skipped(args, "speedup", rate):
         return 0
     how = args.split if args.split != "auto" else ("global-batch" if has_global_batch() else "batch-size")
     options = dict(MODEL_SIZES[args.model_size])
@@ -408,12 +393,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bench elastic: {exc}", file=sys.stderr)
         return 2
-    work = args.dir or Path(tempfile.mkdtemp(prefix="starmesh-bench-elastic-"))
-    work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    previous = signal.signal(signal.SIGTERM, _terminate)
     runs: list[Run] = []
-    try:
+    with workspace(args) as work:
         for mode in modes:
             for split in batch_splits:
                 label = "same" if split.g == args.global_batch else "single"
@@ -423,10 +405,6 @@ def run(args: argparse.Namespace) -> int:
                 c = r.crossing
                 print(f"  {mode} {r.name}: target at {_f(c.interpolated if c else None, '.1f')} s, val_loss "
                       f"{r.val_loss} {r.error}", file=sys.stderr, flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if args.dir is None:
-            shutil.rmtree(work, ignore_errors=True)
     load_end = os.getloadavg()
     table = speedups(runs)
     singles_steps = ", ".join(f"G={s.g}: {steps_of(args, s)}" for s in batch_splits if s.g != args.global_batch)
