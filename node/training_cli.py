@@ -388,8 +388,9 @@ async def _follow(task: Any, *, started: float, start_step: int, quiet: bool) ->
                 last = line
             for e in p.events:  # joins, leaves, deaths, as the coordinator commits them
                 if (e.change, e.node, e.step) not in shown:
-                    shown.add((e.change, e.node, e.step))
                     print(f"  {outputs.event_line(e)}", file=sys.stderr, flush=True)
+            # the summary holds the newest events only: one that left it never comes back
+            shown = {(e.change, e.node, e.step) for e in p.events}
         if summary.state in TERMINAL_STATES:
             return summary
         await asyncio.sleep(_POLL_S)

@@ -59,6 +59,11 @@ def shares(batch: int, workers: int) -> tuple[int, ...]:
     return tuple(base + (1 if r < extra else 0) for r in range(workers))
 
 
+def group_shares(shares: Sequence[int], size: int) -> tuple[int, ...]:
+    """A seat's ``shares`` for its group of ``size`` ranks (``()`` in a seat: one each)."""
+    return tuple(shares) if shares else (1,) * size
+
+
 def step_reads(order: Sequence[int], positions: dict[int, int], share: int, step: int) -> list[tuple[int, int]]:
     """The ``(shard, position)`` micro-batches of local step ``step`` (0-based), advancing
     ``positions`` past them. Steps must be taken in order from 0."""

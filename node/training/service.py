@@ -53,6 +53,7 @@ from node.tasks.worker_frames import (
     frame_length,
 )
 from node.tasks.worker_pipe import failure
+from node.training import elastic
 from node.training import seat_frames as sf
 from protocol.errors import StarmeshError
 from protocol.messages.tasks import Outcome, TaskAssign, decode_struct, encode_struct
@@ -130,7 +131,7 @@ def round_key(seat: Seat, step: int) -> str:
 
 def is_listener(seat: Seat) -> bool:
     """A newcomer's seat: no share of the batch; it fetches the state while the segment runs."""
-    return bool(seat.shares) and seat.shares[seat.rank] == 0
+    return elastic.group_shares(seat.shares, len(seat.group))[seat.rank] == 0
 
 
 @dataclass(eq=False)
@@ -375,7 +376,7 @@ class TrainingService:
         assert p.buffer is not None
         before = self._allreduce.sent_bytes
         self.counters["rounds"] += 1
-        shares = seat.shares or (1,) * len(seat.group)
+        shares = elastic.group_shares(seat.shares, len(seat.group))
         key = round_key(seat, msg.step)
         active = sum(1 for x in shares if x > 0)
         if self._closed:

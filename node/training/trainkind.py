@@ -195,10 +195,7 @@ class TrainKind:
         live = set(able)
         p = self._plan
         if p is not None:  # a member that left before its seat was handed out is lost too
-            for n in live.difference(p.group):  # a newcomer's clock starts when it is first able
-                self._first_seen.setdefault(n, now)
-            while len(self._first_seen) > MAX_SEEN:
-                del self._first_seen[next(iter(self._first_seen))]
+            self._note_able(live.difference(p.group), now)  # a newcomer's clock starts when first able
             gone = [r for r in range(len(p.group)) if r not in p.handed and p.group[r] not in live]
             if gone:
                 p.handed.update(gone)
@@ -213,10 +210,7 @@ class TrainKind:
         listened = {n for n, share in zip(last.group, last.shares, strict=False) if share == 0} if last else set()
         incumbents = [n for n in previous if n in live]
         others = rank(task_id, [n for n in able if n not in set(incumbents)])
-        for n in others:
-            self._first_seen.setdefault(n, now)
-        while len(self._first_seen) > MAX_SEEN:
-            del self._first_seen[next(iter(self._first_seen))]
+        self._note_able(others, now)
         cap = min(s.workers_max, s.shards, s.batch or MAX_GROUP)
         if self.records and min(s.steps, self.step + s.seg) >= s.steps:
             # the last segment: a listener would have no segment left to train in; only the
@@ -397,9 +391,17 @@ class TrainKind:
         self.failure = None
         return [bytes([SEGMENT_ENTRY]) + encode_struct(record)]
 
+    def _note_able(self, nodes: Iterable[bytes], now: float) -> None:
+        """When each newcomer was first seen able (bounded: the oldest are forgotten)."""
+        for n in nodes:
+            self._first_seen.setdefault(n, now)
+        while len(self._first_seen) > MAX_SEEN:
+            del self._first_seen[next(iter(self._first_seen))]
+
     @staticmethod
     def _share_of(p: _Plan) -> Callable[[int], int]:
-        return lambda r: p.shares[r] if p.shares else 1
+        shares = elastic.group_shares(p.shares, len(p.group))
+        return lambda r: shares[r]
 
     def _contributed_reads(self, p: _Plan, r: int, reports: Sequence[SeatReport]) -> dict[int, int]:
         """Where rank ``r``'s shards continue, by the rounds its contribution went into (the

@@ -23,9 +23,9 @@ import torch
 from node.training.runner import charlm
 from node.training.runner.seat import Session, SessionConfig
 from protocol.messages.training import Seat, SeatReport, ShardCursor
+from tests.training import test_train_worker as tw
 
-TINY = {"n_layer": "1", "n_head": "2", "n_embd": "32", "block_size": "32", "batch_size": "4",
-        "eval_batches": "2", "sample_chars": "20", "shards": "8", "lr": "1e-2", "seed": "7"}
+TINY = tw.TINY
 A, B, C = b"\x0a" * 32, b"\x0b" * 32, b"\x0c" * 32
 
 

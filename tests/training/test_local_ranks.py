@@ -38,8 +38,7 @@ from protocol.errors import ConfigError
 from protocol.messages.training import Seat, SeatReport, ShardCursor
 from tests.training import test_train_worker as tw
 
-TINY = {"n_layer": "1", "n_head": "2", "n_embd": "32", "block_size": "32", "batch_size": "4",
-        "eval_batches": "2", "sample_chars": "20", "shards": "8", "lr": "1e-2", "seed": "7"}
+TINY = tw.TINY
 BUILTIN = "node.training.runner.charlm:make_job"
 ALLOW = ("node.training.runner.*",)
 CPU2 = [torch.device("cpu")] * 2
@@ -47,34 +46,6 @@ CPU2 = [torch.device("cpu")] * 2
 TIMEOUT = 5.0
 #: Largest parameter difference allowed after 8 steps with 4 reads a step (module docstring).
 PARAM_ATOL = 1e-4
-
-FLAKY = '''
-import time
-
-from node.training.runner import charlm
-
-
-def flaky(options):
-    """charlm whose loss raises at the batch ``raise_at`` and hangs at ``hang_at``."""
-    options = dict(options)
-    raise_at, hang_at = options.pop("raise_at", ""), options.pop("hang_at", "")
-    job = charlm.make_job(options)
-    batch, loss, last = job.batch, job.loss, [""]
-
-    def read(shard, position):
-        last[0] = f"{shard}:{position}"
-        return batch(shard, position)
-
-    def measure(model, b):
-        if last[0] == raise_at:
-            raise ValueError(f"raised at {raise_at}")
-        if last[0] == hang_at:
-            time.sleep(600)
-        return loss(model, b)
-
-    job.batch, job.loss = read, measure
-    return job
-'''
 
 
 class Recorder:
@@ -193,7 +164,7 @@ def test_two_local_ranks_train_as_one_device(work: Path, helpers: GradientRanks)
 def test_a_helper_that_raises_or_dies_fails_the_seat(work: Path) -> None:
     bundle = work / "bundle"
     bundle.mkdir()
-    (bundle / "flakyjob.py").write_text(textwrap.dedent(FLAKY))
+    (bundle / "flakyjob.py").write_text(textwrap.dedent(tw.BUNDLE))  # its flaky job
     recipe = JobRecipe("flakyjob:flaky", str(bundle), TINY | {"raise_at": "1:0", "hang_at": "3:9"}, ALLOW)
     session = Session(recipe.build, SessionConfig(work=work))
     session.helpers = helpers = GradientRanks(recipe, devices=CPU2, shapes=session.shapes, threads=1,

@@ -45,6 +45,8 @@ TINY = {"n_layer": "1", "n_head": "2", "n_embd": "32", "block_size": "32", "batc
         "eval_batches": "2", "sample_chars": "20", "shards": "8", "lr": "1e-2", "seed": "7"}
 
 BUNDLE = '''
+import time
+
 from node.training.runner import charlm
 
 
@@ -53,9 +55,10 @@ def boom(options):
 
 
 def flaky(options):
-    """charlm, whose loss is NaN at the batch ``nan_at`` and raises at ``raise_at``."""
+    """charlm, whose loss is NaN at the batch ``nan_at``, raises at ``raise_at`` and hangs at ``hang_at``."""
     options = dict(options)
     nan_at, raise_at = options.pop("nan_at", ""), options.pop("raise_at", "")
+    hang_at = options.pop("hang_at", "")
     job = charlm.make_job(options)
     batch, loss, last = job.batch, job.loss, [""]
 
@@ -66,6 +69,8 @@ def flaky(options):
     def measure(model, b):
         if last[0] == raise_at:
             raise ValueError(f"raised at {raise_at}")
+        if last[0] == hang_at:
+            time.sleep(600)
         value = loss(model, b)
         return value * float("nan") if last[0] == nan_at else value
 

@@ -235,7 +235,7 @@ class Session:
         """Train the seat and report it (module docstring). A raise leaves the session dirty."""
         if seat.end <= seat.start:
             raise SeatError("BadSeat", f"seat covers no steps ({seat.start}..{seat.end})")
-        share = seat.shares[seat.rank] if seat.shares else 1
+        share = elastic.group_shares(seat.shares, len(seat.group))[seat.rank]
         if share == 0:
             return self._listen(seat, exchange=exchange, put=put, state_file=state_file, arrived=arrived)
         if not seat.cursors:
